@@ -1,0 +1,3 @@
+"""The package version, in one place (read by pyproject and by ``fc2conv --version``)."""
+
+__version__ = "1.0.0"

@@ -1,0 +1,294 @@
+"""Numeric equivalence of an FC layer and its conv: seeded inputs, a float64 reference, dtype tolerances."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from fc2conv.plan import LayerChange
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A layer passes when ``max_abs_error <= atol + rtol * max|reference|``."""
+
+    atol: float
+    rtol: float
+
+
+# Defaults per dtype: a few units of the dtype's rounding error, relative to the output's scale.
+# The conv runs in the layer's own dtype (as it will when deployed); the reference is float64.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(atol=1e-10, rtol=1e-10),
+    "float32": Tolerance(atol=1e-5, rtol=1e-5),
+    "float16": Tolerance(atol=1e-2, rtol=1e-2),
+    "bfloat16": Tolerance(atol=5e-2, rtol=5e-2),
+}
+
+# Number of seeded random maps at the traced size, and of larger maps for the sliding-window check.
+SAMPLES = 4
+WINDOW_SAMPLES = 2
+# The sliding-window map is the traced map grown by this much in H and W: a 3x3 grid of windows.
+WINDOW_GROWTH = 2
+# Rows of a float64 weight held at once: bounds the check's memory to ~32 MB whatever the layer size.
+_CHUNK_BYTES = 32 * 2**20
+
+
+def tolerance_for(dtype: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+    """The default tolerance for ``dtype``, with either part overridden when given."""
+    default = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float32"])
+    return Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
+
+
+def coarser_dtype(a: str, b: str) -> str:
+    """Of two floating dtypes, the one with the larger rounding error (its tolerance applies)."""
+    order = ["float64", "float32", "float16", "bfloat16"]
+    return max((a, b), key=lambda d: order.index(d) if d in order else 0)
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """The measured difference between an FC layer and its conv, on the same seeded inputs.
+
+    ``max_abs_error`` covers both the traced-size maps and the sliding-window map;
+    ``max_rel_error`` is it divided by the largest reference output (the output's scale).
+    """
+
+    name: str
+    became: str
+    dtype: str
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    parameters: int
+    max_abs_error: float
+    max_rel_error: float
+    window_max_abs_error: float
+    window_grid: tuple[int, int]
+    reference_scale: float
+    tolerance: Tolerance
+    nonfinite: bool = False
+    exact: bool | None = None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Within tolerance (non-finite weights pass when FC and conv agree on where they are)."""
+        if self.problem is not None:
+            return False
+        return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
+
+
+def _flatten(x: torch.Tensor, order: str) -> torch.Tensor:
+    """Flatten (N, C, H, W) the way the source framework did: C-major (chw) or channels-last (hwc)."""
+    if order == "hwc":
+        x = x.permute(0, 2, 3, 1)
+    return x.reshape(x.shape[0], -1)
+
+
+def check_layer(
+    change: LayerChange,
+    weight: torch.Tensor,
+    kernel: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    kernel_bias: torch.Tensor | None = None,
+    *,
+    tolerance: Tolerance | None = None,
+    seed: int = 0,
+) -> LayerCheck:
+    """Measure ``Conv2d(x; kernel)`` against ``Linear(flatten(x); weight)`` in float64.
+
+    Two checks on seeded standard-normal maps, cast to the layer's dtype so both sides see the
+    same values:
+
+    * traced size: ``x`` of shape ``(N, C, H, W)``; the conv (run in the kernel's dtype) must give a
+      1x1 map equal to the float64 ``Linear`` on ``flatten(x)``;
+    * sliding window: ``x`` grown by :data:`WINDOW_GROWTH` in H and W; every output position ``(i, j)``
+      must equal the float64 ``Linear`` on the window ``x[:, :, i:i+H, j:j+W]``.
+
+    The float64 weight is made a chunk of rows at a time, so memory stays bounded for huge layers.
+
+    Args:
+        change: The layer's planned change (geometry and flatten order of the FC inputs).
+        weight: The original FC weight ``(out, in)``.
+        kernel: The conv kernel ``(out, C, H, W)`` to check.
+        bias: The original FC bias, if any.
+        kernel_bias: The conv's bias, if any (defaults to ``bias``).
+        tolerance: Pass threshold; default from :data:`DEFAULT_TOLERANCES` for the coarser dtype.
+        seed: Seed of the random maps.
+
+    Returns:
+        A :class:`LayerCheck` with the measured errors.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype = coarser_dtype(str(weight.dtype).removeprefix("torch."), str(kernel.dtype).removeprefix("torch."))
+    tolerance = tolerance or tolerance_for(dtype)
+    common = dict(
+        name=change.name,
+        became=change.became,
+        dtype=dtype,
+        old_shape=tuple(weight.shape),
+        new_shape=tuple(kernel.shape),
+        parameters=change.parameters,
+        tolerance=tolerance,
+    )
+    def failed(problem: str) -> LayerCheck:
+        return LayerCheck(**common, max_abs_error=math.inf, max_rel_error=math.inf, window_max_abs_error=math.inf,
+                          window_grid=(0, 0), reference_scale=0.0, problem=problem)
+
+    if tuple(kernel.shape) != change.new_shape:
+        return failed(f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}")
+    if kernel_bias is None:
+        kernel_bias = bias
+    if (bias is None) != (kernel_bias is None):
+        return failed("bias present on one side only")
+
+    m = change.in_map
+    compute_dtype = kernel.dtype
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(n: int, h: int, w: int) -> torch.Tensor:
+        x = torch.randn(n, m.channels, h, w, generator=generator, dtype=torch.float64)
+        return x.to(compute_dtype)  # both sides see these exact (rounded) values
+
+    x_traced = draw(SAMPLES, m.height, m.width)
+    grid = (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
+    x_big = draw(WINDOW_SAMPLES, m.height + WINDOW_GROWTH, m.width + WINDOW_GROWTH)
+    windows = torch.cat(
+        [
+            _flatten(x_big[:, :, i : i + m.height, j : j + m.width].double(), change.flatten_order)
+            for i in range(grid[0])
+            for j in range(grid[1])
+        ]
+    )  # (positions * WINDOW_SAMPLES, in), position-major
+    traced_flat = _flatten(x_traced.double(), change.flatten_order)
+
+    out = weight.shape[0]
+    rows_per_chunk = max(1, _CHUNK_BYTES // (8 * max(1, weight.shape[1])))
+    abs_traced = abs_window = 0.0
+    scale = 0.0
+    nonfinite = False
+    pattern_mismatch = False
+    for start in range(0, out, rows_per_chunk):
+        stop = min(out, start + rows_per_chunk)
+        w64 = weight[start:stop].double()
+        b64 = bias[start:stop].double() if bias is not None else None
+        k = kernel[start:stop]
+        kb = kernel_bias[start:stop].to(compute_dtype) if kernel_bias is not None else None
+
+        ref_traced = F.linear(traced_flat, w64, b64)  # (SAMPLES, rows)
+        got_traced = F.conv2d(x_traced, k, kb).double().reshape(SAMPLES, -1)
+        ref_window = F.linear(windows, w64, b64)  # (positions * WINDOW_SAMPLES, rows)
+        got_window = (
+            F.conv2d(x_big, k, kb).double()  # (WINDOW_SAMPLES, rows, gh, gw)
+            .permute(2, 3, 0, 1)
+            .reshape(-1, stop - start)
+        )
+        for ref, got, is_window in ((ref_traced, got_traced, False), (ref_window, got_window, True)):
+            finite = torch.isfinite(ref)
+            if not bool(finite.all()):
+                nonfinite = True
+                if not torch.equal(finite, torch.isfinite(got)):
+                    pattern_mismatch = True
+            diff = (got - ref).abs()[finite]
+            err = float(diff.max()) if diff.numel() else 0.0
+            if math.isnan(err):
+                err = math.inf
+            scale = max(scale, float(ref.abs()[finite].max()) if bool(finite.any()) else 0.0)
+            if is_window:
+                abs_window = max(abs_window, err)
+            else:
+                abs_traced = max(abs_traced, err)
+
+    max_abs = max(abs_traced, abs_window)
+    if pattern_mismatch:
+        max_abs = math.inf
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    return LayerCheck(
+        **common,
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        window_max_abs_error=abs_window,
+        window_grid=grid,
+        reference_scale=scale,
+        nonfinite=nonfinite,
+        problem="non-finite outputs differ between FC and conv" if pattern_mismatch else None,
+    )
+
+
+def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so NaNs compare equal to themselves), read a chunk at a time."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    step = max(1, _CHUNK_BYTES // max(1, a.element_size()))
+    for start in range(0, flat_a.numel(), step):
+        chunk_a = flat_a[start : start + step].contiguous()
+        chunk_b = flat_b[start : start + step].contiguous()
+        try:
+            same = torch.equal(chunk_a.view(torch.uint8), chunk_b.view(torch.uint8))
+        except RuntimeError:  # dtypes without a byte view (quantized): value equality
+            same = torch.equal(chunk_a, chunk_b)
+        if not same:
+            return False
+    return True
+
+
+def kernel_is_exact(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> bool:
+    """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` that fc2conv would write."""
+    from fc2conv.convert import fc_to_conv_weight
+
+    if tuple(kernel.shape) != change.new_shape or kernel.dtype != weight.dtype:
+        return False
+    rows = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
+    for start in range(0, weight.shape[0], rows):
+        part = weight[start : start + rows]
+        expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1])))
+        if not tensors_identical(expected, kernel[start : start + rows]):
+            return False
+    return True
+
+
+def check_changes(
+    changes: Sequence[LayerChange],
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    exact: bool = False,
+) -> list[LayerCheck]:
+    """Run :func:`check_layer` for each change, reading weights and biases from the two mappings.
+
+    Args:
+        changes: The converted layers.
+        original: Tensors of the source checkpoint (FC weights).
+        converted: Tensors of the converted checkpoint (conv kernels).
+        atol, rtol: Override the per-dtype defaults.
+        exact: Also record whether each kernel is bit for bit the expected rearrangement.
+    """
+    from fc2conv.convert import dtype_name
+
+    results = []
+    for change in changes:
+        weight, kernel = original[change.weight], converted[change.weight]
+        bias = original[change.bias] if change.bias else None
+        kernel_bias = converted.get(change.bias) if change.bias else None
+        dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
+        result = check_layer(
+            change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol)
+        )
+        if exact:
+            result = replace(result, exact=kernel_is_exact(change, weight, kernel))
+        results.append(result)
+    return results

@@ -1,0 +1,191 @@
+"""Click commands only: parse options, call the library, pick a renderer, map errors to exit codes.
+
+Exit codes: 0 success; 1 a numeric check failed; 2 bad usage or an input that cannot be read or
+converted (and 130 when interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from fc2conv._version import __version__
+from fc2conv.errors import Fc2ConvError
+from fc2conv.shapes import FLATTEN_ORDERS, ShapeSpec, parse_shape
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class ShapeType(click.ParamType):
+    """``256x4x4``, ``256,4,4``, ``4x4`` or ``256``; a bad shape is a usage error (exit 2)."""
+
+    name = "CxHxW"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> ShapeSpec:
+        if isinstance(value, ShapeSpec):
+            return value
+        try:
+            return parse_shape(str(value))
+        except Fc2ConvError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SHAPE = ShapeType()
+FILE = click.Path(dir_okay=True, path_type=Path)  # existence is checked by the loader, with its message
+
+
+class Fc2ConvGroup(click.Group):
+    """Runs commands and turns every failure into one ``Error:`` line and an exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name or "fc2conv", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            code = _fail("interrupted", EXIT_INTERRUPTED, argv)
+        except click.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "fc2conv"
+            hint = f" (see '{command} --help')" if isinstance(exc, click.UsageError) else ""
+            code = _fail(exc.format_message() + hint, exc.exit_code, argv)
+        except Fc2ConvError as exc:
+            if "--debug" in argv:
+                traceback.print_exc()
+            code = _fail(str(exc), exc.exit_code, argv)
+        except Exception as exc:  # a bug: still one line, unless --debug asks for the traceback
+            if "--debug" in argv:
+                raise
+            code = _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+                         EXIT_USAGE, argv)
+        code = code if isinstance(code, int) else EXIT_OK
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int, argv: list[str]) -> int:
+    """Print the one ``Error:`` line on stderr (and a JSON verdict on stdout with ``--json``)."""
+    click.echo(f"Error: {message}", err=True)
+    if "--json" in argv:
+        click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    return code
+
+
+def _emit(result: Any, as_json: bool, to_json: Callable[[Any], dict[str, Any]],
+          render: Callable[[Any, Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(to_json(result), indent=2))
+        return
+    from fc2conv.report import make_console
+
+    render(make_console(), result)
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(f"Warning: {line}", err=True)
+
+
+@click.group(cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="fc2conv")
+@click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports).")
+def cli(debug: bool) -> None:
+    """Turn a network's fully connected layers into convolutions, and prove they compute the same.
+
+    \b
+    Exit codes: 0 success, 1 a numeric check failed, 2 bad usage or unreadable input.
+    """
+
+
+_shape_option = click.option(
+    "--input-shape", type=SHAPE, default=None,
+    help="Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C "
+         "(square map). Default: C from the last conv before the first FC, square map.",
+)
+_order_help = "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last)."
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
+
+
+@cli.command()
+@click.argument("checkpoint", type=FILE)
+@_shape_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.")
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True,
+              help=_order_help)
+@click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@_json_option
+def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None, flatten_order: str,
+            layers: str | None, force: bool, as_json: bool) -> int:
+    """Rewrite the FC chain of CHECKPOINT as conv kernels and write a safetensors file.
+
+    Every converted layer is checked numerically from the written file before it is published;
+    a failed check leaves no output and exits 1.
+    """
+    from fc2conv import jobs, report
+
+    result = jobs.convert_file(checkpoint, output, input_shape=input_shape, flatten_order=flatten_order,
+                               layers=layers, overwrite=force)
+    _warn(report.warnings_for(result.checks))
+    _emit(result, as_json, report.convert_json, report.render_convert)
+    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+
+
+@cli.command()
+@click.argument("checkpoint", type=FILE)
+@_shape_option
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True,
+              help=_order_help)
+@click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
+@_json_option
+def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str, layers: str | None,
+            as_json: bool) -> int:
+    """List the layers of CHECKPOINT, the FC chain and the geometry convert would use.
+
+    For .safetensors only the header is read.
+    """
+    from fc2conv import jobs, report
+
+    result = jobs.inspect_file(checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers)
+    _emit(result, as_json, report.inspect_json, report.render_inspect)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("original", type=FILE)
+@click.argument("converted", type=FILE)
+@_shape_option
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None,
+              help=_order_help + " Default: as recorded in CONVERTED, else chw.")
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
+              help="Absolute tolerance. Default per dtype: float64 1e-10, float32 1e-5, float16 1e-2, bfloat16 5e-2.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Tolerance relative to the largest output. Default per dtype, as --atol.")
+@_json_option
+def verify(original: Path, converted: Path, input_shape: ShapeSpec | None, flatten_order: str | None,
+           atol: float | None, rtol: float | None, as_json: bool) -> int:
+    """Check that CONVERTED computes what ORIGINAL does: exit 0 if so, 1 if not.
+
+    Converted layers are checked numerically (traced size and sliding window); every other tensor
+    must be bit-for-bit identical.
+    """
+    from fc2conv import jobs, report
+
+    result = jobs.verify_files(original, converted, input_shape=input_shape, flatten_order=flatten_order,
+                               atol=atol, rtol=rtol)
+    _warn(report.warnings_for(result.checks))
+    _emit(result, as_json, report.verify_json, report.render_verify)
+    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point (``fc2conv``)."""
+    cli.main(args=argv, prog_name="fc2conv")
+    raise AssertionError("unreachable")  # pragma: no cover - cli.main exits

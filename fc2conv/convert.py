@@ -1,0 +1,104 @@
+"""Apply a plan: state dict in, state dict out. The FC -> conv reshape rule lives here, once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from fc2conv.errors import PlanError
+from fc2conv.plan import LayerChange, Plan, TensorInfo, plan_conversion
+from fc2conv.shapes import InputShape, ShapeSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: the dtype spelling used across fc2conv."""
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_infos(state_dict: Mapping[str, torch.Tensor]) -> list[TensorInfo]:
+    """Names, shapes and dtypes of a state dict, in its order (what :func:`plan_conversion` reads)."""
+    return [TensorInfo(name, tuple(t.shape), dtype_name(t.dtype)) for name, t in state_dict.items()]
+
+
+def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor:
+    """Rearrange one FC weight ``(out, C*H*W)`` into the conv kernel ``(out, C, H, W)`` it equals.
+
+    ``chw`` (PyTorch's flatten of an NCHW map) is a plain reshape. ``hwc`` (Keras/TensorFlow flatten
+    of an NHWC map) reads the inputs as ``(H, W, C)``, so the kernel is reshaped that way and its axes
+    permuted to ``(C, H, W)``. The result is contiguous; for ``chw`` it is a view of ``weight``.
+
+    Args:
+        weight: The FC weight, in PyTorch's ``(out_features, in_features)`` layout.
+        change: The planned change for this layer (geometry and flatten order).
+
+    Returns:
+        The conv kernel, same dtype.
+
+    Raises:
+        PlanError: if ``weight`` does not have the shape the plan was made for.
+    """
+    if tuple(weight.shape) != change.old_shape:
+        raise PlanError(
+            f"{change.weight} has shape {tuple(weight.shape)}, but the plan expects {change.old_shape}"
+        )
+    out, m = change.out_features, change.in_map
+    if change.flatten_order == "hwc":
+        kernel = weight.reshape(out, m.height, m.width, m.channels).permute(0, 3, 1, 2)
+    else:
+        kernel = weight.reshape(out, m.channels, m.height, m.width)
+    return kernel.contiguous()
+
+
+def iter_converted(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor, converted where the plan says, one at a time.
+
+    Nothing is materialised beyond the tensor being yielded, so a writer can stream a checkpoint
+    larger than memory from a memory-mapped source.
+    """
+    for name in tensors:
+        change = plan.change_for(name)
+        tensor = tensors[name]
+        yield name, (fc_to_conv_weight(tensor, change) if change else tensor)
+
+
+def apply_plan(plan: Plan, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert ``state_dict`` as ``plan`` says; untouched tensors are the same objects as the input's.
+
+    Converted kernels may share memory with the input weights (a ``chw`` reshape is a view);
+    ``.clone()`` them if you will modify one side in place.
+    """
+    missing = [c.weight for c in plan.layers if c.weight not in state_dict]
+    if missing:
+        raise PlanError(f"the state dict has no {', '.join(missing)}, which the plan converts")
+    return dict(iter_converted(plan, state_dict))
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
+    flatten_order: str = "chw",
+    layers: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rewrite the FC chain of a state dict as convolution kernels.
+
+    Args:
+        state_dict: Tensor name -> tensor, e.g. ``model.state_dict()``.
+        input_shape: The feature map flattened into the first FC layer (``"256x4x4"``,
+            ``(256, 4, 4)``, a partial ``"4x4"`` or ``"256"``); ``None`` infers it.
+        flatten_order: ``"chw"`` for PyTorch models, ``"hwc"`` for weights from channels-last frameworks.
+        layers: Optional regex restricting which FC layers may be converted.
+
+    Returns:
+        A new dict with the same names: the chain's weights as kernels, everything else as it was.
+
+    Example:
+        >>> import torch
+        >>> sd = {"fc1.weight": torch.randn(1024, 4096), "fc2.weight": torch.randn(10, 1024)}
+        >>> {k: tuple(v.shape) for k, v in convert_state_dict(sd, "256x4x4").items()}
+        {'fc1.weight': (1024, 256, 4, 4), 'fc2.weight': (10, 1024, 1, 1)}
+    """
+    plan = plan_conversion(tensor_infos(state_dict), input_shape, flatten_order, layers)
+    return apply_plan(plan, state_dict)

@@ -1,0 +1,527 @@
+"""Load checkpoints safely (weights only, memory-mapped) and write safetensors atomically, streaming."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fc2conv.errors import CheckpointError, OutputError
+from fc2conv.plan import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+SAFETENSORS_SUFFIX = ".safetensors"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+# safetensors dtype code <-> fc2conv/torch dtype name, and the size of one element in bytes.
+_ST_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "C64": ("complex64", 8),
+}
+_ST_CODES = {name: code for code, (name, _) in _ST_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+# Keys under which training scripts nest the state dict, most specific first.
+WRAPPER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "state_dict_ema",
+    "model_ema",
+    "model",
+    "net",
+    "network",
+    "module",
+    "weights",
+    "params",
+)
+# Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: tensor listing, a way to fetch each tensor, and what was found on the way.
+
+    Tensors are fetched on demand (memory-mapped where the file allows), so holding a Checkpoint
+    costs little memory even for multi-gigabyte files.
+    """
+
+    path: Path
+    format: str  # "torch" or "safetensors"
+    infos: list[TensorInfo]
+    tensors: Mapping[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# --- safetensors header (no torch needed) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed, validated header of a safetensors file."""
+
+    infos: list[TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read and validate only the header of a safetensors file; no tensor data is read.
+
+    Declared shapes, dtypes and offsets are checked against each other and the file size, so a
+    corrupt or hostile header is an error here, before anything is allocated.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    _check_readable(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(
+                f"{path}: not a valid safetensors file (header length {header_len} is past the end "
+                f"of the {size}-byte file)"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    infos = []
+    spans = []
+    for name, entry in header.items():
+        info, begin, end = _parse_entry(path, name, entry, data_len)
+        infos.append(info)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the data section")
+    return SafetensorsHeader(infos, dict(metadata), data_start)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate tensor name {key!r}")
+        result[key] = value
+    return result
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[TensorInfo, int, int]:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if code not in _ST_DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
+    ):
+        raise CheckpointError(
+            f"{where}: data offsets {offsets!r} are outside the {data_len}-byte data section"
+        )
+    name_dtype, itemsize = _ST_DTYPES[code]
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel * itemsize != offsets[1] - offsets[0]:
+        raise CheckpointError(
+            f"{where}: shape {shape} of {code} needs {numel * itemsize} bytes, "
+            f"but its offsets span {offsets[1] - offsets[0]}"
+        )
+    return TensorInfo(name, tuple(shape), name_dtype), offsets[0], offsets[1]
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name (``"bfloat16"`` -> 2); 0 if safetensors cannot store it."""
+    code = _ST_CODES.get(dtype)
+    return _ST_DTYPES[code][1] if code else 0
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: permission denied (cannot read the file)")
+
+
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Safetensors by suffix; other suffixes are read with ``torch.load``."""
+    return Path(path).suffix == SAFETENSORS_SUFFIX
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def read_tensor_infos(path: str | os.PathLike[str]) -> tuple[list[TensorInfo], dict[str, str], list[str]]:
+    """Names, shapes and dtypes of a checkpoint's tensors, with its metadata and loading notes.
+
+    For safetensors only the header is read (no torch import); ``.pt`` files are memory-mapped.
+    """
+    if is_safetensors(path):
+        header = read_safetensors_header(path)
+        return _safetensors_order(header.infos), header.metadata, _safetensors_notes(header)
+    checkpoint = load_checkpoint(path)
+    return checkpoint.infos, checkpoint.metadata, checkpoint.notes
+
+
+def _safetensors_order(infos: list[TensorInfo]) -> list[TensorInfo]:
+    # The header keeps no module order (writers sort by dtype and name): use name order with
+    # numbers compared as numbers, so features.2 comes before features.10.
+    return sorted(infos, key=lambda info: _natural_key(info.name))
+
+
+def _safetensors_notes(header: SafetensorsHeader) -> list[str]:
+    return [f"safetensors: {len(header.infos)} tensors, taken in name order (the format keeps no module order)"]
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint without running code from it.
+
+    ``.safetensors`` files are opened memory-mapped. Other files go through
+    ``torch.load(weights_only=True, mmap=True)`` (falling back to a plain load for the legacy,
+    non-zip format), then the state dict is found inside common wrappers (``state_dict``, ``model``,
+    ...) and a ``module.`` / ``_orig_mod.`` prefix shared by every key is stripped.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a checkpoint, or needs pickled code.
+    """
+    path = Path(path)
+    if is_safetensors(path):
+        return open_safetensors(path)
+    _check_readable(path)
+    obj = _torch_load(path)
+    notes: list[str] = []
+    state_dict = find_state_dict(obj, path, notes)
+    state_dict = strip_wrapper_prefix(state_dict, notes)
+    from fc2conv.convert import tensor_infos
+
+    return Checkpoint(path, "torch", tensor_infos(state_dict), state_dict, {}, notes)
+
+
+def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a safetensors file (whatever its suffix) memory-mapped, after validating its header."""
+    path = Path(path)
+    header = read_safetensors_header(path)
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot open as safetensors ({exc})") from exc
+    infos = _safetensors_order(header.infos)
+    return Checkpoint(
+        path, "safetensors", infos, _LazyTensors(handle, [i.name for i in infos]),
+        header.metadata, _safetensors_notes(header),
+    )
+
+
+class _LazyTensors(Mapping[str, "torch.Tensor"]):
+    """A read-only name -> tensor mapping over an open safetensors file; tensors load on access."""
+
+    def __init__(self, handle: Any, names: Sequence[str]) -> None:
+        self._handle = handle
+        self._names = list(names)
+        self._known = set(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # Legacy (pre zip) format: cannot be memory-mapped, load it plainly (still weights only).
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds pickled Python objects{what} beyond tensors, and "
+            "unpickling them could run code from the file. Save the weights alone, e.g. "
+            "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_file(...), "
+            "and convert that"
+        ) from exc
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from exc
+
+
+def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) -> dict[str, torch.Tensor]:
+    """The name -> tensor mapping inside a loaded checkpoint object.
+
+    Accepts a plain state dict, or one nested under a known key (:data:`WRAPPER_KEYS`, up to two
+    levels), or the only dict of tensors in the object. Non-tensor entries are dropped and reported.
+
+    Raises:
+        CheckpointError: if no tensors are found.
+    """
+    import torch
+
+    where: list[str] = []
+    current = obj
+    for _ in range(3):
+        if not isinstance(current, Mapping):
+            break
+        if current and all(isinstance(v, torch.Tensor) for v in current.values()):
+            break
+        key = next((k for k in WRAPPER_KEYS if isinstance(current.get(k), Mapping)), None)
+        if key is None:
+            nested = [k for k, v in current.items() if isinstance(v, Mapping) and _has_tensors(v)]
+            if len(nested) == 1 and not any(isinstance(v, torch.Tensor) for v in current.values()):
+                key = nested[0]
+        if key is None:
+            break
+        where.append(str(key))
+        current = current[key]
+    if not isinstance(current, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(current).__name__}, not a state dict of tensors")
+    tensors = {str(k): v for k, v in current.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(map(str, list(current)[:8])) or "none"
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys})")
+    if where:
+        path_text = "".join(f"[{k!r}]" for k in where)
+        notes.append(f"state dict found under checkpoint{path_text}")
+    dropped = [str(k) for k, v in current.items() if not isinstance(v, torch.Tensor)]
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        notes.append(f"ignored {len(dropped)} non-tensor entries ({shown})")
+    return tensors
+
+
+def _has_tensors(mapping: Mapping[Any, Any]) -> bool:
+    import torch
+
+    return any(isinstance(v, torch.Tensor) for v in mapping.values())
+
+
+def strip_wrapper_prefix(state_dict: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) when every key has it."""
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            notes.append(f"stripped the {prefix!r} prefix shared by every key")
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | os.PathLike[str], *, overwrite: bool = False,
+                  protect: Sequence[str | os.PathLike[str]] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed onto ``target``.
+
+    If the block raises, the temporary file is removed and ``target`` is left as it was. The rename
+    is atomic, so ``target`` only ever holds its old content (or nothing) or the complete new file.
+
+    Args:
+        target: Final path.
+        overwrite: Replace an existing ``target``; otherwise an existing file is an error.
+        protect: Paths that must never be written (the inputs).
+
+    Raises:
+        OutputError: the target is an input, exists without ``overwrite``, or its folder is unusable.
+    """
+    target = Path(target)
+    for other in protect:
+        if _same_file(target, Path(other)):
+            raise OutputError(f"{target}: refusing to write over the input file; choose another -o")
+    if target.is_dir():
+        raise OutputError(f"{target}: is a directory; give a file path with -o")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists; pass --force to replace it")
+    folder = target.parent
+    if not folder.is_dir():
+        raise OutputError(f"{target}: folder {folder} does not exist")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write in {folder} ({exc.strerror or exc})") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    infos: Sequence[TensorInfo],
+    fetch: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write a safetensors file tensor by tensor: only one tensor is in memory at a time.
+
+    The header is computed from ``infos`` first; each tensor is then fetched, checked against its
+    declared shape and dtype, and its bytes written straight from its memory. The file is flushed
+    and fsynced, and its header re-read and validated as the last step.
+
+    Args:
+        path: File to write (use :func:`atomic_output` for a temporary path).
+        infos: Name, shape and dtype of every tensor, in the order to write them.
+        fetch: Returns the tensor for a name (e.g. a memory-mapped one, converted on the fly).
+        metadata: String metadata stored under ``__metadata__``.
+
+    Returns:
+        The size of the written file in bytes.
+
+    Raises:
+        OutputError: a dtype safetensors cannot store, or a write failure (disk full, ...).
+    """
+    if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian data
+        raise OutputError("writing safetensors needs a little-endian machine")
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for info in infos:
+        code = _ST_CODES.get(info.dtype)
+        if code is None:
+            raise OutputError(f"{info.name}: dtype {info.dtype} cannot be stored in safetensors")
+        nbytes = info.numel * _ST_DTYPES[code][1]
+        header[info.name] = {"dtype": code, "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for info in infos:
+                _write_tensor(f, info, fetch(info.name))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from exc
+    written = read_safetensors_header(path)
+    if [(i.name, i.shape, i.dtype) for i in written.infos] != [(i.name, i.shape, i.dtype) for i in infos]:
+        raise OutputError(f"{path}: the written header does not read back as written")
+    return Path(path).stat().st_size
+
+
+def _write_tensor(f: Any, info: TensorInfo, tensor: torch.Tensor) -> None:
+    from fc2conv.convert import dtype_name
+
+    if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
+        raise OutputError(
+            f"{info.name}: got {dtype_name(tensor.dtype)}{tuple(tensor.shape)}, "
+            f"declared {info.dtype}{info.shape}"
+        )
+    tensor = tensor.contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    # Zero-copy view of the tensor's bytes; `tensor` stays referenced until the write returns.
+    buffer = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+    f.write(memoryview(buffer))
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> int:
+    """Save a state dict as safetensors, atomically (temporary file, fsync, rename).
+
+    Example:
+        >>> save_safetensors(convert_state_dict(sd, "256x4x4"), "head.conv.safetensors")  # doctest: +SKIP
+    """
+    from fc2conv.convert import tensor_infos
+
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        size = write_safetensors(tmp, tensor_infos(state_dict), state_dict.__getitem__, metadata)
+    return size

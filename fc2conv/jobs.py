@@ -1,0 +1,344 @@
+"""The three commands as library calls: paths in, a result dataclass out (nothing printed here)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from fc2conv._version import __version__
+from fc2conv.check import LayerCheck, check_changes
+from fc2conv.errors import PlanError, ShapeError
+from fc2conv.io import (
+    atomic_output,
+    dtype_itemsize,
+    load_checkpoint,
+    open_safetensors,
+    read_tensor_infos,
+    write_safetensors,
+)
+from fc2conv.plan import (
+    Layer,
+    LayerChange,
+    Plan,
+    TensorInfo,
+    changes_from_metadata,
+    group_layers,
+    plan_conversion,
+    plan_to_metadata,
+)
+from fc2conv.shapes import InputShape, ShapeSpec, as_spec, resolve_shape
+
+CONVERTED_SUFFIX = ".conv.safetensors"
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``convert`` did: the plan, the measured checks, and where the output went."""
+
+    input: Path
+    output: Path
+    plan: Plan
+    checks: tuple[LayerCheck, ...]
+    load_notes: tuple[str, ...]
+    output_bytes: int
+    written: bool
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.written and all(c.ok for c in self.checks)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """What a checkpoint holds, and what ``convert`` would do with it."""
+
+    path: Path
+    format: str
+    layers: tuple[Layer, ...]
+    infos: tuple[TensorInfo, ...]
+    notes: tuple[str, ...]
+    metadata: dict[str, str]
+    plan: Plan | None
+    plan_problem: str | None
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.infos)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel * dtype_itemsize(t.dtype) for t in self.infos)
+
+
+@dataclass(frozen=True)
+class TensorMismatch:
+    """A tensor that should be identical in both files but is not, or is only in one."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Per-layer numeric checks plus the bit-for-bit comparison of every other tensor."""
+
+    original: Path
+    converted: Path
+    input_shape: InputShape | None
+    flatten_order: str
+    checks: tuple[LayerCheck, ...]
+    identical: int
+    mismatches: tuple[TensorMismatch, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and not self.mismatches and all(c.ok for c in self.checks)
+
+
+def default_output(path: str | os.PathLike[str]) -> Path:
+    """``model.pt`` -> ``model.conv.safetensors`` beside it."""
+    path = Path(path)
+    return path.with_name(path.stem + CONVERTED_SUFFIX)
+
+
+class _CheckFailed(Exception):
+    """Raised inside the atomic write to discard an output whose check failed."""
+
+
+def convert_file(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | None = None,
+    *,
+    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
+    flatten_order: str = "chw",
+    layers: str | None = None,
+    overwrite: bool = False,
+) -> ConvertResult:
+    """Convert a checkpoint file to a safetensors file whose FC chain is convolution kernels.
+
+    Tensors are streamed from the (memory-mapped) input into a temporary file beside the output;
+    every converted layer is then checked numerically *from the written file* against the input,
+    and only if all checks pass is the file renamed onto the output path. A failed check leaves the
+    output path untouched and returns ``written=False``.
+
+    Raises:
+        CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted,
+            or the output cannot be written.
+    """
+    started = time.perf_counter()
+    input_path = Path(input_path)
+    output = Path(output_path) if output_path is not None else default_output(input_path)
+    checkpoint = load_checkpoint(input_path)
+    plan = plan_conversion(checkpoint.infos, input_shape, flatten_order, layers)
+    out_infos = [
+        TensorInfo(info.name, change.new_shape, info.dtype) if (change := plan.change_for(info.name)) else info
+        for info in checkpoint.infos
+    ]
+    metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith("fc2conv.")}
+    metadata.update(plan_to_metadata(plan, __version__, source=input_path.name))
+
+    from fc2conv.convert import fc_to_conv_weight
+
+    def fetch(name: str):  # noqa: ANN202 - a torch.Tensor, imported lazily
+        tensor = checkpoint.tensors[name]
+        change = plan.change_for(name)
+        return fc_to_conv_weight(tensor, change) if change else tensor
+
+    checks: list[LayerCheck] = []
+    size = 0
+    written = True
+    try:
+        with atomic_output(output, overwrite=overwrite, protect=[input_path]) as tmp:
+            size = write_safetensors(tmp, out_infos, fetch, metadata)
+            checks = check_changes(plan.layers, checkpoint.tensors, open_safetensors(tmp).tensors)
+            if not all(c.ok for c in checks):
+                raise _CheckFailed
+    except _CheckFailed:
+        written = False
+    return ConvertResult(
+        input=input_path,
+        output=output,
+        plan=plan,
+        checks=tuple(checks),
+        load_notes=tuple(checkpoint.notes),
+        output_bytes=size if written else 0,
+        written=written,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def inspect_file(
+    path: str | os.PathLike[str],
+    *,
+    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
+    flatten_order: str = "chw",
+    layers: str | None = None,
+) -> InspectResult:
+    """List a checkpoint's layers and the conversion plan, reading only shapes.
+
+    A safetensors file's header is all that is read. When no plan can be made without an input shape,
+    the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises.
+    """
+    infos, metadata, notes = read_tensor_infos(path)
+    plan: Plan | None = None
+    problem: str | None = None
+    recorded = changes_from_metadata(metadata)
+    if recorded is not None:
+        notes = [*notes, f"converted by fc2conv {metadata.get('fc2conv.version', '?')}: "
+                 + ", ".join(f"{c.name} -> {c.became}" for c in recorded)]
+    try:
+        plan = plan_conversion(infos, input_shape, flatten_order, layers)
+    except ShapeError:
+        if input_shape is not None:
+            raise
+        problem = "no geometry fits"  # pragma: no cover - only reachable with a given shape
+    except PlanError as exc:
+        if input_shape is not None and not _is_nothing_to_do(exc):
+            raise
+        problem = str(exc)
+    return InspectResult(
+        path=Path(path),
+        format="safetensors" if str(path).endswith(".safetensors") else "torch",
+        layers=tuple(group_layers(infos)),
+        infos=tuple(infos),
+        notes=tuple(notes),
+        metadata=metadata,
+        plan=plan,
+        plan_problem=problem,
+    )
+
+
+def _is_nothing_to_do(exc: PlanError) -> bool:
+    return "no fully connected layer" in str(exc)
+
+
+def verify_files(
+    original_path: str | os.PathLike[str],
+    converted_path: str | os.PathLike[str],
+    *,
+    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
+    flatten_order: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> VerifyResult:
+    """Check a converted checkpoint against its source.
+
+    Converted layers come from the converted file's fc2conv metadata when it has it; otherwise every
+    tensor that is 2-D in the original and 4-D in the converted file is taken as converted (so files
+    made by other tools can be checked too). Each is checked numerically (traced size and sliding
+    window) and for bit-exactness; every other tensor must be bit-for-bit identical.
+
+    Args:
+        original_path, converted_path: The two checkpoints.
+        input_shape: Optional cross-check of the first converted layer's geometry.
+        flatten_order: Overrides the recorded order (default: recorded, else ``chw``).
+        atol, rtol: Override the per-dtype tolerances.
+    """
+    original = load_checkpoint(original_path)
+    converted = load_checkpoint(converted_path)
+    notes: list[str] = [*original.notes, *converted.notes]
+    recorded = changes_from_metadata(converted.metadata)
+    if recorded is not None:
+        changes = recorded
+        notes.append(f"converted layers read from the metadata of {Path(converted_path).name}")
+    else:
+        changes = _changes_from_shapes(original.infos, converted.infos, flatten_order or "chw")
+        notes.append("no fc2conv metadata: converted layers found by shape (2-D in original, 4-D in converted)")
+    if flatten_order is not None:
+        changes = [replace(c, flatten_order=flatten_order) if c.in_map.height * c.in_map.width > 1 else c
+                   for c in changes]
+    first = next((c for c in changes if c.in_map.height * c.in_map.width > 1), changes[0] if changes else None)
+    if input_shape is not None and first is not None:
+        spec = as_spec(input_shape)
+        assert spec is not None
+        given = resolve_shape(spec, first.old_shape[1], first.name)
+        if given != first.in_map:
+            raise ShapeError(
+                f"{first.name}: --input-shape {given} does not match the converted kernel's map {first.in_map}"
+            )
+
+    mismatches: list[TensorMismatch] = []
+    original_names = {i.name for i in original.infos}
+    converted_names = {i.name for i in converted.infos}
+    mismatches += [TensorMismatch(n, "missing from the converted file") for n in
+                   sorted(original_names - converted_names)]
+    mismatches += [TensorMismatch(n, "not in the original file") for n in sorted(converted_names - original_names)]
+
+    checked = {c.weight for c in changes}
+    usable = []
+    for change in changes:
+        if change.weight not in original_names or change.weight not in converted_names:
+            continue  # already reported as missing
+        usable.append(change)
+    checks = check_changes(usable, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True)
+
+    from fc2conv.check import tensors_identical
+
+    identical = 0
+    for name in sorted((original_names & converted_names) - checked, key=lambda n: n):
+        a, b = original.tensors[name], converted.tensors[name]
+        if tensors_identical(a, b):
+            identical += 1
+        else:
+            mismatches.append(TensorMismatch(name, _difference(a, b)))
+    if not changes:
+        notes.append("no converted layer found: nothing is 2-D in the original and 4-D in the converted file")
+    flatten = first.flatten_order if first is not None else (flatten_order or "chw")
+    return VerifyResult(
+        original=Path(original_path),
+        converted=Path(converted_path),
+        input_shape=first.in_map if first is not None else None,
+        flatten_order=flatten,
+        checks=tuple(checks),
+        identical=identical,
+        mismatches=tuple(mismatches),
+        notes=tuple(notes),
+    )
+
+
+def _changes_from_shapes(
+    original: list[TensorInfo], converted: list[TensorInfo], flatten_order: str
+) -> list[LayerChange]:
+    by_name = {i.name: i for i in converted}
+    original_names = {i.name for i in original}
+    changes = []
+    for info in original:
+        new = by_name.get(info.name)
+        if new is None or len(info.shape) != 2 or len(new.shape) != 4 or not info.name.endswith("weight"):
+            continue
+        out, channels, height, width = new.shape
+        if out != info.shape[0] or channels * height * width != info.shape[1]:
+            continue
+        module = info.name[: -len("weight")].rstrip(".")
+        bias = f"{module}.bias" if module else "bias"
+        changes.append(
+            LayerChange(
+                name=module or info.name,
+                weight=info.name,
+                bias=bias if bias in original_names else None,
+                dtype=info.dtype,
+                old_shape=(info.shape[0], info.shape[1]),
+                in_map=InputShape(channels, height, width),
+                flatten_order=flatten_order if height * width > 1 else "chw",
+            )
+        )
+    return changes
+
+
+def _difference(a, b) -> str:  # noqa: ANN001 - torch tensors, imported lazily
+    from fc2conv.convert import dtype_name
+
+    if a.dtype != b.dtype:
+        return f"dtype changed: {dtype_name(a.dtype)} -> {dtype_name(b.dtype)}"
+    if a.shape != b.shape:
+        return f"shape changed: {tuple(a.shape)} -> {tuple(b.shape)}"
+    if a.is_floating_point():
+        diff = (a.double() - b.double()).abs()
+        worst = float(diff[~diff.isnan()].max()) if bool((~diff.isnan()).any()) else math.nan
+        return f"values differ (max abs difference {worst:.3g})"
+    return "values differ"

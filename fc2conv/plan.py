@@ -1,0 +1,392 @@
+"""Find the FC chain in a name -> shape listing and decide what each layer becomes; no tensor is touched."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from fc2conv.errors import PlanError, ShapeError
+from fc2conv.shapes import (
+    FLATTEN_ORDERS,
+    InputShape,
+    ShapeSpec,
+    as_spec,
+    resolve_shape,
+    square_map,
+)
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+_EMBEDDING_NAME = re.compile(r"embed|(^|\.)(wte|wpe|tok_embeddings)(\.|$)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of one tensor: all that planning and ``inspect`` need."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch's name without the prefix: "float32", "bfloat16", "int8", ...
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The tensors that share a module prefix (``fc1.weight`` + ``fc1.bias`` -> ``fc1``) and a guessed kind."""
+
+    name: str
+    kind: str  # "Linear", "Conv2d", "Conv1d", "Conv3d", "BatchNorm", "Embedding", "other"
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def weight(self) -> TensorInfo | None:
+        return next((t for t in self.tensors if t.name == _join(self.name, "weight")), None)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.tensors if not t.name.endswith("num_batches_tracked"))
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """One FC layer and the convolution it becomes.
+
+    ``in_map`` is the map this layer reads as a convolution: the flattened feature map for the
+    first layer of a chain, ``in_features x 1 x 1`` for the later (1x1) ones.
+    """
+
+    name: str
+    weight: str
+    bias: str | None
+    dtype: str
+    old_shape: tuple[int, int]
+    in_map: InputShape
+    flatten_order: str
+
+    @property
+    def out_features(self) -> int:
+        return self.old_shape[0]
+
+    @property
+    def new_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_features, self.in_map.channels, self.in_map.height, self.in_map.width)
+
+    @property
+    def became(self) -> str:
+        return f"Conv {self.in_map.height}x{self.in_map.width}"
+
+    @property
+    def parameters(self) -> int:
+        return self.old_shape[0] * self.old_shape[1] + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a conversion will do: the chain of layer changes, and every tensor left as it is."""
+
+    input_shape: InputShape
+    flatten_order: str
+    layers: tuple[LayerChange, ...]
+    untouched: tuple[str, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    def change_for(self, tensor_name: str) -> LayerChange | None:
+        """The change whose weight is ``tensor_name``, if any (biases are never reshaped)."""
+        return next((c for c in self.layers if c.weight == tensor_name), None)
+
+
+def _join(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def _split(name: str) -> tuple[str, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return prefix, leaf
+
+
+def group_layers(infos: Sequence[TensorInfo]) -> list[Layer]:
+    """Group tensors by module prefix, in first-seen order, and guess each module's kind."""
+    groups: dict[str, list[TensorInfo]] = {}
+    for info in infos:
+        prefix, _ = _split(info.name)
+        groups.setdefault(prefix, []).append(info)
+    return [Layer(prefix, _guess_kind(prefix, members), tuple(members)) for prefix, members in groups.items()]
+
+
+def _guess_kind(prefix: str, members: Sequence[TensorInfo]) -> str:
+    leaves = {_split(t.name)[1]: t for t in members}
+    weight = leaves.get("weight")
+    if weight is None:
+        return "other"
+    if "running_mean" in leaves or "running_var" in leaves:
+        return "BatchNorm"
+    ndim = len(weight.shape)
+    if ndim == 4:
+        return "Conv2d"
+    if ndim in (3, 5):
+        return f"Conv{ndim - 2}d"
+    if ndim == 2:
+        return "Embedding" if _EMBEDDING_NAME.search(prefix) else "Linear"
+    return "other"
+
+
+def fc_candidates(infos: Sequence[TensorInfo], layers: str | None = None) -> list[Layer]:
+    """The FC layers, in order: 2-D ``<name>.weight`` tensors, restricted by the ``layers`` regex.
+
+    Embeddings are FC candidates only when ``layers`` names them explicitly.
+    """
+    pattern = re.compile(layers) if layers else None
+    found = []
+    for layer in group_layers(infos):
+        weight = layer.weight
+        if weight is None or len(weight.shape) != 2:
+            continue
+        if pattern is not None:
+            if pattern.search(layer.name):
+                found.append(layer)
+        elif layer.kind == "Linear":
+            found.append(layer)
+    return found
+
+
+def plan_conversion(
+    infos: Iterable[TensorInfo],
+    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
+    flatten_order: str = "chw",
+    layers: str | None = None,
+) -> Plan:
+    """Decide which FC layers become convolutions, and how.
+
+    The chain starts at the first FC whose ``in_features`` equals ``C * H * W`` (it becomes an
+    ``H x W`` convolution) and follows each later FC whose ``in_features`` equals the previous
+    ``out_features`` (each becomes a 1x1 convolution). Everything else is untouched.
+
+    Args:
+        infos: Every tensor of the checkpoint, in checkpoint order.
+        input_shape: The flattened feature map: complete, partial (``"4x4"``, ``"256"``) or ``None``
+            to infer it from the last convolution before the first FC layer.
+        flatten_order: ``"chw"`` (PyTorch) or ``"hwc"`` (Keras/TensorFlow channels-last flatten).
+        layers: Optional regex; only FC layers whose name matches are candidates.
+
+    Returns:
+        The plan; its ``notes`` say what was inferred.
+
+    Raises:
+        PlanError: nothing to convert, or the geometry cannot be decided.
+        ShapeError: the given shape does not fit the first FC layer (the message shows the arithmetic).
+
+    Example:
+        >>> infos = [TensorInfo("fc1.weight", (1024, 4096), "float32"),
+        ...          TensorInfo("fc2.weight", (10, 1024), "float32")]
+        >>> [c.became for c in plan_conversion(infos, "256x4x4").layers]
+        ['Conv 4x4', 'Conv 1x1']
+    """
+    infos = list(infos)
+    if flatten_order not in FLATTEN_ORDERS:
+        raise PlanError(f"flatten order must be one of {', '.join(FLATTEN_ORDERS)}, got {flatten_order!r}")
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            raise PlanError(f"--layers {layers!r} is not a valid regular expression: {exc}") from exc
+    spec = as_spec(input_shape)
+    if not infos:
+        raise PlanError("the checkpoint holds no tensors")
+    candidates = fc_candidates(infos, layers)
+    if not candidates:
+        where = f" matching --layers {layers!r}" if layers else ""
+        raise PlanError(
+            f"no fully connected layer{where} found (a 2-D '<name>.weight' tensor); "
+            "run 'fc2conv inspect' to see what the checkpoint holds"
+        )
+
+    notes: list[str] = []
+    if spec is None:
+        start, shape = _infer_geometry(infos, candidates, notes)
+    else:
+        start, shape = _start_for_spec(spec, candidates)
+        notes.append(f"input shape {shape} ({'given' if spec.is_complete else f'from {spec.text!r}'})")
+
+    chain = [candidates[start]]
+    for candidate in candidates[start + 1 :]:
+        if _in_features(candidate) == _out_features(chain[-1]):
+            chain.append(candidate)
+
+    for layer in chain:
+        weight = layer.weight
+        assert weight is not None
+        if weight.dtype not in FLOAT_DTYPES:
+            raise PlanError(
+                f"{weight.name} is {weight.dtype}; only floating-point FC weights "
+                f"({', '.join(FLOAT_DTYPES)}) can be converted (dequantize it first)"
+            )
+
+    changes = []
+    for index, layer in enumerate(chain):
+        weight = layer.weight
+        assert weight is not None
+        in_map = shape if index == 0 else InputShape(weight.shape[1], 1, 1)
+        bias = _join(layer.name, "bias")
+        changes.append(
+            LayerChange(
+                name=layer.name,
+                weight=weight.name,
+                bias=bias if any(t.name == bias for t in layer.tensors) else None,
+                dtype=weight.dtype,
+                old_shape=(weight.shape[0], weight.shape[1]),
+                in_map=in_map,
+                flatten_order=flatten_order if index == 0 else "chw",
+            )
+        )
+    notes.extend(_between_notes(infos, chain))
+    converted = {c.weight for c in changes}
+    untouched = tuple(info.name for info in infos if info.name not in converted)
+    return Plan(shape, flatten_order, tuple(changes), untouched, tuple(notes))
+
+
+def _in_features(layer: Layer) -> int:
+    assert layer.weight is not None
+    return layer.weight.shape[1]
+
+
+def _out_features(layer: Layer) -> int:
+    assert layer.weight is not None
+    return layer.weight.shape[0]
+
+
+def _start_for_spec(spec: ShapeSpec, candidates: list[Layer]) -> tuple[int, InputShape]:
+    """The first candidate the spec fits, or the error for the first candidate (with its arithmetic)."""
+    for index, layer in enumerate(candidates):
+        try:
+            return index, resolve_shape(spec, _in_features(layer), layer.name)
+        except ShapeError:
+            continue
+    first = candidates[0]
+    resolve_shape(spec, _in_features(first), first.name)  # raises with the arithmetic
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _infer_geometry(
+    infos: list[TensorInfo], candidates: list[Layer], notes: list[str]
+) -> tuple[int, InputShape]:
+    """C from the last 4-D conv weight before the first FC layer, and a square map."""
+    first = candidates[0]
+    in_features = _in_features(first)
+    first_index = next(i for i, t in enumerate(infos) if t.name == _join(first.name, "weight"))
+    convs = [(i, t) for i, t in enumerate(infos) if len(t.shape) == 4 and t.name.endswith("weight")]
+    if not convs:
+        raise PlanError(
+            f"cannot infer the input shape: there is no conv layer before {first.name} "
+            f"({in_features} inputs); pass --input-shape CxHxW"
+        )
+    before = [t for i, t in convs if i < first_index]
+    conv = before[-1] if before else convs[-1][1]
+    position = "the last conv before" if before else "the last conv in name order; none comes before"
+    channels = conv.shape[0]
+    try:
+        shape = square_map(channels, in_features, first.name)
+    except ShapeError as exc:
+        fits = sorted({str(s) for s in _square_candidates(convs, in_features, first.name)})
+        hint = f"; maps that would fit: {', '.join(fits)}" if fits else ""
+        raise PlanError(f"cannot infer the input shape from {conv.name} (C = {channels}): {exc}{hint}") from exc
+    notes.append(
+        f"input shape {shape} inferred: C = {channels} from {conv.name} ({position} {first.name}), "
+        f"square map assumed ({in_features} = {channels} x {shape.height} x {shape.width})"
+    )
+    return 0, shape
+
+
+def _square_candidates(
+    convs: list[tuple[int, TensorInfo]], in_features: int, layer: str
+) -> Iterable[InputShape]:
+    for _, conv in convs:
+        try:
+            yield square_map(conv.shape[0], in_features, layer)
+        except ShapeError:
+            continue
+
+
+def _between_notes(infos: list[TensorInfo], chain: list[Layer]) -> list[str]:
+    """Say which BatchNorm layers sit in the chain and stay as they are (valid as BatchNorm2d)."""
+    chain_widths = {_out_features(layer) for layer in chain}
+    first_weight = chain[0].weight
+    assert first_weight is not None
+    start = infos.index(first_weight)
+    notes = []
+    for layer in group_layers(infos[start:]):
+        weight = layer.weight
+        if layer.kind == "BatchNorm" and weight is not None and weight.shape[0] in chain_widths:
+            notes.append(
+                f"{layer.name} (BatchNorm over {weight.shape[0]} features) kept as it is: "
+                "its tensors are valid for BatchNorm2d"
+            )
+    return notes
+
+
+# --- the record of a conversion, stored in the output file's safetensors metadata ---------------
+
+METADATA_PREFIX = "fc2conv."
+
+
+def plan_to_metadata(plan: Plan, version: str, source: str | None = None) -> dict[str, str]:
+    """The string metadata that lets ``verify`` (and people) see what a conversion did."""
+    layers = [
+        {
+            "name": c.name,
+            "weight": c.weight,
+            "bias": c.bias,
+            "became": c.became,
+            "old_shape": list(c.old_shape),
+            "new_shape": list(c.new_shape),
+            "flatten_order": c.flatten_order,
+        }
+        for c in plan.layers
+    ]
+    metadata = {
+        "format": "pt",
+        f"{METADATA_PREFIX}version": version,
+        f"{METADATA_PREFIX}input_shape": str(plan.input_shape),
+        f"{METADATA_PREFIX}flatten_order": plan.flatten_order,
+        f"{METADATA_PREFIX}layers": json.dumps(layers, separators=(",", ":")),
+    }
+    if source:
+        metadata[f"{METADATA_PREFIX}source"] = source
+    return metadata
+
+
+def changes_from_metadata(metadata: dict[str, str]) -> list[LayerChange] | None:
+    """The layer changes recorded by :func:`plan_to_metadata`, or ``None`` if there is no record.
+
+    Raises:
+        PlanError: the record is present but malformed.
+    """
+    raw = metadata.get(f"{METADATA_PREFIX}layers")
+    if raw is None:
+        return None
+    try:
+        entries = json.loads(raw)
+        changes = []
+        for entry in entries:
+            out, channels, height, width = (int(v) for v in entry["new_shape"])
+            changes.append(
+                LayerChange(
+                    name=str(entry["name"]),
+                    weight=str(entry["weight"]),
+                    bias=entry.get("bias"),
+                    dtype="",
+                    old_shape=(int(entry["old_shape"][0]), int(entry["old_shape"][1])),
+                    in_map=InputShape(channels, height, width),
+                    flatten_order=str(entry.get("flatten_order", "chw")),
+                )
+            )
+        return changes
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise PlanError(f"the {METADATA_PREFIX}layers metadata is malformed ({exc})") from exc

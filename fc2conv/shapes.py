@@ -1,0 +1,164 @@
+"""Parse and resolve the geometry of the feature map that is flattened into the first FC layer."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from fc2conv.errors import ShapeError
+
+FLATTEN_ORDERS = ("chw", "hwc")
+
+_SEPARATORS = re.compile(r"\s*[x,×*]\s*|\s+")
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """A feature map of ``channels`` x ``height`` x ``width`` (one sample, no batch dimension)."""
+
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def features(self) -> int:
+        """Number of values the map flattens to: ``C * H * W``."""
+        return self.channels * self.height * self.width
+
+    def __str__(self) -> str:
+        return f"{self.channels}x{self.height}x{self.width}"
+
+    def as_list(self) -> list[int]:
+        return [self.channels, self.height, self.width]
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """What the user gave on the command line; missing parts are ``None`` until resolved.
+
+    ``256x4x4`` is complete, ``4x4`` leaves channels open, ``256`` leaves a square map open.
+    """
+
+    channels: int | None = None
+    height: int | None = None
+    width: int | None = None
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or "x".join("?" if v is None else str(v) for v in self.parts())
+
+    def parts(self) -> tuple[int | None, int | None, int | None]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def is_complete(self) -> bool:
+        return None not in self.parts()
+
+
+def parse_shape(text: str) -> ShapeSpec:
+    """Parse ``"256x4x4"``, ``"256,4,4"``, ``"4x4"`` (H x W) or ``"256"`` (C) into a :class:`ShapeSpec`.
+
+    Args:
+        text: The shape as typed by a user.
+
+    Returns:
+        A spec; parts not given are ``None``.
+
+    Raises:
+        ShapeError: if a part is not a positive whole number, or there are more than three parts.
+
+    Example:
+        >>> parse_shape("256x4x4")
+        ShapeSpec(channels=256, height=4, width=4, text='256x4x4')
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise ShapeError("input shape is empty; expected CxHxW such as 256x4x4")
+    pieces = [p for p in _SEPARATORS.split(stripped) if p != ""]
+    if len(pieces) > 3:
+        raise ShapeError(
+            f"input shape {text!r} has {len(pieces)} parts; expected CxHxW (256x4x4), HxW (4x4) or C (256)"
+        )
+    numbers: list[int] = []
+    for piece in pieces:
+        if not re.fullmatch(r"[0-9]+", piece):
+            raise ShapeError(
+                f"input shape {text!r}: {piece!r} is not a positive whole number; expected CxHxW such as 256x4x4"
+            )
+        value = int(piece)
+        if value <= 0:
+            raise ShapeError(f"input shape {text!r}: every part must be at least 1, got {value}")
+        numbers.append(value)
+    if len(numbers) == 3:
+        return ShapeSpec(numbers[0], numbers[1], numbers[2], text=stripped)
+    if len(numbers) == 2:
+        return ShapeSpec(None, numbers[0], numbers[1], text=stripped)
+    return ShapeSpec(numbers[0], None, None, text=stripped)
+
+
+def resolve_shape(spec: ShapeSpec, in_features: int, layer: str) -> InputShape:
+    """Fill in the open parts of ``spec`` so that ``C * H * W == in_features``.
+
+    Args:
+        spec: Parsed user input (possibly partial).
+        in_features: Number of inputs of the first FC layer.
+        layer: Name of that layer, used in error messages.
+
+    Returns:
+        The complete geometry.
+
+    Raises:
+        ShapeError: with the arithmetic, when no geometry fits.
+    """
+    c, h, w = spec.parts()
+    if c is not None and h is not None and w is not None:
+        if c * h * w != in_features:
+            raise ShapeError(
+                f"{layer} takes {in_features} inputs; {c}x{h}x{w} = {c * h * w}"
+            )
+        return InputShape(c, h, w)
+    if c is None:
+        assert h is not None and w is not None
+        if in_features % (h * w):
+            raise ShapeError(
+                f"{layer} takes {in_features} inputs, which is not a multiple of "
+                f"{h}x{w} = {h * w} (C = {in_features} / {h * w} = {in_features / (h * w):g})"
+            )
+        return InputShape(in_features // (h * w), h, w)
+    return square_map(c, in_features, layer)
+
+
+def square_map(channels: int, in_features: int, layer: str) -> InputShape:
+    """The square ``channels x S x S`` map that flattens to ``in_features``, or a ShapeError saying why not."""
+    if in_features % channels:
+        raise ShapeError(
+            f"{layer} takes {in_features} inputs, which is not a multiple of C = {channels} "
+            f"({in_features} / {channels} = {in_features / channels:g})"
+        )
+    area = in_features // channels
+    side = math.isqrt(area)
+    if side * side != area:
+        options = " or ".join(f"{channels}x{h}x{area // h}" for h in _near_square_factors(area))
+        raise ShapeError(
+            f"{layer} takes {in_features} inputs = {channels} x {area}, and H*W = {area} is not a square; "
+            f"give the map as CxHxW (--input-shape {options})"
+        )
+    return InputShape(channels, side, side)
+
+
+def _near_square_factors(area: int, count: int = 2) -> list[int]:
+    """Heights H dividing ``area``, closest to a square map first (for hints)."""
+    heights = [h for h in range(1, area + 1) if area % h == 0] if area <= 10**6 else [1]
+    return sorted(heights, key=lambda h: (abs(h - area // h), h))[:count]
+
+
+def as_spec(value: ShapeSpec | InputShape | tuple[int, int, int] | str | None) -> ShapeSpec | None:
+    """Accept the forms the public API takes for an input shape: text, tuple, InputShape or spec."""
+    if value is None or isinstance(value, ShapeSpec):
+        return value
+    if isinstance(value, InputShape):
+        return ShapeSpec(value.channels, value.height, value.width, text=str(value))
+    if isinstance(value, str):
+        return parse_shape(value)
+    return parse_shape("x".join(str(v) for v in value))
