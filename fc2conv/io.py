@@ -10,6 +10,7 @@ import re
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if is_safetensors(path):
         return open_safetensors(path)
     _check_readable(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes)")
     obj = _torch_load(path)
     notes: list[str] = []
     state_dict = find_state_dict(obj, path, notes)
@@ -287,22 +290,33 @@ class _LazyTensors(Mapping[str, "torch.Tensor"]):
         return len(self._names)
 
 
-def _torch_load(path: Path) -> Any:
-    import pickle
-
+def _torch_load_quietly(path: Path) -> Any:
     import torch
 
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Legacy (pre zip) format: cannot be memory-mapped, load it plainly (still weights only).
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        # Legacy (pre-zip) format: cannot be memory-mapped; load it plainly (still weights only).
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error says enough
+            warnings.simplefilter("ignore")
+            return _torch_load_quietly(path)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
+
+        found = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(exc))
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(exc) + "\n")
+            reason = detail.group(1).strip() if detail else "corrupt pickle data"
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from exc
+        what = f" ({found.group(1) or found.group(2)})"
         raise CheckpointError(
             f"{path}: refused to load: the file holds pickled Python objects{what} beyond tensors, and "
             "unpickling them could run code from the file. Save the weights alone, e.g. "
@@ -310,8 +324,14 @@ def _torch_load(path: Path) -> Any:
             "and convert that"
         ) from exc
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_sentence(exc)})") from exc
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """A short cause for a one-line message: the exception's first sentence, with its type if terse."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) > 12 else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) -> dict[str, torch.Tensor]:
@@ -357,10 +377,13 @@ def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) ->
     return tensors
 
 
-def _has_tensors(mapping: Mapping[Any, Any]) -> bool:
+def _has_tensors(mapping: Mapping[Any, Any], depth: int = 2) -> bool:
     import torch
 
-    return any(isinstance(v, torch.Tensor) for v in mapping.values())
+    return any(
+        isinstance(v, torch.Tensor) or (depth > 1 and isinstance(v, Mapping) and _has_tensors(v, depth - 1))
+        for v in mapping.values()
+    )
 
 
 def strip_wrapper_prefix(state_dict: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:

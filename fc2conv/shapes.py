@@ -10,7 +10,7 @@ from fc2conv.errors import ShapeError
 
 FLATTEN_ORDERS = ("chw", "hwc")
 
-_SEPARATORS = re.compile(r"\s*[x,×*]\s*|\s+")
+_SEPARATORS = re.compile(r"\s*[xX,×*]\s*|\s+")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,8 @@ def parse_shape(text: str) -> ShapeSpec:
     if not stripped:
         raise ShapeError("input shape is empty; expected CxHxW such as 256x4x4")
     pieces = [p for p in _SEPARATORS.split(stripped) if p != ""]
+    if not pieces:
+        raise ShapeError(f"input shape {text!r} has no numbers; expected CxHxW such as 256x4x4")
     if len(pieces) > 3:
         raise ShapeError(
             f"input shape {text!r} has {len(pieces)} parts; expected CxHxW (256x4x4), HxW (4x4) or C (256)"

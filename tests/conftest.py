@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny checkpoints built in tmp_path, and the sample models' module."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_models"
+
+
+def _load_samples_module():
+    spec = importlib.util.spec_from_file_location("make_samples", SAMPLES / "make_samples.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_samples"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+make_samples = _load_samples_module()
+
+
+def head_state_dict(
+    c: int = 8, h: int = 3, w: int = 3, widths: tuple[int, ...] = (16, 5), dtype: torch.dtype = torch.float32,
+    seed: int = 0, bias: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A conv feature extractor ending in C channels, then an FC chain C*H*W -> widths[0] -> ..."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {
+        "features.0.weight": torch.randn(c, 3, 3, 3, generator=g),
+        "features.0.bias": torch.randn(c, generator=g),
+    }
+    fan_in = c * h * w
+    for i, out in enumerate(widths):
+        sd[f"fc{i + 1}.weight"] = torch.randn(out, fan_in, generator=g) / fan_in**0.5
+        if bias:
+            sd[f"fc{i + 1}.bias"] = torch.randn(out, generator=g)
+        fan_in = out
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+@pytest.fixture
+def samples():
+    return make_samples
+
+
+@pytest.fixture
+def save_pt(tmp_path: Path) -> Callable[..., Path]:
+    def save(obj: object, name: str = "model.pt") -> Path:
+        path = tmp_path / name
+        torch.save(obj, path)
+        return path
+
+    return save
+
+
+@pytest.fixture
+def head_pt(save_pt) -> Path:
+    return save_pt(head_state_dict(), "head.pt")
