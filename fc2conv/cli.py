@@ -53,7 +53,7 @@ class Fc2ConvGroup(click.Group):
         except click.ClickException as exc:
             command = exc.ctx.command_path if getattr(exc, "ctx", None) else "fc2conv"
             hint = f" (see '{command} --help')" if isinstance(exc, click.UsageError) else ""
-            code = _fail(exc.format_message() + hint, exc.exit_code, argv)
+            code = _fail(exc.format_message().rstrip(".") + hint, exc.exit_code, argv)
         except Fc2ConvError as exc:
             if "--debug" in argv:
                 traceback.print_exc()
@@ -92,7 +92,7 @@ def _warn(lines: list[str]) -> None:
         click.echo(f"Warning: {line}", err=True)
 
 
-@click.group(cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="fc2conv", cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="fc2conv")
 @click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports).")
 def cli(debug: bool) -> None:

@@ -22,10 +22,12 @@ _PIPE_WIDTH = 132
 
 
 def make_console(stderr: bool = False) -> Console:
-    """One console for all output; rich honours NO_COLOR and drops colour when not a terminal."""
+    """One console for all output: plain when not a terminal, and no escape codes at all with NO_COLOR."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH
-    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
+    plain = bool(os.environ.get("NO_COLOR"))  # rich alone would still emit bold and italics
+    return Console(file=stream, width=width, highlight=False, soft_wrap=False,
+                   **({"color_system": None} if plain else {}))
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:
