@@ -266,7 +266,7 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
     infos = _safetensors_order(header.infos)
     return Checkpoint(
         path, "safetensors", infos, _LazyTensors(handle, [i.name for i in infos]),
-        header.metadata, _safetensors_notes(header),
+        header.metadata, [],
     )
 
 

@@ -140,6 +140,7 @@ def _check_json(check: LayerCheck) -> dict[str, Any]:
         "max_rel_error": _json_float(check.max_rel_error),
         "window_max_abs_error": _json_float(check.window_max_abs_error),
         "window_grid": list(check.window_grid),
+        "rows_checked": check.rows_checked,
         "atol": check.tolerance.atol,
         "rtol": check.tolerance.rtol,
         "nonfinite": check.nonfinite,

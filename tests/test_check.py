@@ -136,3 +136,16 @@ def test_check_changes_reads_both_mappings():
     change, sd, out = layer()
     [result] = check_changes([change], sd, out, exact=True)
     assert result.ok and result.exact is True and result.name == "fc"
+
+
+def test_large_layers_are_checked_on_a_seeded_row_sample_that_still_catches_layout_bugs():
+    change, sd, out = layer(out=300, order="hwc")
+    sampled = check_layer(change, sd["fc.weight"], out["fc.weight"], sd["fc.bias"], max_rows=20)
+    assert sampled.ok and sampled.rows_checked == 20
+    every = check_layer(change, sd["fc.weight"], out["fc.weight"], sd["fc.bias"], max_rows=None)
+    assert every.rows_checked == 300 and every.ok
+    wrong = convert_state_dict(sd, "8x3x4", flatten_order="chw")["fc.weight"]
+    assert not check_layer(change, sd["fc.weight"], wrong, sd["fc.bias"], max_rows=20).ok
+    last_row_broken = out["fc.weight"].clone()
+    last_row_broken[-1] += 1.0  # the first and last rows are always in the sample
+    assert not check_layer(change, sd["fc.weight"], last_row_broken, sd["fc.bias"], max_rows=20).ok

@@ -1,0 +1,141 @@
+"""Time and memory of `fc2conv convert` on a VGG16-layout checkpoint, beside the baselines it must match.
+
+    python benchmarks/bench_convert.py                 # fp32 VGG16 layout (~553 MB), plus a half-size one
+    python benchmarks/bench_convert.py --sizes 1.0     # only the full size
+    python benchmarks/bench_convert.py --repeat 3      # best of 3 runs per command
+
+Side by side, in one run, on the same file and the same page cache:
+  * fc2conv:     `fc2conv convert vgg.pt --input-shape 512x7x7 -o out.safetensors --force --json`
+                 (numeric check of every converted layer included)
+  * hand script: torch.load(mmap=True, weights_only=True), reshape, safetensors.torch.save_file
+                 (no check at all)
+  * cp:          copying the file
+Each command runs in its own process; wall time is measured around it, peak memory is read from
+/proc/<pid>/status (VmHWM, and the peak of RssAnon sampled every 5 ms). It prints a table of figures
+and the ratios against the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HAND_SCRIPT = r"""
+import sys, torch
+from safetensors.torch import save_file
+src, dst = sys.argv[1], sys.argv[2]
+sd = torch.load(src, mmap=True, weights_only=True, map_location="cpu")
+sd["classifier.0.weight"] = sd["classifier.0.weight"].reshape(-1, 512, 7, 7)
+sd["classifier.3.weight"] = sd["classifier.3.weight"][:, :, None, None]
+sd["classifier.6.weight"] = sd["classifier.6.weight"][:, :, None, None]
+save_file({k: v.contiguous() for k, v in sd.items()}, dst)
+"""
+
+VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+               (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+
+VGG16_CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's features.N
+
+
+def build_vgg16_layout(path: Path, scale: float = 1.0) -> int:
+    """A torchvision-VGG16-named state dict (random values); ``scale`` shrinks the classifier width."""
+    import torch
+
+    torch.manual_seed(0)
+    sd: dict[str, torch.Tensor] = {}
+    for index, (cin, cout) in zip(VGG16_CONV_INDICES, VGG16_CONVS, strict=True):
+        sd[f"features.{index}.weight"] = torch.randn(cout, cin, 3, 3) * 0.05
+        sd[f"features.{index}.bias"] = torch.randn(cout) * 0.05
+    hidden = max(8, int(4096 * scale))
+    sd["classifier.0.weight"] = torch.randn(hidden, 512 * 7 * 7) * 0.01
+    sd["classifier.0.bias"] = torch.randn(hidden) * 0.01
+    sd["classifier.3.weight"] = torch.randn(hidden, hidden) * 0.01
+    sd["classifier.3.bias"] = torch.randn(hidden) * 0.01
+    sd["classifier.6.weight"] = torch.randn(1000, hidden) * 0.01
+    sd["classifier.6.bias"] = torch.randn(1000) * 0.01
+    torch.save(sd, path)
+    return path.stat().st_size
+
+
+def measure(command: list[str]) -> dict[str, float]:
+    """Wall seconds, peak RSS (VmHWM) and peak anonymous RSS (sampled) of one command, in MB."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_anon = peak_hwm = 0
+    status = Path(f"/proc/{process.pid}/status")
+    while process.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_anon = max(peak_anon, int(line.split()[1]))
+                elif line.startswith("VmHWM:"):
+                    peak_hwm = max(peak_hwm, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.005)
+    _, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {stderr.decode()[-500:]}")
+    return {"wall": wall, "anon_mb": peak_anon / 1024, "hwm_mb": peak_hwm / 1024}
+
+
+def best(command: list[str], repeat: int) -> dict[str, float]:
+    runs = [measure(command) for _ in range(repeat)]
+    return min(runs, key=lambda r: r["wall"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.5, 1.0],
+                        help="classifier width scales (1.0 = VGG16's 4096)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per command; the fastest is shown")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build the files (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    fc2conv = shutil.which("fc2conv") or sys.exit("fc2conv is not installed (pip install -e .)")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fc2conv-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    hand = workdir / "hand_script.py"
+    hand.write_text(HAND_SCRIPT)
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; best of {args.repeat} runs")
+    rows = []
+    for scale in args.sizes:
+        source = workdir / f"vgg16_x{scale:g}.pt"
+        size = build_vgg16_layout(source, scale)
+        out = workdir / "out.safetensors"
+        commands = {
+            "fc2conv convert": [fc2conv, "convert", str(source), "--input-shape", "512x7x7", "-o", str(out),
+                                "--force", "--json"],
+            "hand script": [sys.executable, str(hand), str(source), str(workdir / "hand.safetensors")],
+            "cp": ["cp", str(source), str(workdir / "copy.pt")],
+        }
+        for command in commands.values():  # warm the page cache once for everyone
+            measure(command)
+        results = {name: best(command, args.repeat) for name, command in commands.items()}
+        rows.append((scale, size, results))
+        for extra in (out, workdir / "hand.safetensors", workdir / "copy.pt"):
+            extra.unlink(missing_ok=True)
+        source.unlink()
+
+    print(f"{'checkpoint':>12} {'command':<16} {'wall s':>8} {'peak RSS MB':>12} {'peak anon MB':>13}")
+    for _scale, size, results in rows:
+        for name, r in results.items():
+            print(f"{size / 2**20:>9.0f} MB {name:<16} {r['wall']:>8.2f} {r['hwm_mb']:>12.0f} {r['anon_mb']:>13.0f}")
+    print()
+    for _scale, size, results in rows:
+        f, h, c = results["fc2conv convert"], results["hand script"], results["cp"]
+        print(f"{size / 2**20:.0f} MB: fc2conv/hand-script wall = {f['wall'] / h['wall']:.2f}x (target <= 1.0), "
+              f"fc2conv/cp wall = {f['wall'] / c['wall']:.2f}x (target <= 2), "
+              f"anon memory fc2conv - hand = {f['anon_mb'] - h['anon_mb']:+.0f} MB (target <= +100)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
