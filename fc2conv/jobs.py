@@ -182,7 +182,8 @@ def inspect_file(
     """List a checkpoint's layers and the conversion plan, reading only shapes.
 
     A safetensors file's header is all that is read. When no plan can be made without an input shape,
-    the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises.
+    the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises
+    :class:`ShapeError`.
     """
     infos, metadata, notes = read_tensor_infos(path)
     plan: Plan | None = None
@@ -193,13 +194,7 @@ def inspect_file(
                  + ", ".join(f"{c.name} -> {c.became}" for c in recorded)]
     try:
         plan = plan_conversion(infos, input_shape, flatten_order, layers)
-    except ShapeError:
-        if input_shape is not None:
-            raise
-        problem = "no geometry fits"  # pragma: no cover - only reachable with a given shape
-    except PlanError as exc:
-        if input_shape is not None and not _is_nothing_to_do(exc):
-            raise
+    except PlanError as exc:  # a ShapeError (a given shape that does not fit) is the caller's error
         problem = str(exc)
     return InspectResult(
         path=Path(path),
@@ -211,10 +206,6 @@ def inspect_file(
         plan=plan,
         plan_problem=problem,
     )
-
-
-def _is_nothing_to_do(exc: PlanError) -> bool:
-    return "no fully connected layer" in str(exc)
 
 
 def verify_files(
@@ -252,35 +243,28 @@ def verify_files(
     if flatten_order is not None:
         changes = [replace(c, flatten_order=flatten_order) if c.in_map.height * c.in_map.width > 1 else c
                    for c in changes]
+    # The layer whose map is more than 1x1 carries the geometry (a chain's first layer).
     first = next((c for c in changes if c.in_map.height * c.in_map.width > 1), changes[0] if changes else None)
-    if input_shape is not None and first is not None:
-        spec = as_spec(input_shape)
-        assert spec is not None
+    spec = as_spec(input_shape)
+    if spec is not None and first is not None:
         given = resolve_shape(spec, first.old_shape[1], first.name)
         if given != first.in_map:
             raise ShapeError(
                 f"{first.name}: --input-shape {given} does not match the converted kernel's map {first.in_map}"
             )
 
-    mismatches: list[TensorMismatch] = []
     original_names = {i.name for i in original.infos}
     converted_names = {i.name for i in converted.infos}
-    mismatches += [TensorMismatch(n, "missing from the converted file") for n in
-                   sorted(original_names - converted_names)]
-    mismatches += [TensorMismatch(n, "not in the original file") for n in sorted(converted_names - original_names)]
-
-    checked = {c.weight for c in changes}
-    usable = []
-    for change in changes:
-        if change.weight not in original_names or change.weight not in converted_names:
-            continue  # already reported as missing
-        usable.append(change)
-    checks = check_changes(usable, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True)
+    only_original, only_converted = original_names - converted_names, converted_names - original_names
+    mismatches = [TensorMismatch(n, "missing from the converted file") for n in sorted(only_original)]
+    mismatches += [TensorMismatch(n, "not in the original file") for n in sorted(only_converted)]
+    present = [c for c in changes if c.weight in original_names and c.weight in converted_names]
+    checks = check_changes(present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True)
 
     from fc2conv.check import tensors_identical
 
     identical = 0
-    for name in sorted((original_names & converted_names) - checked, key=lambda n: n):
+    for name in sorted((original_names & converted_names) - {c.weight for c in changes}):
         a, b = original.tensors[name], converted.tensors[name]
         if tensors_identical(a, b):
             identical += 1
@@ -288,12 +272,11 @@ def verify_files(
             mismatches.append(TensorMismatch(name, _difference(a, b)))
     if not changes:
         notes.append("no converted layer found: nothing is 2-D in the original and 4-D in the converted file")
-    flatten = first.flatten_order if first is not None else (flatten_order or "chw")
     return VerifyResult(
         original=Path(original_path),
         converted=Path(converted_path),
         input_shape=first.in_map if first is not None else None,
-        flatten_order=flatten,
+        flatten_order=first.flatten_order if first is not None else (flatten_order or "chw"),
         checks=tuple(checks),
         identical=identical,
         mismatches=tuple(mismatches),

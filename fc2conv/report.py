@@ -187,8 +187,7 @@ def inspect_table(result: InspectResult) -> Table:
                             ("Params", "right"), ("Convert", "left")]:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for layer in result.layers:
-        leaf = lambda t: t.name.rpartition(".")[2]  # noqa: E731
-        shapes = ", ".join(f"{leaf(t)} {_shape(t.shape)}" for t in layer.tensors)
+        shapes = ", ".join(f"{t.name.rpartition('.')[2]} {_shape(t.shape)}" for t in layer.tensors)
         dtypes = ", ".join(sorted({t.dtype for t in layer.tensors}))
         table.add_row(
             escape(layer.name or "(top level)"), layer.kind, escape(shapes), dtypes,
