@@ -79,11 +79,12 @@ class LayerCheck:
     nonfinite: bool = False
     exact: bool | None = None
     problem: str | None = None
+    strict: bool = False
 
     @property
     def ok(self) -> bool:
-        """Within tolerance (non-finite weights pass when FC and conv agree on where they are)."""
-        if self.problem is not None:
+        """Within tolerance. Non-finite outputs pass where FC and conv agree on them, unless ``strict``."""
+        if self.problem is not None or (self.strict and self.nonfinite):
             return False
         return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
 
@@ -293,6 +294,7 @@ def check_changes(
     atol: float | None = None,
     rtol: float | None = None,
     exact: bool = False,
+    strict: bool = False,
 ) -> list[LayerCheck]:
     """Run :func:`check_layer` for each change, reading weights and biases from the two mappings.
 
@@ -302,6 +304,7 @@ def check_changes(
         converted: Tensors of the converted checkpoint (conv kernels).
         atol, rtol: Override the per-dtype defaults.
         exact: Also record whether each kernel is bit for bit the expected rearrangement.
+        strict: Fail layers whose weights or outputs are not finite (NaN/Inf).
     """
     from fc2conv.convert import dtype_name
 
@@ -314,6 +317,7 @@ def check_changes(
         result = check_layer(
             change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol)
         )
+        result = replace(result, strict=strict)
         if exact:
             result = replace(result, exact=kernel_is_exact(change, weight, kernel))
         results.append(result)

@@ -1,13 +1,15 @@
 """Click commands only: parse options, call the library, pick a renderer, map errors to exit codes.
 
 Exit codes: 0 success; 1 a numeric check failed; 2 bad usage or an input that cannot be read or
-converted (and 130 when interrupted).
+converted; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +21,15 @@ from fc2conv._version import __version__
 from fc2conv.errors import Fc2ConvError
 from fc2conv.shapes import FLATTEN_ORDERS, ShapeSpec, parse_shape
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (no half-written output)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise _Terminated
 
 
 class ShapeType(click.ParamType):
@@ -46,10 +56,14 @@ class Fc2ConvGroup(click.Group):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             code = super().main(argv, prog_name or "fc2conv", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
-            code = _fail("interrupted", EXIT_INTERRUPTED, argv)
+            code = _fail("interrupted; no output was written", EXIT_INTERRUPTED, argv)
+        except _Terminated:
+            code = _fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED, argv)
         except click.ClickException as exc:
             command = exc.ctx.command_path if getattr(exc, "ctx", None) else "fc2conv"
             hint = f" (see '{command} --help')" if isinstance(exc, click.UsageError) else ""
@@ -110,6 +124,19 @@ _shape_option = click.option(
 )
 _order_help = "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last)."
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
+_trust_option = click.option(
+    "--trust-pickle", is_flag=True,
+    help="Unpickle arbitrary objects (torch.load weights_only=False), e.g. a whole saved nn.Module. "
+         "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
+)
+_strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
+
+
+def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
+    if trust_pickle:
+        names = ", ".join(str(p) for p in paths)
+        _warn([f"--trust-pickle: unpickling {names} with weights_only=False runs any code the file holds; "
+               "use it only on files you trust"])
 
 
 @cli.command()
@@ -120,10 +147,12 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print one J
 @click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True,
               help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+@_strict_option
+@_trust_option
 @_json_option
 def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None, flatten_order: str,
-            layers: str | None, force: bool, as_json: bool) -> int:
+            layers: str | None, force: bool, strict: bool, trust_pickle: bool, as_json: bool) -> int:
     """Rewrite the FC chain of CHECKPOINT as conv kernels and write a safetensors file.
 
     Every converted layer is checked numerically from the written file before it is published;
@@ -131,8 +160,9 @@ def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None
     """
     from fc2conv import jobs, report
 
+    _trust_warning(trust_pickle, checkpoint)
     result = jobs.convert_file(checkpoint, output, input_shape=input_shape, flatten_order=flatten_order,
-                               layers=layers, overwrite=force)
+                               layers=layers, overwrite=force, strict=strict, trust_pickle=trust_pickle)
     _warn(report.warnings_for(result.checks))
     _emit(result, as_json, report.convert_json, report.render_convert)
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
@@ -144,16 +174,19 @@ def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None
 @click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True,
               help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
+@_trust_option
 @_json_option
 def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str, layers: str | None,
-            as_json: bool) -> int:
+            trust_pickle: bool, as_json: bool) -> int:
     """List the layers of CHECKPOINT, the FC chain and the geometry convert would use.
 
     For .safetensors only the header is read.
     """
     from fc2conv import jobs, report
 
-    result = jobs.inspect_file(checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers)
+    _trust_warning(trust_pickle, checkpoint)
+    result = jobs.inspect_file(checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
+                               trust_pickle=trust_pickle)
     _emit(result, as_json, report.inspect_json, report.render_inspect)
     return EXIT_OK
 
@@ -168,9 +201,11 @@ def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str,
               help="Absolute tolerance. Default per dtype: float64 1e-10, float32 1e-5, float16 1e-2, bfloat16 5e-2.")
 @click.option("--rtol", type=click.FloatRange(min=0), default=None,
               help="Tolerance relative to the largest output. Default per dtype, as --atol.")
+@_strict_option
+@_trust_option
 @_json_option
 def verify(original: Path, converted: Path, input_shape: ShapeSpec | None, flatten_order: str | None,
-           atol: float | None, rtol: float | None, as_json: bool) -> int:
+           atol: float | None, rtol: float | None, strict: bool, trust_pickle: bool, as_json: bool) -> int:
     """Check that CONVERTED computes what ORIGINAL does: exit 0 if so, 1 if not.
 
     Converted layers are checked numerically (traced size and sliding window); every other tensor
@@ -178,8 +213,9 @@ def verify(original: Path, converted: Path, input_shape: ShapeSpec | None, flatt
     """
     from fc2conv import jobs, report
 
+    _trust_warning(trust_pickle, original, converted)
     result = jobs.verify_files(original, converted, input_shape=input_shape, flatten_order=flatten_order,
-                               atol=atol, rtol=rtol)
+                               atol=atol, rtol=rtol, strict=strict, trust_pickle=trust_pickle)
     _warn(report.warnings_for(result.checks))
     _emit(result, as_json, report.verify_json, report.render_verify)
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED

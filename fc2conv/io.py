@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -205,7 +206,9 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def read_tensor_infos(path: str | os.PathLike[str]) -> tuple[list[TensorInfo], dict[str, str], list[str]]:
+def read_tensor_infos(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False
+) -> tuple[list[TensorInfo], dict[str, str], list[str]]:
     """Names, shapes and dtypes of a checkpoint's tensors, with its metadata and loading notes.
 
     For safetensors only the header is read (no torch import); ``.pt`` files are memory-mapped.
@@ -213,7 +216,7 @@ def read_tensor_infos(path: str | os.PathLike[str]) -> tuple[list[TensorInfo], d
     if is_safetensors(path):
         header = read_safetensors_header(path)
         return _safetensors_order(header.infos), header.metadata, _safetensors_notes(header)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, trust_pickle=trust_pickle)
     return checkpoint.infos, checkpoint.metadata, checkpoint.notes
 
 
@@ -227,13 +230,19 @@ def _safetensors_notes(header: SafetensorsHeader) -> list[str]:
     return [f"safetensors: {len(header.infos)} tensors, taken in name order (the format keeps no module order)"]
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint without running code from it.
 
     ``.safetensors`` files are opened memory-mapped. Other files go through
     ``torch.load(weights_only=True, mmap=True)`` (falling back to a plain load for the legacy,
     non-zip format), then the state dict is found inside common wrappers (``state_dict``, ``model``,
     ...) and a ``module.`` / ``_orig_mod.`` prefix shared by every key is stripped.
+
+    Args:
+        path: The checkpoint file.
+        trust_pickle: Unpickle arbitrary objects (``weights_only=False``), e.g. a whole ``nn.Module``,
+            whose ``state_dict()`` is then used. This runs any code the file contains: only for
+            files you trust.
 
     Raises:
         CheckpointError: the file is missing, unreadable, not a checkpoint, or needs pickled code.
@@ -244,7 +253,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     _check_readable(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes)")
-    obj = _torch_load(path)
+    obj = _torch_load(path, trust_pickle)
     notes: list[str] = []
     state_dict = find_state_dict(obj, path, notes)
     state_dict = strip_wrapper_prefix(state_dict, notes)
@@ -290,25 +299,25 @@ class _LazyTensors(Mapping[str, "torch.Tensor"]):
         return len(self._names)
 
 
-def _torch_load_quietly(path: Path) -> Any:
+def _torch_load_quietly(path: Path, weights_only: bool) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):
             raise
-        # Legacy (pre-zip) format: cannot be memory-mapped; load it plainly (still weights only).
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Legacy (pre-zip) format: cannot be memory-mapped; load it plainly (same weights_only).
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, trust_pickle: bool = False) -> Any:
     import pickle
 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error says enough
             warnings.simplefilter("ignore")
-            return _torch_load_quietly(path)
+            return _torch_load_quietly(path, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
 
         found = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(exc))
@@ -321,7 +330,7 @@ def _torch_load(path: Path) -> Any:
             f"{path}: refused to load: the file holds pickled Python objects{what} beyond tensors, and "
             "unpickling them could run code from the file. Save the weights alone, e.g. "
             "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_file(...), "
-            "and convert that"
+            "and convert that (or, for a file you trust, pass --trust-pickle)"
         ) from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_sentence(exc)})") from exc
@@ -346,13 +355,13 @@ def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) ->
     import torch
 
     where: list[str] = []
-    current = obj
+    current = _module_state(obj, notes)
     for _ in range(3):
         if not isinstance(current, Mapping):
             break
         if current and all(isinstance(v, torch.Tensor) for v in current.values()):
             break
-        key = next((k for k in WRAPPER_KEYS if isinstance(current.get(k), Mapping)), None)
+        key = next((k for k in WRAPPER_KEYS if isinstance(current.get(k), (Mapping, torch.nn.Module))), None)
         if key is None:
             nested = [k for k, v in current.items() if isinstance(v, Mapping) and _has_tensors(v)]
             if len(nested) == 1 and not any(isinstance(v, torch.Tensor) for v in current.values()):
@@ -360,7 +369,7 @@ def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) ->
         if key is None:
             break
         where.append(str(key))
-        current = current[key]
+        current = _module_state(current[key], notes)
     if not isinstance(current, Mapping):
         raise CheckpointError(f"{path}: holds a {type(current).__name__}, not a state dict of tensors")
     tensors = {str(k): v for k, v in current.items() if isinstance(v, torch.Tensor)}
@@ -375,6 +384,16 @@ def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) ->
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         notes.append(f"ignored {len(dropped)} non-tensor entries ({shown})")
     return tensors
+
+
+def _module_state(obj: Any, notes: list[str]) -> Any:
+    """A whole ``nn.Module`` (only loadable with trust_pickle) stands for its ``state_dict()``."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        notes.append(f"unpickled a whole {type(obj).__name__} module; using its state_dict()")
+        return obj.state_dict()
+    return obj
 
 
 def _has_tensors(mapping: Mapping[Any, Any], depth: int = 2) -> bool:
@@ -399,20 +418,25 @@ def strip_wrapper_prefix(state_dict: dict[str, torch.Tensor], notes: list[str]) 
 
 
 @contextlib.contextmanager
-def atomic_output(target: str | os.PathLike[str], *, overwrite: bool = False,
-                  protect: Sequence[str | os.PathLike[str]] = ()) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is fsynced and renamed onto ``target``.
+def atomic_output(
+    target: str | os.PathLike[str], *, overwrite: bool = False, protect: Sequence[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
+    """Yield a temporary path in ``target``'s folder; if the block succeeds, the file becomes ``target``.
 
-    If the block raises, the temporary file is removed and ``target`` is left as it was. The rename
-    is atomic, so ``target`` only ever holds its old content (or nothing) or the complete new file.
+    ``target`` only ever holds its previous content (or nothing) or the complete new file: the new
+    file is written under another name and atomically renamed onto ``target`` at the end. Where the
+    filesystem allows (Linux ``O_TMPFILE``), the temporary file has no name at all until it is
+    complete, so even a process killed with SIGKILL leaves nothing behind; elsewhere a hidden
+    ``.<name>.*.tmp`` file is used and removed on any error or interrupt.
 
     Args:
         target: Final path.
-        overwrite: Replace an existing ``target``; otherwise an existing file is an error.
-        protect: Paths that must never be written (the inputs).
+        overwrite: Replace an existing regular file at ``target``; otherwise an existing file is an error.
+        protect: Paths that must never be written (the inputs), even with ``overwrite``.
 
     Raises:
-        OutputError: the target is an input, exists without ``overwrite``, or its folder is unusable.
+        OutputError: the target is an input, exists without ``overwrite``, is not a regular file, or its
+            folder is missing or not writable.
     """
     target = Path(target)
     for other in protect:
@@ -420,25 +444,76 @@ def atomic_output(target: str | os.PathLike[str], *, overwrite: bool = False,
             raise OutputError(f"{target}: refusing to write over the input file; choose another -o")
     if target.is_dir():
         raise OutputError(f"{target}: is a directory; give a file path with -o")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists; pass --force to replace it")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{target}: already exists; pass --force to replace it")
+        if not target.is_file():
+            raise OutputError(f"{target}: is not a regular file; refusing to replace it")
     folder = target.parent
     if not folder.is_dir():
         raise OutputError(f"{target}: folder {folder} does not exist")
+    anonymous = _open_anonymous(folder, target)
+    if anonymous is not None:
+        try:
+            yield Path(f"/proc/self/fd/{anonymous}")
+            _publish(Path(f"/proc/self/fd/{anonymous}"), folder, target, link=True)
+        finally:
+            os.close(anonymous)
+    else:
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write in {folder} ({exc.strerror or exc})") from exc
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            _publish(tmp, folder, target, link=False)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    _fsync_dir(folder)
+
+
+def _open_anonymous(folder: Path, target: Path) -> int | None:
+    """An unnamed file in ``folder`` (O_TMPFILE), or None where the OS or filesystem has none."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not Path("/proc/self/fd").is_dir():
+        return None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        return os.open(folder, flag | os.O_RDWR, 0o644)
     except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return None  # this filesystem cannot: fall back to a named temporary file
         raise OutputError(f"{target}: cannot write in {folder} ({exc.strerror or exc})") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
+
+
+def _publish(tmp: Path, folder: Path, target: Path, *, link: bool) -> None:
+    """Rename the complete file onto ``target`` (first giving an unnamed file a hidden name)."""
+    if link:
+        # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the unnamed file; Python only uses
+        # linkat (rather than link, which would not follow) when a dir_fd is given.
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            while True:
+                staging = folder / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+                try:
+                    os.link(tmp, staging.name, dst_dir_fd=folder_fd, follow_symlinks=True)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise OutputError(f"{target}: cannot create the file ({exc.strerror or exc})") from exc
+        finally:
+            os.close(folder_fd)
+        tmp = staging
     try:
-        yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise
-    _fsync_dir(folder)
+        raise OutputError(f"{target}: cannot rename the finished file into place ({exc.strerror or exc})") from exc
 
 
 def _same_file(a: Path, b: Path) -> bool:

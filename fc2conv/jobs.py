@@ -118,13 +118,16 @@ def convert_file(
     flatten_order: str = "chw",
     layers: str | None = None,
     overwrite: bool = False,
+    strict: bool = False,
+    trust_pickle: bool = False,
 ) -> ConvertResult:
     """Convert a checkpoint file to a safetensors file whose FC chain is convolution kernels.
 
     Tensors are streamed from the (memory-mapped) input into a temporary file beside the output;
     every converted layer is then checked numerically *from the written file* against the input,
     and only if all checks pass is the file renamed onto the output path. A failed check leaves the
-    output path untouched and returns ``written=False``.
+    output path untouched and returns ``written=False``. With ``strict``, non-finite (NaN/Inf)
+    weights fail the check too. ``trust_pickle`` is passed to :func:`load_checkpoint`.
 
     Raises:
         CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted,
@@ -133,7 +136,7 @@ def convert_file(
     started = time.perf_counter()
     input_path = Path(input_path)
     output = Path(output_path) if output_path is not None else default_output(input_path)
-    checkpoint = load_checkpoint(input_path)
+    checkpoint = load_checkpoint(input_path, trust_pickle=trust_pickle)
     plan = plan_conversion(checkpoint.infos, input_shape, flatten_order, layers)
     out_infos = [
         TensorInfo(info.name, change.new_shape, info.dtype) if (change := plan.change_for(info.name)) else info
@@ -155,7 +158,7 @@ def convert_file(
     try:
         with atomic_output(output, overwrite=overwrite, protect=[input_path]) as tmp:
             size = write_safetensors(tmp, out_infos, fetch, metadata)
-            checks = check_changes(plan.layers, checkpoint.tensors, open_safetensors(tmp).tensors)
+            checks = check_changes(plan.layers, checkpoint.tensors, open_safetensors(tmp).tensors, strict=strict)
             if not all(c.ok for c in checks):
                 raise _CheckFailed
     except _CheckFailed:
@@ -178,6 +181,7 @@ def inspect_file(
     input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
     flatten_order: str = "chw",
     layers: str | None = None,
+    trust_pickle: bool = False,
 ) -> InspectResult:
     """List a checkpoint's layers and the conversion plan, reading only shapes.
 
@@ -185,7 +189,7 @@ def inspect_file(
     the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises
     :class:`ShapeError`.
     """
-    infos, metadata, notes = read_tensor_infos(path)
+    infos, metadata, notes = read_tensor_infos(path, trust_pickle=trust_pickle)
     plan: Plan | None = None
     problem: str | None = None
     recorded = changes_from_metadata(metadata)
@@ -216,6 +220,8 @@ def verify_files(
     flatten_order: str | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    strict: bool = False,
+    trust_pickle: bool = False,
 ) -> VerifyResult:
     """Check a converted checkpoint against its source.
 
@@ -229,9 +235,11 @@ def verify_files(
         input_shape: Optional cross-check of the first converted layer's geometry.
         flatten_order: Overrides the recorded order (default: recorded, else ``chw``).
         atol, rtol: Override the per-dtype tolerances.
+        strict: Fail layers with non-finite (NaN/Inf) weights or outputs.
+        trust_pickle: Passed to :func:`load_checkpoint` for both files.
     """
-    original = load_checkpoint(original_path)
-    converted = load_checkpoint(converted_path)
+    original = load_checkpoint(original_path, trust_pickle=trust_pickle)
+    converted = load_checkpoint(converted_path, trust_pickle=trust_pickle)
     notes: list[str] = [*original.notes, *converted.notes]
     recorded = changes_from_metadata(converted.metadata)
     if recorded is not None:
@@ -259,7 +267,8 @@ def verify_files(
     mismatches = [TensorMismatch(n, "missing from the converted file") for n in sorted(only_original)]
     mismatches += [TensorMismatch(n, "not in the original file") for n in sorted(only_converted)]
     present = [c for c in changes if c.weight in original_names and c.weight in converted_names]
-    checks = check_changes(present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True)
+    checks = check_changes(present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True,
+                           strict=strict)
 
     from fc2conv.check import tensors_identical
 
