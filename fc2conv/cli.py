@@ -24,12 +24,16 @@ from fc2conv.shapes import FLATTEN_ORDERS, ShapeSpec, parse_shape
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (no half-written output)."""
+class _Signalled(BaseException):
+    """SIGINT or SIGTERM: unwinds like an exception, so the same clean-up runs (no half-written output)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum: int, frame: object) -> NoReturn:
-    raise _Terminated
+def _on_signal(signum: int, frame: object) -> NoReturn:
+    raise _Signalled(signum)
 
 
 class ShapeType(click.ParamType):
@@ -47,7 +51,8 @@ class ShapeType(click.ParamType):
 
 
 SHAPE = ShapeType()
-FILE = click.Path(dir_okay=True, path_type=Path)  # existence is checked by the loader, with its message
+# Existence and permissions are checked by the loader, whose messages say more.
+FILE = click.Path(dir_okay=True, readable=False, path_type=Path)
 
 
 class Fc2ConvGroup(click.Group):
@@ -57,13 +62,17 @@ class Fc2ConvGroup(click.Group):
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _on_signal)
         try:
             code = super().main(argv, prog_name or "fc2conv", complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
+        except (click.exceptions.Abort, KeyboardInterrupt):
             code = _fail("interrupted; no output was written", EXIT_INTERRUPTED, argv)
-        except _Terminated:
-            code = _fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED, argv)
+        except _Signalled as exc:
+            if exc.signum == signal.SIGINT:
+                code = _fail("interrupted (Ctrl-C); no output was written", EXIT_INTERRUPTED, argv)
+            else:
+                code = _fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED, argv)
         except click.ClickException as exc:
             command = exc.ctx.command_path if getattr(exc, "ctx", None) else "fc2conv"
             hint = f" (see '{command} --help')" if isinstance(exc, click.UsageError) else ""

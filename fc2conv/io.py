@@ -319,13 +319,13 @@ def _torch_load(path: Path, trust_pickle: bool = False) -> Any:
             warnings.simplefilter("ignore")
             return _torch_load_quietly(path, weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-
         found = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(exc))
-        if found is None:
+        foreign = [found.group(1) or found.group(2)] if found else _foreign_globals(path)
+        if not foreign:
             detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(exc) + "\n")
             reason = detail.group(1).strip() if detail else "corrupt pickle data"
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from exc
-        what = f" ({found.group(1) or found.group(2)})"
+        what = f" ({', '.join(dict.fromkeys(foreign))})"
         raise CheckpointError(
             f"{path}: refused to load: the file holds pickled Python objects{what} beyond tensors, and "
             "unpickling them could run code from the file. Save the weights alone, e.g. "
@@ -341,6 +341,50 @@ def _first_sentence(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text.split(". ")[0].rstrip(".")
     return text if len(text) > 12 else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+# Modules whose globals a weights-only checkpoint may name (tensors, storages, containers).
+_CHECKPOINT_MODULES = ("torch", "collections", "_codecs", "numpy", "builtins.set", "builtins.frozenset")
+_SCAN_BYTES = 16 * 2**20
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """Globals a pickle in the file would import, other than a checkpoint's own; read, never executed.
+
+    Only for the message of a refused file (torch's weights-only unpickler has already refused it):
+    it names what the file would have run, e.g. ``posix.system``.
+    """
+    import io as _io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                streams = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        else:
+            with open(path, "rb") as f:
+                streams = [f.read(_SCAN_BYTES)]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    for data in streams:
+        stream = _io.BytesIO(data)
+        for _ in range(8):  # the legacy format holds several pickles in a row
+            strings: list[str] = []
+            try:
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - junk after the pickles: stop scanning
+                break
+            if stream.tell() >= len(data):
+                break
+    return [g for g in found if not g.startswith(_CHECKPOINT_MODULES)]
 
 
 def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) -> dict[str, torch.Tensor]:
@@ -565,7 +609,10 @@ def write_safetensors(
     for info in infos:
         code = _ST_CODES.get(info.dtype)
         if code is None:
-            raise OutputError(f"{info.name}: dtype {info.dtype} cannot be stored in safetensors")
+            raise OutputError(
+                f"{info.name}: dtype {info.dtype} has no safetensors equivalent, so it cannot be written "
+                "(dequantize or drop that tensor first)"
+            )
         nbytes = info.numel * _ST_DTYPES[code][1]
         header[info.name] = {"dtype": code, "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

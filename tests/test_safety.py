@@ -1,0 +1,410 @@
+"""Hostile and broken inputs through the CLI: exit code, one `Error:` line, no output, input unchanged.
+
+CASES is the table of bad inputs; the README's "Safety and failure behaviour" table is checked
+against it (test_readme_table_matches_the_cases), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fc2conv.cli import cli
+from tests.conftest import ROOT, SAMPLES, head_state_dict
+
+# --- payloads that run code when unpickled: each would create the file MARKER -------------------
+
+MARKER = "pwned.marker"
+
+
+class _SystemPayload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _EvalPayload(_SystemPayload):
+    def __reduce__(self):
+        return (eval, (f"open({self.marker!r}, 'w').close()",))
+
+
+class _ExecPayload(_SystemPayload):
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+class _ImportOs:
+    def __reduce__(self):
+        return (builtins.__import__, ("os",))
+
+
+class _GetSystem:
+    """Pickled as getattr(__import__('os'), 'system'); callable only so that pickle accepts it."""
+
+    def __call__(self, *args):  # pragma: no cover - never called: unpickling rebuilds os.system
+        raise AssertionError
+
+    def __reduce__(self):
+        return (getattr, (_ImportOs(), "system"))
+
+
+class _ImportPayload(_SystemPayload):
+    def __reduce__(self):  # __import__('os').system('touch marker'), built from pickle opcodes
+        return (_GetSystem(), (f"touch {self.marker}",))
+
+
+class _SubprocessPayload(_SystemPayload):
+    def __reduce__(self):
+        return (subprocess.call, (["touch", self.marker],))
+
+
+PAYLOADS = {"os.system": _SystemPayload, "eval": _EvalPayload, "exec": _ExecPayload,
+            "builtins.__import__": _ImportPayload, "subprocess": _SubprocessPayload}
+
+
+def _payload_file(tmp: Path, kind: str, container: str) -> Path:
+    payload = PAYLOADS[kind](str(tmp / MARKER))
+    path = tmp / "evil.pt"
+    if container == "torch zip":
+        torch.save({"fc.weight": torch.zeros(2, 2), "x": payload}, path)
+    elif container == "legacy torch":
+        torch.save({"fc.weight": torch.zeros(2, 2), "x": payload}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    return path
+
+
+def test_the_payloads_really_run_code_when_unpickled_unsafely(tmp_path):
+    """Guard for the tests below: each payload does create the marker under plain pickle."""
+    for kind in PAYLOADS:
+        (tmp_path / MARKER).unlink(missing_ok=True)
+        pickle.loads(pickle.dumps(PAYLOADS[kind](str(tmp_path / MARKER))))
+        assert (tmp_path / MARKER).exists(), kind
+
+
+# --- the table of bad inputs --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    make: Callable[[Path], list[str]]  # builds the bad input in the folder, returns the CLI args
+    exit_code: int
+    message: str  # must appear in the one Error: line
+
+
+def _pt(tmp: Path, obj: object, name: str = "model.pt") -> str:
+    torch.save(obj, tmp / name)
+    return str(tmp / name)
+
+
+def _bytes(tmp: Path, data: bytes, name: str) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
+def _real_pt_bytes() -> bytes:
+    return (SAMPLES / "small_cnn.pt").read_bytes()
+
+
+def _junk_data_pkl(tmp: Path) -> str:
+    source = zipfile.ZipFile(SAMPLES / "small_cnn.pt")
+    path = tmp / "junkpkl.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for item in source.infolist():
+            data = source.read(item)
+            out.writestr(item, b"\x80\x02junk junk junk" if item.filename.endswith("data.pkl") else data)
+    return str(path)
+
+
+def _st(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def _entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def _float_head(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    sd = head_state_dict(c=8, h=3, w=3, widths=(5,))
+    if dtype == torch.qint8:
+        sd["fc1.weight"] = torch.quantize_per_tensor(sd["fc1.weight"], 0.1, 0, torch.qint8)
+    elif dtype == torch.bool:
+        sd["fc1.weight"] = sd["fc1.weight"] > 0
+    else:
+        sd["fc1.weight"] = (sd["fc1.weight"] * 10).to(dtype)
+    return sd
+
+
+def _convert(path: str, *extra: str) -> list[str]:
+    return ["convert", path, "-o", str(Path(path).parent / "out.safetensors"), *extra]
+
+
+CASES = [
+    *[Case(f"pickle-{kind}-{container.replace(' ', '-')}",
+           lambda tmp, k=kind, c=container: _convert(str(_payload_file(tmp, k, c))), 2, "refused to load")
+      for kind in PAYLOADS for container in ("torch zip", "legacy torch", "plain pickle")],
+    Case("empty-file", lambda tmp: _convert(_bytes(tmp, b"", "empty.pt")), 2, "the file is empty"),
+    Case("truncated-zip", lambda tmp: _convert(_bytes(tmp, _real_pt_bytes()[:5000], "cut.pt")), 2,
+         "not a readable PyTorch checkpoint"),
+    Case("zip-with-junk-data.pkl", lambda tmp: _convert(_junk_data_pkl(tmp)), 2, "not a readable PyTorch checkpoint"),
+    Case("png-named-pt", lambda tmp: _convert(_bytes(tmp, b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image.pt")), 2,
+         "not a readable PyTorch checkpoint"),
+    Case("text-named-pt", lambda tmp: _convert(_bytes(tmp, b"weights: none\n", "notes.pt")), 2,
+         "not a readable PyTorch checkpoint"),
+    Case("directory", lambda tmp: _convert(str(tmp)), 2, "is a directory"),
+    Case("missing-path", lambda tmp: _convert(str(tmp / "absent.pt")), 2, "no such file"),
+    Case("st-header-past-end", lambda tmp: _convert(_bytes(tmp, _st(b"{}", length=10**6), "a.safetensors")), 2,
+         "past the end"),
+    Case("st-header-not-json", lambda tmp: _convert(_bytes(tmp, _st(b"not json"), "a.safetensors")), 2,
+         "not valid JSON"),
+    Case("st-offsets-past-data", lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(offsets=(0, 64))}, b"\0" * 8),
+                                                             "a.safetensors")), 2, "outside the 8-byte data section"),
+    Case("st-overlapping-offsets", lambda tmp: _convert(_bytes(tmp, _st(
+        {"a": _entry(), "b": _entry(offsets=(4, 12))}, b"\0" * 12), "a.safetensors")), 2, "overlap"),
+    Case("st-unknown-dtype", lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(dtype="F13")}, b"\0" * 8),
+                                                         "a.safetensors")), 2, "unknown dtype 'F13'"),
+    Case("st-absurd-shape", lambda tmp: _convert(_bytes(tmp, _st(
+        {"w": _entry(shape=(2**40, 2**40))}, b"\0" * 8), "a.safetensors")), 2, "needs 4835703278458516698824704 bytes"),
+    Case("st-duplicate-names", lambda tmp: _convert(_bytes(tmp, _st(
+        b'{"w":' + json.dumps(_entry()).encode() + b',"w":' + json.dumps(_entry(offsets=(8, 16))).encode() + b"}",
+        b"\0" * 16), "a.safetensors")), 2, "duplicate tensor name 'w'"),
+    Case("no-tensors", lambda tmp: _convert(_pt(tmp, {"epoch": 3, "note": "empty"})), 2, "no tensors found"),
+    Case("no-fc-layer", lambda tmp: _convert(_pt(tmp, {"conv.weight": torch.zeros(4, 3, 3, 3)})), 2,
+         "no fully connected layer found"),
+    *[Case(f"fc-weight-{name}", lambda tmp, d=dtype: _convert(_pt(tmp, _float_head(d)), "--input-shape", "8x3x3"), 2,
+           f"fc1.weight is {name}; only floating-point FC weights")
+      for name, dtype in [("int8", torch.int8), ("int64", torch.int64), ("bool", torch.bool),
+                          ("complex64", torch.complex64), ("qint8", torch.qint8)]],
+    *[Case(f"shape-{text}", lambda tmp, t=text: _convert(str(SAMPLES / "small_cnn.pt"), "--input-shape", t), 2, msg)
+      for text, msg in [("0x4x4", "every part must be at least 1"), ("-4x4x4", "'-4' is not a positive whole number"),
+                        ("4xfourx4", "'four' is not a positive whole number"), ("4x4x4x4x4", "has 5 parts"),
+                        ("1e3x2x2", "'1e3' is not a positive whole number"),
+                        ("32x4x5", "classifier.1 takes 512 inputs; 32x4x5 = 640")]],
+    Case("output-folder-missing", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o",
+                                               str(tmp / "nowhere" / "o.safetensors")], 2, "does not exist"),
+    Case("output-is-input", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", str(tmp / "model.pt"),
+                                         "--force"], 2, "refusing to write over the input"),
+    Case("output-exists", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o",
+                                       _bytes(tmp, b"keep me", "o.safetensors")], 2, "already exists; pass --force"),
+    Case("output-is-a-device", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", "/dev/null", "--force"], 2,
+         "is not a regular file"),
+]
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(tmp_path, case):
+    args = case.make(tmp_path)
+    before = _snapshot(tmp_path)
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == case.exit_code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert case.message in lines[0]
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert _snapshot(tmp_path) == before  # no output, no temporary file, inputs unchanged
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_readme_table_matches_the_cases():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Safety and failure behaviour"):]
+    for case in CASES:
+        row = next((line for line in section.splitlines() if f"`{case.id}`" in line), None)
+        assert row is not None, f"README has no row for {case.id}"
+        assert f"| {case.exit_code} |" in row and case.message in row, row
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = Path(_pt(tmp_path, head_state_dict()))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path else real_access(p, mode, **kw))
+    result = CliRunner().invoke(cli, ["convert", str(path)], catch_exceptions=False)
+    assert result.exit_code == 2 and "permission denied" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_for_real(tmp_path):
+    path = Path(_pt(tmp_path, head_state_dict()))
+    path.chmod(0)
+    result = CliRunner().invoke(cli, ["convert", str(path)], catch_exceptions=False)
+    assert result.exit_code == 2 and "permission denied" in result.stderr
+
+
+def test_non_float_tensors_elsewhere_are_copied_untouched(tmp_path):
+    sd = head_state_dict(c=8, h=3, w=3, widths=(5,))
+    extra = {"ids": torch.arange(7), "mask": torch.tensor([True, False]), "phase": torch.randn(3, dtype=torch.complex64),
+             "small": torch.randint(0, 9, (4, 4), dtype=torch.int8)}
+    source = _pt(tmp_path, {**sd, **extra})
+    out = tmp_path / "out.safetensors"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", source, "-o", str(out), "--input-shape", "8x3x3"]).exit_code == 0
+    verified = runner.invoke(cli, ["verify", source, str(out), "--json"])
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["identical_tensors"] == len(sd) - 1 + len(extra)
+
+
+def test_quantized_tensor_elsewhere_cannot_be_written_and_says_so(tmp_path):
+    sd = {**head_state_dict(c=8, h=3, w=3, widths=(5,)),
+          "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)}
+    source = _pt(tmp_path, sd)
+    result = CliRunner().invoke(cli, ["convert", source, "--input-shape", "8x3x3"])
+    assert result.exit_code == 2 and "q: dtype qint8 has no safetensors equivalent" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_converted_flagged_and_fail_with_strict(tmp_path, bad):
+    sd = head_state_dict(c=8, h=3, w=3, widths=(5, 3))
+    sd["fc1.weight"][1, 2] = bad
+    source = _pt(tmp_path, sd)
+    runner = CliRunner()
+    done = runner.invoke(cli, ["convert", source, "--input-shape", "8x3x3", "--json"])
+    assert done.exit_code == 0
+    payload = json.loads(done.stdout)
+    assert payload["ok"] is True and payload["layers"][0]["nonfinite"] is True
+    assert "Warning: fc1 has non-finite" in done.stderr
+    table = runner.invoke(cli, ["convert", source, "--input-shape", "8x3x3", "--force"])
+    assert "non-finite" in table.stdout
+    (tmp_path / "model.conv.safetensors").unlink()
+    strict = runner.invoke(cli, ["convert", source, "--input-shape", "8x3x3", "--strict", "--json"])
+    assert strict.exit_code == 1 and json.loads(strict.stdout)["ok"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_trust_pickle_is_the_only_way_to_load_a_whole_module_and_warns(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(72, 5))
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["convert", str(path)])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.stderr
+    trusted = runner.invoke(cli, ["convert", str(path), "--input-shape", "8x3x3", "--trust-pickle", "--json"])
+    assert trusted.exit_code == 0, trusted.output
+    assert "Warning: --trust-pickle" in trusted.stderr and "runs any code" in trusted.stderr
+    assert any("unpickled a whole Sequential module" in n for n in json.loads(trusted.stdout)["load_notes"])
+
+
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                          check=False)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        if os.geteuid() != 0 or not _mount_tmpfs(folder, options):
+            pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_full_disk_leaves_nothing(tmp_path, tmpfs):
+    source = _pt(tmp_path, head_state_dict(c=16, h=8, w=8, widths=(256, 10)))  # ~4 MB of output
+    small = tmpfs("small", "size=256k")
+    result = CliRunner().invoke(cli, ["convert", source, "-o", str(small / "o.safetensors")])
+    assert result.exit_code == 2
+    assert "No space left on device" in result.stderr and result.stderr.count("\n") == 1
+    assert list(small.iterdir()) == []
+
+
+def test_read_only_folder(tmp_path, tmpfs):
+    source = _pt(tmp_path, head_state_dict())
+    read_only = tmpfs("ro", "ro,size=64k")
+    result = CliRunner().invoke(cli, ["convert", source, "-o", str(read_only / "o.safetensors")])
+    assert result.exit_code == 2 and "Read-only file system" in result.stderr
+    assert list(read_only.iterdir()) == []
+
+
+def test_file_size_limit_is_a_clean_write_failure(tmp_path):
+    """Like a full disk, on any machine: RLIMIT_FSIZE makes writes past 64 KB fail with EFBIG."""
+    source = _pt(tmp_path, head_state_dict(c=16, h=8, w=8, widths=(256, 10)))
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+        "from fc2conv.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "convert", source, "-o", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "File too large" in done.stderr and done.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+# --- signals during the write of a large output -------------------------------------------------
+
+
+def _big_checkpoint(tmp: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    sd = {"features.weight": torch.randn(64, 3, 3, 3, generator=g),
+          "fc1.weight": torch.randn(4096, 64 * 16 * 16, generator=g),  # 256 MB: the write takes a while
+          "fc2.weight": torch.randn(10, 4096, generator=g)}
+    path = tmp / "big.pt"
+    torch.save(sd, path)
+    return path
+
+
+def _writing(pid: int, folder: Path) -> bool:
+    """Whether the process has a file open for writing in ``folder`` (named or O_TMPFILE)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        targets = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(t.startswith(str(folder) + "/") and not t.endswith("big.pt") for t in targets)
+
+
+@pytest.mark.parametrize("sig, expected_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_signal_during_write_leaves_no_output_and_no_litter(tmp_path, sig, expected_code):
+    source = _big_checkpoint(tmp_path)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    out = tmp_path / "big.conv.safetensors"
+    process = subprocess.Popen([shutil.which("fc2conv") or "fc2conv", "convert", str(source), "--input-shape",
+                                "64x16x16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _writing(process.pid, tmp_path):
+        assert process.poll() is None, "finished before the signal could be sent"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == expected_code
+    if sig != signal.SIGKILL:
+        assert stderr.startswith("Error: ") and stderr.count("\n") == 1 and "no output was written" in stderr
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt"]  # not even a temporary file
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
