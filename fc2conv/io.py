@@ -365,7 +365,7 @@ def _foreign_globals(path: Path) -> list[str]:
         else:
             with open(path, "rb") as f:
                 streams = [f.read(_SCAN_BYTES)]
-    except (OSError, zipfile.BadZipFile, RuntimeError):
+    except Exception:  # noqa: BLE001 - a damaged archive: nothing to name, the refusal stands
         return []
     found: list[str] = []
     for data in streams:
