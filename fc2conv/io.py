@@ -256,6 +256,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     obj = _torch_load(path, trust_pickle)
     notes: list[str] = []
     state_dict = find_state_dict(obj, path, notes)
+    _check_storage_sizes(state_dict, path)
     state_dict = strip_wrapper_prefix(state_dict, notes)
     from fc2conv.convert import tensor_infos
 
@@ -428,6 +429,26 @@ def find_state_dict(obj: Any, path: str | os.PathLike[str], notes: list[str]) ->
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         notes.append(f"ignored {len(dropped)} non-tensor entries ({shown})")
     return tensors
+
+
+def _check_storage_sizes(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that declare more data than their storage holds (stride-0 expanded views).
+
+    Such a tensor is a few bytes in the file but would be materialised at its full declared size
+    when written: a checkpoint must not make fc2conv allocate what it does not contain.
+    """
+    import torch
+
+    for name, tensor in state_dict.items():
+        if tensor.layout is not torch.strided or tensor.is_quantized:
+            continue
+        declared = tensor.numel() * tensor.element_size()
+        stored = tensor.untyped_storage().nbytes()
+        if declared > stored:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares shape {tuple(tensor.shape)} ({declared} bytes) but its "
+                f"storage holds {stored} bytes (an expanded view); refusing to materialise it"
+            )
 
 
 def _module_state(obj: Any, notes: list[str]) -> Any:

@@ -189,6 +189,8 @@ CASES = [
     Case("st-duplicate-names", lambda tmp: _convert(_bytes(tmp, _st(
         b'{"w":' + json.dumps(_entry()).encode() + b',"w":' + json.dumps(_entry(offsets=(8, 16))).encode() + b"}",
         b"\0" * 16), "a.safetensors")), 2, "duplicate tensor name 'w'"),
+    Case("pt-expanded-view", lambda tmp: _convert(_pt(tmp, {"fc.weight": torch.zeros(1).expand(2**20, 2**20)})), 2,
+         "storage holds 4 bytes (an expanded view)"),
     Case("no-tensors", lambda tmp: _convert(_pt(tmp, {"epoch": 3, "note": "empty"})), 2, "no tensors found"),
     Case("no-fc-layer", lambda tmp: _convert(_pt(tmp, {"conv.weight": torch.zeros(4, 3, 3, 3)})), 2,
          "no fully connected layer found"),
