@@ -260,8 +260,8 @@ def test_unreadable_file_for_real(tmp_path):
 
 def test_non_float_tensors_elsewhere_are_copied_untouched(tmp_path):
     sd = head_state_dict(c=8, h=3, w=3, widths=(5,))
-    extra = {"ids": torch.arange(7), "mask": torch.tensor([True, False]), "phase": torch.randn(3, dtype=torch.complex64),
-             "small": torch.randint(0, 9, (4, 4), dtype=torch.int8)}
+    extra = {"ids": torch.arange(7), "mask": torch.tensor([True, False]),
+             "phase": torch.randn(3, dtype=torch.complex64), "small": torch.randint(0, 9, (4, 4), dtype=torch.int8)}
     source = _pt(tmp_path, {**sd, **extra})
     out = tmp_path / "out.safetensors"
     runner = CliRunner()
