@@ -64,7 +64,12 @@ def build_vgg16_layout(path: Path, scale: float = 1.0) -> int:
 
 
 def measure(command: list[str]) -> dict[str, float]:
-    """Wall seconds, peak RSS (VmHWM) and peak anonymous RSS (sampled) of one command, in MB."""
+    """Wall seconds, peak RSS (VmHWM) and peak anonymous RSS (sampled) of one command, in MB.
+
+    Dirty pages left by the previous command are flushed first (``sync``), so that no command pays
+    for another's write-back.
+    """
+    os.sync()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_anon = peak_hwm = 0

@@ -179,41 +179,41 @@ def check_layer(
     traced_flat = _flatten(x_traced.double(), change.flatten_order)
 
     rows = _rows_to_check(weight.shape[0], max_rows, generator)
-    rows_per_chunk = max(1, _CHUNK_BYTES // (8 * max(1, weight.shape[1])))
-    abs_traced = abs_window = 0.0
+    in_features = max(1, weight.shape[1])
+    # Few large conv calls (each has a fixed cost), float64 reference weights in smaller pieces.
+    conv_rows = max(1, 2 * _CHUNK_BYTES // (kernel.element_size() * in_features))
+    ref_rows = max(1, _CHUNK_BYTES // (8 * in_features))
+    errors = {"traced": 0.0, "window": 0.0}
     scale = 0.0
     nonfinite = False
     pattern_mismatch = False
-    for start in range(0, len(rows), rows_per_chunk):
-        chunk = rows[start : start + rows_per_chunk]
-        w64 = _take(weight, chunk).double()
-        b64 = _take(bias, chunk).double() if bias is not None else None
+    for start in range(0, len(rows), conv_rows):
+        chunk = rows[start : start + conv_rows]
         k = _take(kernel, chunk)
         kb = _take(kernel_bias, chunk).to(compute_dtype) if kernel_bias is not None else None
-
-        ref_traced = F.linear(traced_flat, w64, b64)  # (SAMPLES, rows)
-        got_traced = F.conv2d(x_traced, k, kb).double().reshape(SAMPLES, -1)
-        ref_window = F.linear(windows, w64, b64)  # (positions * WINDOW_SAMPLES, rows)
-        got_window = (
-            F.conv2d(x_big, k, kb).double()  # (WINDOW_SAMPLES, rows, gh, gw)
-            .permute(2, 3, 0, 1)
-            .reshape(-1, len(chunk))
-        )
-        for ref, got, is_window in ((ref_traced, got_traced, False), (ref_window, got_window, True)):
-            finite = torch.isfinite(ref)
-            if not bool(finite.all()):
-                nonfinite = True
-                if not torch.equal(finite, torch.isfinite(got)):
-                    pattern_mismatch = True
-            diff = (got - ref).abs()[finite]
-            err = float(diff.max()) if diff.numel() else 0.0
-            if math.isnan(err):
-                err = math.inf
-            scale = max(scale, float(ref.abs()[finite].max()) if bool(finite.any()) else 0.0)
-            if is_window:
-                abs_window = max(abs_window, err)
-            else:
-                abs_traced = max(abs_traced, err)
+        got = {
+            "traced": F.conv2d(x_traced, k, kb).double().reshape(SAMPLES, -1),
+            # (WINDOW_SAMPLES, rows, gh, gw) -> (positions * WINDOW_SAMPLES, rows), position-major
+            "window": F.conv2d(x_big, k, kb).double().permute(2, 3, 0, 1).reshape(-1, len(chunk)),
+        }
+        del k
+        for sub in range(0, len(chunk), ref_rows):
+            part = chunk[sub : sub + ref_rows]
+            w64 = _take(weight, part).double()
+            b64 = _take(bias, part).double() if bias is not None else None
+            references = {"traced": F.linear(traced_flat, w64, b64), "window": F.linear(windows, w64, b64)}
+            for key, ref in references.items():
+                out = got[key][:, sub : sub + len(part)]
+                finite = torch.isfinite(ref)
+                if not bool(finite.all()):
+                    nonfinite = True
+                    if not torch.equal(finite, torch.isfinite(out)):
+                        pattern_mismatch = True
+                diff = (out - ref).abs()[finite]
+                err = float(diff.max()) if diff.numel() else 0.0
+                errors[key] = max(errors[key], math.inf if math.isnan(err) else err)
+                scale = max(scale, float(ref.abs()[finite].max()) if bool(finite.any()) else 0.0)
+    abs_traced, abs_window = errors["traced"], errors["window"]
 
     max_abs = max(abs_traced, abs_window)
     if pattern_mismatch:

@@ -602,12 +602,15 @@ def write_safetensors(
     infos: Sequence[TensorInfo],
     fetch: Callable[[str], torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    *,
+    sync: bool = True,
 ) -> int:
     """Write a safetensors file tensor by tensor: only one tensor is in memory at a time.
 
     The header is computed from ``infos`` first; each tensor is then fetched, checked against its
     declared shape and dtype, and its bytes written straight from its memory. The file is flushed
-    and fsynced, and its header re-read and validated as the last step.
+    (and fsynced, unless ``sync`` is false: then call :func:`fsync_file` before publishing it), and
+    its header re-read and validated as the last step.
 
     Args:
         path: File to write (use :func:`atomic_output` for a temporary path).
@@ -646,13 +649,26 @@ def write_safetensors(
             for info in infos:
                 _write_tensor(f, info, fetch(info.name))
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
     except OSError as exc:
         raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from exc
     written = read_safetensors_header(path)
     if [(i.name, i.shape, i.dtype) for i in written.infos] != [(i.name, i.shape, i.dtype) for i in infos]:
         raise OutputError(f"{path}: the written header does not read back as written")
     return Path(path).stat().st_size
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file's data to the disk (raises OutputError if the disk refuses)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from exc
 
 
 def _write_tensor(f: Any, info: TensorInfo, tensor: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fc2conv.errors import PlanError, ShapeError
 from fc2conv.io import (
     atomic_output,
     dtype_itemsize,
+    fsync_file,
     load_checkpoint,
     open_safetensors,
     read_tensor_infos,
@@ -157,8 +159,12 @@ def convert_file(
     written = True
     try:
         with atomic_output(output, overwrite=overwrite, protect=[input_path]) as tmp:
-            size = write_safetensors(tmp, out_infos, fetch, metadata)
-            checks = check_changes(plan.layers, checkpoint.tensors, open_safetensors(tmp).tensors, strict=strict)
+            size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False)
+            # The disk flush (I/O) and the check of the written file (CPU) overlap.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                synced = pool.submit(fsync_file, tmp)
+                checks = check_changes(plan.layers, checkpoint.tensors, open_safetensors(tmp).tensors, strict=strict)
+                synced.result()
             if not all(c.ok for c in checks):
                 raise _CheckFailed
     except _CheckFailed:
