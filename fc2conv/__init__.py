@@ -17,7 +17,7 @@ from fc2conv.errors import (
 )
 from fc2conv.io import load_checkpoint, read_tensor_infos, save_safetensors
 from fc2conv.jobs import convert_file, inspect_file, verify_files
-from fc2conv.plan import LayerChange, Plan, TensorInfo, plan_conversion
+from fc2conv.plan import LayerChange, Plan, TensorInfo, plan_conversion, plan_pointwise
 from fc2conv.shapes import InputShape, ShapeSpec, parse_shape
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "parse_shape",
     "plan_conversion",
+    "plan_pointwise",
     "read_tensor_infos",
     "save_safetensors",
     "tensor_infos",

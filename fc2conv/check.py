@@ -35,6 +35,8 @@ SAMPLES = 4
 WINDOW_SAMPLES = 2
 # The sliding-window map is the traced map grown by this much in H and W: a 3x3 grid of windows.
 WINDOW_GROWTH = 2
+# A pointwise layer (--pointwise) is checked on the NPU layout (N, C, 1, S) with this S.
+POINTWISE_SEQUENCE = 8
 # Output rows checked per layer: all of them up to this many, else a seeded sample of this many
 # (always with the first and last row). A layout bug moves every row, so a sample catches it; the
 # sample keeps the check of a 4096 x 25088 layer well under a second.
@@ -115,7 +117,8 @@ def check_layer(
     * traced size: ``x`` of shape ``(N, C, H, W)``; the conv (run in the kernel's dtype) must give a
       1x1 map equal to the float64 ``Linear`` on ``flatten(x)``;
     * sliding window: ``x`` grown by :data:`WINDOW_GROWTH` in H and W; every output position ``(i, j)``
-      must equal the float64 ``Linear`` on the window ``x[:, :, i:i+H, j:j+W]``.
+      must equal the float64 ``Linear`` on the window ``x[:, :, i:i+H, j:j+W]``. For a pointwise
+      layer the map is ``(N, in, 1, S)``, each of the S positions a separate Linear input.
 
     Layers with more than ``max_rows`` outputs are checked on a seeded sample of rows; the float64
     weight is made a chunk of rows at a time, so time and memory stay bounded for huge layers.
@@ -167,8 +170,8 @@ def check_layer(
         return x.to(compute_dtype)  # both sides see these exact (rounded) values
 
     x_traced = draw(SAMPLES, m.height, m.width)
-    grid = (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
-    x_big = draw(WINDOW_SAMPLES, m.height + WINDOW_GROWTH, m.width + WINDOW_GROWTH)
+    grid = (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
+    x_big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
     windows = torch.cat(
         [
             _flatten(x_big[:, :, i : i + m.height, j : j + m.width].double(), change.flatten_order)

@@ -12,6 +12,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -156,22 +157,32 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 @click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True,
               help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
+@click.option("--pointwise", is_flag=True,
+              help="Turn every Linear layer (those matching --layers) into a 1x1 conv, (out, in) -> (out, in, 1, 1): "
+                   "the layout NPUs want for projections. No flatten geometry.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 @_strict_option
 @_trust_option
 @_json_option
 def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None, flatten_order: str,
-            layers: str | None, force: bool, strict: bool, trust_pickle: bool, as_json: bool) -> int:
-    """Rewrite the FC chain of CHECKPOINT as conv kernels and write a safetensors file.
+            layers: str | None, pointwise: bool, force: bool, strict: bool, trust_pickle: bool,
+            as_json: bool) -> int:
+    """Rewrite the FC layers of CHECKPOINT as conv kernels and write safetensors.
 
-    Every converted layer is checked numerically from the written file before it is published;
-    a failed check leaves no output and exits 1.
+    CHECKPOINT is a .pt/.pth/.bin/.ckpt or .safetensors file, or a sharded Hugging Face checkpoint
+    (its *.safetensors.index.json, or the folder): then -o names a folder that gets the converted
+    shards and a new index. Every converted layer is checked numerically from the written file
+    before it is published; a failed check leaves no output and exits 1.
     """
     from fc2conv import jobs, report
 
+    if pointwise and (input_shape is not None or flatten_order != "chw"):
+        raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    result = jobs.convert_file(checkpoint, output, input_shape=input_shape, flatten_order=flatten_order,
-                               layers=layers, overwrite=force, strict=strict, trust_pickle=trust_pickle)
+    with report.ByteProgress(report.make_console()) if not as_json else nullcontext() as progress:
+        result = jobs.convert_file(checkpoint, output, input_shape=input_shape, flatten_order=flatten_order,
+                                   layers=layers, pointwise=pointwise, overwrite=force, strict=strict,
+                                   trust_pickle=trust_pickle, progress=progress)
     _warn(report.warnings_for(result.checks))
     _emit(result, as_json, report.convert_json, report.render_convert)
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
@@ -189,7 +200,7 @@ def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str,
             trust_pickle: bool, as_json: bool) -> int:
     """List the layers of CHECKPOINT, the FC chain and the geometry convert would use.
 
-    For .safetensors only the header is read.
+    For .safetensors (single, or sharded: an index or a folder of shards) only the headers are read.
     """
     from fc2conv import jobs, report
 
@@ -218,7 +229,7 @@ def verify(original: Path, converted: Path, input_shape: ShapeSpec | None, flatt
     """Check that CONVERTED computes what ORIGINAL does: exit 0 if so, 1 if not.
 
     Converted layers are checked numerically (traced size and sliding window); every other tensor
-    must be bit-for-bit identical.
+    must be bit-for-bit identical. Either side may be a sharded checkpoint (index or folder).
     """
     from fc2conv import jobs, report
 

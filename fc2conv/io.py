@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fc2conv.errors import CheckpointError, OutputError
 from fc2conv.plan import TensorInfo
+from fc2conv.shards import ShardedTensors, ShardSet, find_shards, is_sharded, natural_key, read_shard_infos
 
 if TYPE_CHECKING:
     import torch
@@ -74,11 +75,13 @@ class Checkpoint:
     """
 
     path: Path
-    format: str  # "torch" or "safetensors"
+    format: str  # "torch", "safetensors" or "sharded safetensors"
     infos: list[TensorInfo]
     tensors: Mapping[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    shards: ShardSet | None = None  # for a sharded checkpoint: its files
+    shard_tensors: dict[str, list[str]] | None = None  # shard file -> the tensor names it holds
 
 
 # --- safetensors header (no torch needed) -------------------------------------------------------
@@ -192,7 +195,7 @@ def _check_readable(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")  # pragma: no cover
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: permission denied (cannot read the file)")
 
@@ -202,17 +205,18 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix == SAFETENSORS_SUFFIX
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def read_tensor_infos(
     path: str | os.PathLike[str], *, trust_pickle: bool = False
 ) -> tuple[list[TensorInfo], dict[str, str], list[str]]:
     """Names, shapes and dtypes of a checkpoint's tensors, with its metadata and loading notes.
 
-    For safetensors only the header is read (no torch import); ``.pt`` files are memory-mapped.
+    For safetensors (single or sharded) only the headers are read (no torch import); ``.pt`` files
+    are memory-mapped.
     """
+    if is_sharded(path):
+        shards = find_shards(path)
+        infos, by_shard, metadata = read_shard_infos(shards)
+        return infos, metadata, _shard_notes(shards, infos)
     if is_safetensors(path):
         header = read_safetensors_header(path)
         return _safetensors_order(header.infos), header.metadata, _safetensors_notes(header)
@@ -223,7 +227,7 @@ def read_tensor_infos(
 def _safetensors_order(infos: list[TensorInfo]) -> list[TensorInfo]:
     # The header keeps no module order (writers sort by dtype and name): use name order with
     # numbers compared as numbers, so features.2 comes before features.10.
-    return sorted(infos, key=lambda info: _natural_key(info.name))
+    return sorted(infos, key=lambda info: natural_key(info.name))
 
 
 def _safetensors_notes(header: SafetensorsHeader) -> list[str]:
@@ -248,6 +252,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         CheckpointError: the file is missing, unreadable, not a checkpoint, or needs pickled code.
     """
     path = Path(path)
+    if is_sharded(path):
+        return open_sharded(path)
     if is_safetensors(path):
         return open_safetensors(path)
     _check_readable(path)
@@ -261,6 +267,20 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     from fc2conv.convert import tensor_infos
 
     return Checkpoint(path, "torch", tensor_infos(state_dict), state_dict, {}, notes)
+
+
+def open_sharded(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a Hugging Face sharded safetensors checkpoint (index file, or a folder of shards) lazily."""
+    shards = find_shards(path)
+    infos, by_shard, metadata = read_shard_infos(shards)
+    tensors = ShardedTensors(shards, by_shard, [i.name for i in infos])
+    return Checkpoint(Path(path), "sharded safetensors", infos, tensors, metadata, _shard_notes(shards, infos),
+                      shards, by_shard)
+
+
+def _shard_notes(shards: ShardSet, infos: list[TensorInfo]) -> list[str]:
+    source = shards.index.name if shards.index else "the folder (no index)"
+    return [f"sharded safetensors: {len(infos)} tensors in {len(shards.files)} shards, from {source}"]
 
 
 def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
@@ -538,7 +558,7 @@ def atomic_output(
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _open_anonymous(folder: Path, target: Path) -> int | None:
@@ -588,7 +608,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -604,6 +624,7 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     *,
     sync: bool = True,
+    on_tensor: Callable[[TensorInfo], None] | None = None,
 ) -> int:
     """Write a safetensors file tensor by tensor: only one tensor is in memory at a time.
 
@@ -617,6 +638,8 @@ def write_safetensors(
         infos: Name, shape and dtype of every tensor, in the order to write them.
         fetch: Returns the tensor for a name (e.g. a memory-mapped one, converted on the fly).
         metadata: String metadata stored under ``__metadata__``.
+        sync: fsync the file before returning.
+        on_tensor: Called after each tensor is written (for progress reports).
 
     Returns:
         The size of the written file in bytes.
@@ -648,6 +671,8 @@ def write_safetensors(
             f.write(raw)
             for info in infos:
                 _write_tensor(f, info, fetch(info.name))
+                if on_tensor is not None:
+                    on_tensor(info)
             f.flush()
             if sync:
                 os.fsync(f.fileno())

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fc2conv._version import __version__
 from fc2conv.check import LayerCheck, check_changes
-from fc2conv.errors import PlanError, ShapeError
+from fc2conv.errors import OutputError, PlanError, ShapeError
 from fc2conv.io import (
+    Checkpoint,
     atomic_output,
     dtype_itemsize,
+    fsync_dir,
     fsync_file,
+    is_safetensors,
     load_checkpoint,
     open_safetensors,
     read_tensor_infos,
     write_safetensors,
 )
 from fc2conv.plan import (
+    METADATA_PREFIX,
     Layer,
     LayerChange,
     Plan,
@@ -29,9 +36,11 @@ from fc2conv.plan import (
     changes_from_metadata,
     group_layers,
     plan_conversion,
+    plan_pointwise,
     plan_to_metadata,
 )
 from fc2conv.shapes import InputShape, ShapeSpec, as_spec, resolve_shape
+from fc2conv.shards import INDEX_SUFFIX, ShardSet, index_json, is_sharded
 
 CONVERTED_SUFFIX = ".conv.safetensors"
 
@@ -48,6 +57,7 @@ class ConvertResult:
     output_bytes: int
     written: bool
     seconds: float
+    shards: int = 0  # number of shard files written (0: a single file)
 
     @property
     def ok(self) -> bool:
@@ -112,6 +122,9 @@ class _CheckFailed(Exception):
     """Raised inside the atomic write to discard an output whose check failed."""
 
 
+ProgressCallback = Callable[[int, int, str], None]  # (bytes written so far, total bytes, tensor name)
+
+
 def convert_file(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str] | None = None,
@@ -119,17 +132,32 @@ def convert_file(
     input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
     flatten_order: str = "chw",
     layers: str | None = None,
+    pointwise: bool = False,
     overwrite: bool = False,
     strict: bool = False,
     trust_pickle: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> ConvertResult:
-    """Convert a checkpoint file to a safetensors file whose FC chain is convolution kernels.
+    """Convert a checkpoint to safetensors whose FC layers are convolution kernels.
 
-    Tensors are streamed from the (memory-mapped) input into a temporary file beside the output;
-    every converted layer is then checked numerically *from the written file* against the input,
-    and only if all checks pass is the file renamed onto the output path. A failed check leaves the
-    output path untouched and returns ``written=False``. With ``strict``, non-finite (NaN/Inf)
-    weights fail the check too. ``trust_pickle`` is passed to :func:`load_checkpoint`.
+    Tensors are streamed one at a time from the (memory-mapped) input into a temporary file beside
+    the output; every converted layer is then checked numerically *from the written file* against
+    the input, and only if all checks pass is the file renamed onto the output path. A failed check
+    leaves the output path untouched and returns ``written=False``.
+
+    A sharded Hugging Face checkpoint (an ``*.safetensors.index.json``, or a folder of shards) is
+    written as a folder of shards with the same names plus a new index; ``output_path`` is then
+    that folder (default: ``<input folder>.conv`` beside the input folder).
+
+    Args:
+        input_path: ``.pt``/``.pth``/``.bin``/``.ckpt``, ``.safetensors``, an index, or a shard folder.
+        output_path: Output file (or folder, for a sharded input).
+        input_shape, flatten_order, layers: As for :func:`plan_conversion`.
+        pointwise: Turn every Linear selected by ``layers`` into a 1x1 conv (:func:`plan_pointwise`).
+        overwrite: Replace existing output files.
+        strict: Fail layers with non-finite (NaN/Inf) weights too.
+        trust_pickle: Passed to :func:`load_checkpoint`.
+        progress: Called after each tensor is written.
 
     Raises:
         CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted,
@@ -137,48 +165,137 @@ def convert_file(
     """
     started = time.perf_counter()
     input_path = Path(input_path)
-    output = Path(output_path) if output_path is not None else default_output(input_path)
     checkpoint = load_checkpoint(input_path, trust_pickle=trust_pickle)
-    plan = plan_conversion(checkpoint.infos, input_shape, flatten_order, layers)
-    out_infos = [
-        TensorInfo(info.name, change.new_shape, info.dtype) if (change := plan.change_for(info.name)) else info
-        for info in checkpoint.infos
-    ]
-    metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith("fc2conv.")}
+    if pointwise:
+        plan = plan_pointwise(checkpoint.infos, layers)
+    else:
+        plan = plan_conversion(checkpoint.infos, input_shape, flatten_order, layers)
+    metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=input_path.name))
-
-    from fc2conv.convert import fc_to_conv_weight
-
-    def fetch(name: str):  # noqa: ANN202 - a torch.Tensor, imported lazily
-        tensor = checkpoint.tensors[name]
-        change = plan.change_for(name)
-        return fc_to_conv_weight(tensor, change) if change else tensor
-
-    checks: list[LayerCheck] = []
-    size = 0
-    written = True
-    try:
-        with atomic_output(output, overwrite=overwrite, protect=[input_path]) as tmp:
-            size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False)
-            # The disk flush (I/O) and the check of the written file (CPU) overlap.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                synced = pool.submit(fsync_file, tmp)
-                checks = check_changes(plan.layers, checkpoint.tensors, open_safetensors(tmp).tensors, strict=strict)
-                synced.result()
-            if not all(c.ok for c in checks):
-                raise _CheckFailed
-    except _CheckFailed:
-        written = False
+    writer = _Writer(checkpoint, plan, metadata, strict, progress)
+    if checkpoint.shards is None:
+        output = Path(output_path) if output_path is not None else default_output(input_path)
+        written = writer.write_file(output, checkpoint.infos, overwrite=overwrite, protect=[input_path])
+    else:
+        output = Path(output_path) if output_path is not None else _default_output_folder(checkpoint.shards)
+        written = writer.write_shards(output, checkpoint.shards, checkpoint.shard_tensors or {}, overwrite=overwrite)
     return ConvertResult(
         input=input_path,
         output=output,
         plan=plan,
-        checks=tuple(checks),
+        checks=tuple(writer.checks),
         load_notes=tuple(checkpoint.notes),
-        output_bytes=size if written else 0,
+        output_bytes=writer.size if written else 0,
         written=written,
         seconds=time.perf_counter() - started,
+        shards=len(checkpoint.shards.files) if checkpoint.shards else 0,
     )
+
+
+def _default_output_folder(shards: ShardSet) -> Path:
+    folder = shards.folder.resolve()
+    return folder.parent / f"{folder.name}.conv"
+
+
+class _Writer:
+    """Streams converted tensors into output files, checking each file before it is published."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: Plan, metadata: dict[str, str], strict: bool,
+                 progress: ProgressCallback | None) -> None:
+        self.checkpoint, self.plan, self.metadata, self.strict = checkpoint, plan, metadata, strict
+        self.out_infos = {info.name: _converted_info(plan, info) for info in checkpoint.infos}
+        self.total = sum(i.numel * dtype_itemsize(i.dtype) for i in self.out_infos.values())
+        self.progress = progress
+        self.size = 0  # bytes of the files written so far
+        self.done = 0  # bytes of tensor data written so far
+        self.checks: list[LayerCheck] = []
+
+    def _fetch(self, name: str):  # noqa: ANN202 - a torch.Tensor, imported lazily
+        from fc2conv.convert import fc_to_conv_weight
+
+        tensor = self.checkpoint.tensors[name]
+        change = self.plan.change_for(name)
+        return fc_to_conv_weight(tensor, change) if change else tensor
+
+    def _written(self, info: TensorInfo) -> None:
+        self.done += info.numel * dtype_itemsize(info.dtype)
+        if self.progress is not None:
+            self.progress(self.done, self.total, info.name)
+
+    def write_file(self, target: Path, infos: list[TensorInfo], *, overwrite: bool,
+                   protect: list[Path] | tuple[()] = ()) -> bool:
+        """Write ``infos`` (converted) to ``target`` atomically; False (nothing written) if a check fails."""
+        out_infos = [self.out_infos[info.name] for info in infos]
+        names = {info.name for info in infos}
+        changes = [c for c in self.plan.layers if c.weight in names]
+        try:
+            with atomic_output(target, overwrite=overwrite, protect=protect) as tmp:
+                size = write_safetensors(tmp, out_infos, self._fetch, self.metadata, sync=False,
+                                         on_tensor=self._written)
+                # The disk flush (I/O) and the check of the written file (CPU) overlap.
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    synced = pool.submit(fsync_file, tmp)
+                    checks = check_changes(changes, self.checkpoint.tensors, open_safetensors(tmp).tensors,
+                                           strict=self.strict)
+                    synced.result()
+                self.checks.extend(checks)
+                if not all(c.ok for c in checks):
+                    raise _CheckFailed
+        except _CheckFailed:
+            return False
+        self.size += size
+        return True
+
+    def write_shards(self, folder: Path, shards: ShardSet, shard_tensors: dict[str, list[str]], *,
+                     overwrite: bool) -> bool:
+        """Write every shard into a staging folder, then move them and a new index into ``folder``."""
+        index_name = shards.index.name if shards.index else f"model{INDEX_SUFFIX}"
+        created = _prepare_output_folder(folder, shards, [*shards.files, index_name], overwrite)
+        staging = Path(tempfile.mkdtemp(prefix=".fc2conv-", dir=folder))
+        try:
+            for file in shards.files:
+                infos = [self.out_infos[name] for name in shard_tensors.get(file, [])]
+                if not self.write_file(staging / file, infos, overwrite=False):
+                    if created:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        folder.rmdir()
+                    return False
+            weight_map = {name: file for file in shards.files for name in shard_tensors.get(file, [])}
+            index_metadata = {k: v for k, v in shards.index_metadata.items() if k != "total_size"}
+            with atomic_output(staging / index_name) as tmp:
+                tmp.write_text(index_json(weight_map, self.total, index_metadata))
+                fsync_file(tmp)
+            for name in [*shards.files, index_name]:  # the index last: it names the finished set
+                os.replace(staging / name, folder / name)
+            fsync_dir(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return True
+
+
+def _prepare_output_folder(folder: Path, shards: ShardSet, names: list[str], overwrite: bool) -> bool:
+    """Check (and create) the output folder; True if it was created here."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: is a file; a sharded checkpoint is written to a folder (-o FOLDER)")
+    if folder.exists() and os.path.samefile(folder, shards.folder):
+        raise OutputError(f"{folder}: is the input folder; refusing to write over its shards; choose another -o")
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise OutputError(f"{folder}: its parent folder {folder.parent} does not exist")
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from exc
+        return True
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{folder / existing[0]}: already exists; pass --force to replace it")
+    return False
+
+
+def _converted_info(plan: Plan, info: TensorInfo) -> TensorInfo:
+    change = plan.change_for(info.name)
+    return TensorInfo(info.name, change.new_shape, info.dtype) if change else info
 
 
 def inspect_file(
@@ -208,7 +325,7 @@ def inspect_file(
         problem = str(exc)
     return InspectResult(
         path=Path(path),
-        format="safetensors" if str(path).endswith(".safetensors") else "torch",
+        format=_format_of(Path(path)),
         layers=tuple(group_layers(infos)),
         infos=tuple(infos),
         notes=tuple(notes),
@@ -297,6 +414,12 @@ def verify_files(
         mismatches=tuple(mismatches),
         notes=tuple(notes),
     )
+
+
+def _format_of(path: Path) -> str:
+    if is_sharded(path):
+        return "sharded safetensors"
+    return "safetensors" if is_safetensors(path) else "torch"
 
 
 def _changes_from_shapes(

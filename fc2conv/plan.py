@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from fc2conv.errors import PlanError, ShapeError
 from fc2conv.shapes import (
@@ -70,6 +71,7 @@ class LayerChange:
     old_shape: tuple[int, int]
     in_map: InputShape
     flatten_order: str
+    pointwise: bool = False  # a projection turned 1x1 conv (--pointwise), not part of a flatten chain
 
     @property
     def out_features(self) -> int:
@@ -90,17 +92,26 @@ class LayerChange:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a conversion will do: the chain of layer changes, and every tensor left as it is."""
+    """What a conversion will do: the layer changes, and every tensor left as it is.
 
-    input_shape: InputShape
+    ``mode`` is ``"chain"`` (a flattened map into an FC chain: ``input_shape`` is that map) or
+    ``"pointwise"`` (selected Linear layers each become a 1x1 conv: no geometry, ``input_shape`` None).
+    """
+
+    input_shape: InputShape | None
     flatten_order: str
     layers: tuple[LayerChange, ...]
     untouched: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
+    mode: str = "chain"
 
     def change_for(self, tensor_name: str) -> LayerChange | None:
         """The change whose weight is ``tensor_name``, if any (biases are never reshaped)."""
-        return next((c for c in self.layers if c.weight == tensor_name), None)
+        return self._by_weight.get(tensor_name)
+
+    @cached_property
+    def _by_weight(self) -> dict[str, LayerChange]:
+        return {c.weight: c for c in self.layers}
 
 
 def _join(prefix: str, leaf: str) -> str:
@@ -192,11 +203,7 @@ def plan_conversion(
     infos = list(infos)
     if flatten_order not in FLATTEN_ORDERS:
         raise PlanError(f"flatten order must be one of {', '.join(FLATTEN_ORDERS)}, got {flatten_order!r}")
-    if layers is not None:
-        try:
-            re.compile(layers)
-        except re.error as exc:
-            raise PlanError(f"--layers {layers!r} is not a valid regular expression: {exc}") from exc
+    _check_regex(layers)
     spec = as_spec(input_shape)
     if not infos:
         raise PlanError("the checkpoint holds no tensors")
@@ -220,26 +227,18 @@ def plan_conversion(
         if _in_features(candidate) == _out_features(chain[-1]):
             chain.append(candidate)
 
-    for layer in chain:
-        weight = layer.weight
-        assert weight is not None
-        if weight.dtype not in FLOAT_DTYPES:
-            raise PlanError(
-                f"{weight.name} is {weight.dtype}; only floating-point FC weights "
-                f"({', '.join(FLOAT_DTYPES)}) can be converted (dequantize it first)"
-            )
+    _require_float(chain)
 
     changes = []
     for index, layer in enumerate(chain):
         weight = layer.weight
         assert weight is not None
         in_map = shape if index == 0 else InputShape(weight.shape[1], 1, 1)
-        bias = _join(layer.name, "bias")
         changes.append(
             LayerChange(
                 name=layer.name,
                 weight=weight.name,
-                bias=bias if any(t.name == bias for t in layer.tensors) else None,
+                bias=_bias_of(layer),
                 dtype=weight.dtype,
                 old_shape=(weight.shape[0], weight.shape[1]),
                 in_map=in_map,
@@ -250,6 +249,79 @@ def plan_conversion(
     converted = {c.weight for c in changes}
     untouched = tuple(info.name for info in infos if info.name not in converted)
     return Plan(shape, flatten_order, tuple(changes), untouched, tuple(notes))
+
+
+def _require_float(layers: Sequence[Layer]) -> None:
+    for layer in layers:
+        weight = layer.weight
+        assert weight is not None
+        if weight.dtype not in FLOAT_DTYPES:
+            raise PlanError(
+                f"{weight.name} is {weight.dtype}; only floating-point FC weights "
+                f"({', '.join(FLOAT_DTYPES)}) can be converted (dequantize it first)"
+            )
+
+
+def _bias_of(layer: Layer) -> str | None:
+    bias = _join(layer.name, "bias")
+    return bias if any(t.name == bias for t in layer.tensors) else None
+
+
+def plan_pointwise(infos: Iterable[TensorInfo], layers: str | None = None) -> Plan:
+    """Turn every selected Linear weight ``(out, in)`` into a 1x1 conv kernel ``(out, in, 1, 1)``.
+
+    No flatten geometry is involved: this is the layout NPUs such as Apple's Neural Engine want for
+    transformer projections, applied to activations laid out ``(N, in, 1, S)``.
+
+    Args:
+        infos: Every tensor of the checkpoint.
+        layers: Regex selecting layers by name (e.g. ``"proj|mlp"``); default every Linear layer
+            (embeddings only when the regex names them).
+
+    Raises:
+        PlanError: nothing selected, a bad regex, or a selected weight that is not floating point.
+    """
+    infos = list(infos)
+    _check_regex(layers)
+    if not infos:
+        raise PlanError("the checkpoint holds no tensors")
+    selected = fc_candidates(infos, layers)
+    if not selected:
+        where = f" matching --layers {layers!r}" if layers else ""
+        raise PlanError(
+            f"no Linear layer{where} found (a 2-D '<name>.weight' tensor); "
+            "run 'fc2conv inspect' to see what the checkpoint holds"
+        )
+    _require_float(selected)
+    changes = []
+    for layer in selected:
+        weight = layer.weight
+        assert weight is not None
+        changes.append(
+            LayerChange(
+                name=layer.name,
+                weight=weight.name,
+                bias=_bias_of(layer),
+                dtype=weight.dtype,
+                old_shape=(weight.shape[0], weight.shape[1]),
+                in_map=InputShape(weight.shape[1], 1, 1),
+                flatten_order="chw",
+                pointwise=True,
+            )
+        )
+    converted = {c.weight for c in changes}
+    untouched = tuple(info.name for info in infos if info.name not in converted)
+    where = f" matching {layers!r}" if layers else ""
+    note = f"pointwise: {len(changes)} Linear layers{where} -> 1x1 convolutions (activations laid out N x C x 1 x S)"
+    return Plan(None, "chw", tuple(changes), untouched, (note,), mode="pointwise")
+
+
+def _check_regex(layers: str | None) -> None:
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            raise PlanError(f"--layers {layers!r} is not a valid regular expression: {exc}") from exc
 
 
 def _in_features(layer: Layer) -> int:
@@ -347,13 +419,15 @@ def plan_to_metadata(plan: Plan, version: str, source: str | None = None) -> dic
             "old_shape": list(c.old_shape),
             "new_shape": list(c.new_shape),
             "flatten_order": c.flatten_order,
+            "pointwise": c.pointwise,
         }
         for c in plan.layers
     ]
     metadata = {
         "format": "pt",
         f"{METADATA_PREFIX}version": version,
-        f"{METADATA_PREFIX}input_shape": str(plan.input_shape),
+        f"{METADATA_PREFIX}mode": plan.mode,
+        f"{METADATA_PREFIX}input_shape": str(plan.input_shape) if plan.input_shape else "none",
         f"{METADATA_PREFIX}flatten_order": plan.flatten_order,
         f"{METADATA_PREFIX}layers": json.dumps(layers, separators=(",", ":")),
     }
@@ -385,6 +459,7 @@ def changes_from_metadata(metadata: dict[str, str]) -> list[LayerChange] | None:
                     old_shape=(int(entry["old_shape"][0]), int(entry["old_shape"][1])),
                     in_map=InputShape(channels, height, width),
                     flatten_order=str(entry.get("flatten_order", "chw")),
+                    pointwise=bool(entry.get("pointwise", False)),
                 )
             )
         return changes

@@ -10,6 +10,15 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from fc2conv._version import __version__
@@ -60,6 +69,44 @@ def _verdict(ok: bool) -> str:
     return "[green]ok[/]" if ok else "[bold red]FAIL[/]"
 
 
+# --- progress -----------------------------------------------------------------------------------
+
+# Only jobs at least this large get a progress bar: small ones finish before it would be read.
+PROGRESS_MIN_BYTES = 64 * 2**20
+
+
+class ByteProgress:
+    """A rich progress bar of bytes written, shown only on a terminal and only for large jobs.
+
+    Use as a context manager; pass the instance as the ``progress`` callback of ``convert_file``.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> ByteProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self._progress is None:
+            if not self._console.is_terminal or total < PROGRESS_MIN_BYTES:
+                return
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), console=self._console, transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("writing", total=total)
+        assert self._task is not None
+        self._progress.update(self._task, completed=done, description=f"writing {escape(name)}")
+
+
 # --- convert ------------------------------------------------------------------------------------
 
 
@@ -107,9 +154,11 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     console.print(convert_table(result))
     for note in (*result.load_notes, *plan.notes):
         console.print(f"  {escape(note)}")
-    console.print(f"  flatten order: {plan.flatten_order}")
+    if plan.mode == "chain":
+        console.print(f"  flatten order: {plan.flatten_order}")
     if result.written:
-        console.print(f"  output: {escape(str(result.output))} ({_bytes(result.output_bytes)})")
+        shards = f", {result.shards} shards + index" if result.shards else ""
+        console.print(f"  output: {escape(str(result.output))} ({_bytes(result.output_bytes)}{shards})")
     else:
         console.print(
             f"  [bold red]output not written[/]: a numeric check failed; {escape(str(result.output))} is unchanged"
@@ -122,7 +171,8 @@ def render_convert(console: Console, result: ConvertResult) -> None:
 
 def _plan_json(plan: Plan) -> dict[str, Any]:
     return {
-        "input_shape": plan.input_shape.as_list(),
+        "mode": plan.mode,
+        "input_shape": plan.input_shape.as_list() if plan.input_shape else None,
         "flatten_order": plan.flatten_order,
         "notes": list(plan.notes),
     }
@@ -159,6 +209,7 @@ def convert_json(result: ConvertResult) -> dict[str, Any]:
         "output": str(result.output),
         "written": result.written,
         "output_bytes": result.output_bytes,
+        "shards": result.shards,
         **_plan_json(result.plan),
         "load_notes": list(result.load_notes),
         "layers": [_check_json(c) for c in result.checks],
@@ -205,8 +256,9 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         console.print(f"  FC chain: {escape(chain)}")
         for note in result.plan.notes:
             console.print(f"  {escape(note)}")
-        console.print(f"  convert would use: --input-shape {result.plan.input_shape} "
-                      f"--flatten-order {result.plan.flatten_order}")
+        if result.plan.input_shape is not None:
+            console.print(f"  convert would use: --input-shape {result.plan.input_shape} "
+                          f"--flatten-order {result.plan.flatten_order}")
     else:
         console.print(f"  [yellow]no conversion plan[/]: {escape(result.plan_problem or '')}")
     console.print(
@@ -238,7 +290,7 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
             {"name": c.name, "became": c.became, "old_shape": list(c.old_shape), "new_shape": list(c.new_shape)}
             for c in plan.layers
         ] if plan else [],
-        "input_shape": plan.input_shape.as_list() if plan else None,
+        "input_shape": plan.input_shape.as_list() if plan and plan.input_shape else None,
         "flatten_order": plan.flatten_order if plan else None,
         "plan_notes": list(plan.notes) if plan else [],
         "plan_problem": result.plan_problem,
