@@ -12,7 +12,9 @@ Side by side, in one run, on the same file and the same page cache:
   * cp:          copying the file
 Each command runs in its own process; wall time is measured around it, peak memory is read from
 /proc/<pid>/status (VmHWM, and the peak of RssAnon sampled every 5 ms). It prints a table of figures
-and the ratios against the baselines.
+and the ratios against the baselines, then the start-up figures (`fc2conv --help`, `inspect` of a
+2 MB and a 2 GB safetensors file, which must not import torch) and the time of the numeric check of
+one 4096 x 25088 layer.
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             extra.unlink(missing_ok=True)
         source.unlink()
 
+    startup = _startup_figures(workdir, fc2conv)
+    check_seconds = _check_figure(workdir)
+
     print(f"{'checkpoint':>12} {'command':<16} {'wall s':>8} {'peak RSS MB':>12} {'peak anon MB':>13}")
     for _scale, size, results in rows:
         for name, r in results.items():
@@ -139,7 +144,60 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{size / 2**20:.0f} MB: fc2conv/hand-script wall = {f['wall'] / h['wall']:.2f}x (target <= 1.0), "
               f"fc2conv/cp wall = {f['wall'] / c['wall']:.2f}x (target <= 2), "
               f"anon memory fc2conv - hand = {f['anon_mb'] - h['anon_mb']:+.0f} MB (target <= +100)")
+    print()
+    for label, seconds in startup.items():
+        print(f"{label:<46} {seconds:6.3f} s (target < 0.3 s, no torch import)")
+    print(f"{'numeric check of one 4096 x 25088 fp32 layer':<46} {check_seconds:6.3f} s (target < 1 s)")
     return 0
+
+
+def _startup_figures(workdir: Path, fc2conv: str) -> dict[str, float]:
+    """`fc2conv --help`, and `inspect` on a 2 MB and a 2 GB safetensors file (sparse: header + holes)."""
+    import json
+    import struct
+
+    figures = {}
+    for label, nbytes in (("2 MB", 2 * 2**20), ("2 GB", 2 * 2**30)):
+        rows = nbytes // (4 * 4096)
+        header = json.dumps({"fc.weight": {"dtype": "F32", "shape": [rows, 4096], "data_offsets": [0, rows * 4096 * 4]},
+                             "conv.weight": {"dtype": "F32", "shape": [1, 1, 1, 1],
+                                             "data_offsets": [rows * 4096 * 4, rows * 4096 * 4 + 4]}}).encode()
+        path = workdir / f"inspect_{label.replace(' ', '')}.safetensors"
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.truncate(8 + len(header) + rows * 4096 * 4 + 4)  # a sparse file: no data on disk
+        figures[f"fc2conv inspect ({label} safetensors)"] = best([fc2conv, "inspect", str(path), "--json"], 3)["wall"]
+        path.unlink()
+    figures["fc2conv --help"] = best([fc2conv, "--help"], 3)["wall"]
+    probe = (
+        "import sys\nfrom fc2conv.cli import main\nsys.argv = ['fc2conv', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, stdout=subprocess.DEVNULL)
+    return figures
+
+
+def _check_figure(workdir: Path) -> float:
+    """Seconds of fc2conv's numeric check of a VGG16 fc6-sized layer (fp32, memory-mapped), best of 3."""
+    code = """
+import sys, time, torch
+from fc2conv import InputShape, LayerChange, check_layer
+torch.manual_seed(0)
+weight = torch.randn(4096, 25088) * 0.01
+bias = torch.randn(4096)
+change = LayerChange("fc6", "fc6.weight", "fc6.bias", "float32", (4096, 25088), InputShape(512, 7, 7), "chw")
+kernel = weight.reshape(4096, 512, 7, 7)
+check_layer(change, weight, kernel, bias)
+times = []
+for _ in range(3):
+    started = time.perf_counter()
+    result = check_layer(change, weight, kernel, bias)
+    times.append(time.perf_counter() - started)
+assert result.ok, result
+print(min(times))
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(done.stdout.strip())
 
 
 if __name__ == "__main__":

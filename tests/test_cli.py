@@ -318,3 +318,12 @@ def test_input_file_is_never_modified(tmp_path):
         run(*args)
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
     assert source.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom fc2conv.cli import cli\n"
+            "for args in (['--help'], ['convert', '--help'], ['--version']):\n"
+            "    cli.main(args, standalone_mode=False)\n"
+            "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
