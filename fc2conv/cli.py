@@ -101,14 +101,27 @@ def _fail(message: str, code: int, argv: list[str]) -> int:
     return code
 
 
-def _emit(result: Any, as_json: bool, to_json: Callable[[Any], dict[str, Any]],
-          render: Callable[[Any, Any], None]) -> None:
+def _emit(result: Any, as_json: bool, command: str) -> None:
+    """Print ``result`` as one JSON object, or as the command's rich table (rich is imported only then)."""
     if as_json:
+        from fc2conv import payloads
+
+        to_json: Callable[[Any], dict[str, Any]] = getattr(payloads, f"{command}_json")
         click.echo(json.dumps(to_json(result), indent=2))
         return
-    from fc2conv.report import make_console
+    from fc2conv import report
 
-    render(make_console(), result)
+    render: Callable[[Any, Any], None] = getattr(report, f"render_{command}")
+    render(report.make_console(), result)
+
+
+def _progress_bar(as_json: bool) -> Any:
+    """A progress bar for the terminal (it shows itself only for large jobs); none with --json."""
+    if as_json:
+        return nullcontext()
+    from fc2conv import report
+
+    return report.ByteProgress(report.make_console())
 
 
 def _warn(lines: list[str]) -> None:
@@ -174,17 +187,17 @@ def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None
     shards and a new index. Every converted layer is checked numerically from the written file
     before it is published; a failed check leaves no output and exits 1.
     """
-    from fc2conv import jobs, report
+    from fc2conv import jobs, payloads
 
     if pointwise and (input_shape is not None or flatten_order != "chw"):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    with report.ByteProgress(report.make_console()) if not as_json else nullcontext() as progress:
+    with _progress_bar(as_json) as progress:
         result = jobs.convert_file(checkpoint, output, input_shape=input_shape, flatten_order=flatten_order,
                                    layers=layers, pointwise=pointwise, overwrite=force, strict=strict,
                                    trust_pickle=trust_pickle, progress=progress)
-    _warn(report.warnings_for(result.checks))
-    _emit(result, as_json, report.convert_json, report.render_convert)
+    _warn(payloads.warnings_for(result.checks))
+    _emit(result, as_json, "convert")
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
 
 
@@ -202,12 +215,12 @@ def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str,
 
     For .safetensors (single, or sharded: an index or a folder of shards) only the headers are read.
     """
-    from fc2conv import jobs, report
+    from fc2conv import jobs
 
     _trust_warning(trust_pickle, checkpoint)
     result = jobs.inspect_file(checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
                                trust_pickle=trust_pickle)
-    _emit(result, as_json, report.inspect_json, report.render_inspect)
+    _emit(result, as_json, "inspect")
     return EXIT_OK
 
 
@@ -231,13 +244,13 @@ def verify(original: Path, converted: Path, input_shape: ShapeSpec | None, flatt
     Converted layers are checked numerically (traced size and sliding window); every other tensor
     must be bit-for-bit identical. Either side may be a sharded checkpoint (index or folder).
     """
-    from fc2conv import jobs, report
+    from fc2conv import jobs, payloads
 
     _trust_warning(trust_pickle, original, converted)
     result = jobs.verify_files(original, converted, input_shape=input_shape, flatten_order=flatten_order,
                                atol=atol, rtol=rtol, strict=strict, trust_pickle=trust_pickle)
-    _warn(report.warnings_for(result.checks))
-    _emit(result, as_json, report.verify_json, report.render_verify)
+    _warn(payloads.warnings_for(result.checks))
+    _emit(result, as_json, "verify")
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
 
 

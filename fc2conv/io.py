@@ -666,13 +666,17 @@ def write_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned
     try:
-        with open(path, "wb") as f:
+        # Not opened with O_TRUNC: on ext4, a file truncated to zero and rewritten is flushed on close
+        # (auto_da_alloc), which made writing ~2.5x slower. Any tail of an older file is cut below.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for info in infos:
                 _write_tensor(f, info, fetch(info.name))
                 if on_tensor is not None:
                     on_tensor(info)
+            if os.fstat(f.fileno()).st_size > f.tell():
+                f.truncate()
             f.flush()
             if sync:
                 os.fsync(f.fileno())

@@ -1,11 +1,10 @@
-"""Rich tables and JSON payloads built from result dataclasses; formatting only, no decisions."""
+"""Rich tables and the progress bar, built from result dataclasses; formatting only, no decisions."""
 
 from __future__ import annotations
 
 import math
 import os
 import sys
-from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -21,10 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fc2conv._version import __version__
 from fc2conv.check import LayerCheck
 from fc2conv.jobs import ConvertResult, InspectResult, VerifyResult
-from fc2conv.plan import Plan
 
 # Width used when stdout is not a terminal and COLUMNS is unset: wide enough for the tables.
 _PIPE_WIDTH = 132
@@ -58,11 +55,6 @@ def _bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
-
-
-def _json_float(value: float) -> float | None:
-    """JSON has no inf/nan: they become null (and the layer's ``ok`` is false)."""
-    return value if math.isfinite(value) else None
 
 
 def _verdict(ok: bool) -> str:
@@ -169,64 +161,6 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     )
 
 
-def _plan_json(plan: Plan) -> dict[str, Any]:
-    return {
-        "mode": plan.mode,
-        "input_shape": plan.input_shape.as_list() if plan.input_shape else None,
-        "flatten_order": plan.flatten_order,
-        "notes": list(plan.notes),
-    }
-
-
-def _check_json(check: LayerCheck) -> dict[str, Any]:
-    return {
-        "name": check.name,
-        "became": check.became,
-        "dtype": check.dtype,
-        "old_shape": list(check.old_shape),
-        "new_shape": list(check.new_shape),
-        "parameters": check.parameters,
-        "max_abs_error": _json_float(check.max_abs_error),
-        "max_rel_error": _json_float(check.max_rel_error),
-        "window_max_abs_error": _json_float(check.window_max_abs_error),
-        "window_grid": list(check.window_grid),
-        "rows_checked": check.rows_checked,
-        "atol": check.tolerance.atol,
-        "rtol": check.tolerance.rtol,
-        "nonfinite": check.nonfinite,
-        "exact": check.exact,
-        "problem": check.problem,
-        "ok": check.ok,
-    }
-
-
-def convert_json(result: ConvertResult) -> dict[str, Any]:
-    return {
-        "ok": result.ok,
-        "command": "convert",
-        "version": __version__,
-        "input": str(result.input),
-        "output": str(result.output),
-        "written": result.written,
-        "output_bytes": result.output_bytes,
-        "shards": result.shards,
-        **_plan_json(result.plan),
-        "load_notes": list(result.load_notes),
-        "layers": [_check_json(c) for c in result.checks],
-        "untouched": list(result.plan.untouched),
-        "seconds": round(result.seconds, 4),
-    }
-
-
-def warnings_for(checks: tuple[LayerCheck, ...]) -> list[str]:
-    """Lines for stderr about layers that convert but deserve attention."""
-    return [
-        f"{c.name} has non-finite (NaN/Inf) weights or outputs; converted as they are"
-        for c in checks
-        if c.nonfinite
-    ]
-
-
 # --- inspect ------------------------------------------------------------------------------------
 
 
@@ -267,37 +201,6 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     )
 
 
-def inspect_json(result: InspectResult) -> dict[str, Any]:
-    plan = result.plan
-    return {
-        "ok": True,
-        "command": "inspect",
-        "version": __version__,
-        "path": str(result.path),
-        "format": result.format,
-        "notes": list(result.notes),
-        "metadata": result.metadata,
-        "layers": [
-            {
-                "name": layer.name,
-                "kind": layer.kind,
-                "parameters": layer.parameters,
-                "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in layer.tensors],
-            }
-            for layer in result.layers
-        ],
-        "chain": [
-            {"name": c.name, "became": c.became, "old_shape": list(c.old_shape), "new_shape": list(c.new_shape)}
-            for c in plan.layers
-        ] if plan else [],
-        "input_shape": plan.input_shape.as_list() if plan and plan.input_shape else None,
-        "flatten_order": plan.flatten_order if plan else None,
-        "plan_notes": list(plan.notes) if plan else [],
-        "plan_problem": result.plan_problem,
-        "totals": {"tensors": len(result.infos), "parameters": result.parameters, "bytes": result.nbytes},
-    }
-
-
 # --- verify -------------------------------------------------------------------------------------
 
 
@@ -331,19 +234,3 @@ def render_verify(console: Console, result: VerifyResult) -> None:
     for mismatch in result.mismatches:
         console.print(f"    [red]{escape(mismatch.name)}[/]: {escape(mismatch.reason)}")
     console.print("  verdict: " + ("[green]PASS[/]" if result.ok else "[bold red]FAIL[/]"))
-
-
-def verify_json(result: VerifyResult) -> dict[str, Any]:
-    return {
-        "ok": result.ok,
-        "command": "verify",
-        "version": __version__,
-        "original": str(result.original),
-        "converted": str(result.converted),
-        "input_shape": result.input_shape.as_list() if result.input_shape else None,
-        "flatten_order": result.flatten_order,
-        "layers": [_check_json(c) for c in result.checks],
-        "identical_tensors": result.identical,
-        "mismatches": [{"name": m.name, "reason": m.reason} for m in result.mismatches],
-        "notes": list(result.notes),
-    }
