@@ -45,8 +45,21 @@ if "--fsync" in sys.argv:  # the same durability as fc2conv, which fsyncs before
     os.close(fd)
 """
 
-VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
-               (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+VGG16_CONVS = [
+    (3, 64),
+    (64, 64),
+    (64, 128),
+    (128, 128),
+    (128, 256),
+    (256, 256),
+    (256, 256),
+    (256, 512),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+]
 
 VGG16_CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's features.N
 
@@ -106,8 +119,9 @@ def best(command: list[str], repeat: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[0.5, 1.0],
-                        help="classifier width scales (1.0 = VGG16's 4096)")
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[0.5, 1.0], help="classifier width scales (1.0 = VGG16's 4096)"
+    )
     parser.add_argument("--repeat", type=int, default=2, help="runs per command; the fastest is shown")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the files (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -124,8 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         size = build_vgg16_layout(source, scale)
         out = workdir / "out.safetensors"
         commands = {
-            "fc2conv convert": [fc2conv, "convert", str(source), "--input-shape", "512x7x7", "-o", str(out),
-                                "--force", "--json"],
+            "fc2conv convert": [
+                fc2conv,
+                "convert",
+                str(source),
+                "--input-shape",
+                "512x7x7",
+                "-o",
+                str(out),
+                "--force",
+                "--json",
+            ],
             "hand script": [sys.executable, str(hand), str(source), str(workdir / "hand.safetensors")],
             "hand + fsync": [sys.executable, str(hand), str(source), str(workdir / "hand.safetensors"), "--fsync"],
             "cp": ["cp", str(source), str(workdir / "copy.pt")],
@@ -149,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     for _scale, size, results in rows:
         f, h, c = results["fc2conv convert"], results["hand script"], results["cp"]
         hs = results["hand + fsync"]
-        print(f"{size / 2**20:.0f} MB: fc2conv/hand-script wall = {f['wall'] / h['wall']:.2f}x (target <= 1.0; "
-              f"{f['wall'] / hs['wall']:.2f}x against the hand script with fsync), "
-              f"fc2conv/cp wall = {f['wall'] / c['wall']:.2f}x (target <= 2), "
-              f"anon memory fc2conv - hand = {f['anon_mb'] - h['anon_mb']:+.0f} MB (target <= +100)")
+        print(
+            f"{size / 2**20:.0f} MB: fc2conv/hand-script wall = {f['wall'] / h['wall']:.2f}x (target <= 1.0; "
+            f"{f['wall'] / hs['wall']:.2f}x against the hand script with fsync), "
+            f"fc2conv/cp wall = {f['wall'] / c['wall']:.2f}x (target <= 2), "
+            f"anon memory fc2conv - hand = {f['anon_mb'] - h['anon_mb']:+.0f} MB (target <= +100)"
+        )
     print()
     for label, seconds in startup.items():
         print(f"{label:<46} {seconds:6.3f} s (target < 0.3 s, no torch import)")
@@ -168,9 +193,16 @@ def _startup_figures(workdir: Path, fc2conv: str) -> dict[str, float]:
     figures = {}
     for label, nbytes in (("2 MB", 2 * 2**20), ("2 GB", 2 * 2**30)):
         rows = nbytes // (4 * 4096)
-        header = json.dumps({"fc.weight": {"dtype": "F32", "shape": [rows, 4096], "data_offsets": [0, rows * 4096 * 4]},
-                             "conv.weight": {"dtype": "F32", "shape": [1, 1, 1, 1],
-                                             "data_offsets": [rows * 4096 * 4, rows * 4096 * 4 + 4]}}).encode()
+        header = json.dumps(
+            {
+                "fc.weight": {"dtype": "F32", "shape": [rows, 4096], "data_offsets": [0, rows * 4096 * 4]},
+                "conv.weight": {
+                    "dtype": "F32",
+                    "shape": [1, 1, 1, 1],
+                    "data_offsets": [rows * 4096 * 4, rows * 4096 * 4 + 4],
+                },
+            }
+        ).encode()
         path = workdir / f"inspect_{label.replace(' ', '')}.safetensors"
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header)

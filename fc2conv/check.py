@@ -151,9 +151,17 @@ def check_layer(
         parameters=change.parameters,
         tolerance=tolerance,
     )
+
     def failed(problem: str) -> LayerCheck:
-        return LayerCheck(**common, max_abs_error=math.inf, max_rel_error=math.inf, window_max_abs_error=math.inf,
-                          window_grid=(0, 0), reference_scale=0.0, problem=problem)
+        return LayerCheck(
+            **common,
+            max_abs_error=math.inf,
+            max_rel_error=math.inf,
+            window_max_abs_error=math.inf,
+            window_grid=(0, 0),
+            reference_scale=0.0,
+            problem=problem,
+        )
 
     if tuple(kernel.shape) != change.new_shape:
         return failed(f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}")
@@ -340,9 +348,7 @@ def check_changes(
         bias = original[change.bias] if change.bias else None
         kernel_bias = converted.get(change.bias) if change.bias else None
         dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
-        result = check_layer(
-            change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol)
-        )
+        result = check_layer(change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol))
         result = replace(result, strict=strict)
         if exact:
             result = replace(result, exact=kernel_is_exact(change, weight, kernel))

@@ -59,8 +59,14 @@ FILE = click.Path(dir_okay=True, readable=False, path_type=Path)
 class Fc2ConvGroup(click.Group):
     """Runs commands and turns every failure into one ``Error:`` line and an exit code."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
-             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,  # type: ignore[override]
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -85,8 +91,9 @@ class Fc2ConvGroup(click.Group):
         except Exception as exc:  # a bug: still one line, unless --debug asks for the traceback
             if "--debug" in argv:
                 raise
-            code = _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
-                         EXIT_USAGE, argv)
+            code = _fail(
+                f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", EXIT_USAGE, argv
+            )
         code = code if isinstance(code, int) else EXIT_OK
         if standalone_mode:
             sys.exit(code)
@@ -141,16 +148,19 @@ def cli(debug: bool) -> None:
 
 
 _shape_option = click.option(
-    "--input-shape", type=SHAPE, default=None,
+    "--input-shape",
+    type=SHAPE,
+    default=None,
     help="Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C "
-         "(square map). Default: C from the last conv before the first FC, square map.",
+    "(square map). Default: C from the last conv before the first FC, square map.",
 )
 _order_help = "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last)."
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
 _trust_option = click.option(
-    "--trust-pickle", is_flag=True,
+    "--trust-pickle",
+    is_flag=True,
     help="Unpickle arbitrary objects (torch.load weights_only=False), e.g. a whole saved nn.Module. "
-         "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
+    "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
 )
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
 
@@ -158,28 +168,48 @@ _strict_option = click.option("--strict", is_flag=True, help="Fail layers with N
 def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     if trust_pickle:
         names = ", ".join(str(p) for p in paths)
-        _warn([f"--trust-pickle: unpickling {names} with weights_only=False runs any code the file holds; "
-               "use it only on files you trust"])
+        _warn(
+            [
+                f"--trust-pickle: unpickling {names} with weights_only=False runs any code the file holds; "
+                "use it only on files you trust"
+            ]
+        )
 
 
 @cli.command()
 @click.argument("checkpoint", type=FILE)
 @_shape_option
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.")
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True,
-              help=_order_help)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.",
+)
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
-@click.option("--pointwise", is_flag=True,
-              help="Turn every Linear layer (those matching --layers) into a 1x1 conv, (out, in) -> (out, in, 1, 1): "
-                   "the layout NPUs want for projections. No flatten geometry.")
+@click.option(
+    "--pointwise",
+    is_flag=True,
+    help="Turn every Linear layer (those matching --layers) into a 1x1 conv, (out, in) -> (out, in, 1, 1): "
+    "the layout NPUs want for projections. No flatten geometry.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 @_strict_option
 @_trust_option
 @_json_option
-def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None, flatten_order: str,
-            layers: str | None, pointwise: bool, force: bool, strict: bool, trust_pickle: bool,
-            as_json: bool) -> int:
+def convert(
+    checkpoint: Path,
+    input_shape: ShapeSpec | None,
+    output: Path | None,
+    flatten_order: str,
+    layers: str | None,
+    pointwise: bool,
+    force: bool,
+    strict: bool,
+    trust_pickle: bool,
+    as_json: bool,
+) -> int:
     """Rewrite the FC layers of CHECKPOINT as conv kernels and write safetensors.
 
     CHECKPOINT is a .pt/.pth/.bin/.ckpt or .safetensors file, or a sharded Hugging Face checkpoint
@@ -193,9 +223,18 @@ def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
     with _progress_bar(as_json) as progress:
-        result = jobs.convert_file(checkpoint, output, input_shape=input_shape, flatten_order=flatten_order,
-                                   layers=layers, pointwise=pointwise, overwrite=force, strict=strict,
-                                   trust_pickle=trust_pickle, progress=progress)
+        result = jobs.convert_file(
+            checkpoint,
+            output,
+            input_shape=input_shape,
+            flatten_order=flatten_order,
+            layers=layers,
+            pointwise=pointwise,
+            overwrite=force,
+            strict=strict,
+            trust_pickle=trust_pickle,
+            progress=progress,
+        )
     _warn(payloads.warnings_for(result.checks))
     _emit(result, as_json, "convert")
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
@@ -204,13 +243,18 @@ def convert(checkpoint: Path, input_shape: ShapeSpec | None, output: Path | None
 @cli.command()
 @click.argument("checkpoint", type=FILE)
 @_shape_option
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True,
-              help=_order_help)
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
 @_trust_option
 @_json_option
-def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str, layers: str | None,
-            trust_pickle: bool, as_json: bool) -> int:
+def inspect(
+    checkpoint: Path,
+    input_shape: ShapeSpec | None,
+    flatten_order: str,
+    layers: str | None,
+    trust_pickle: bool,
+    as_json: bool,
+) -> int:
     """List the layers of CHECKPOINT, the FC chain and the geometry convert would use.
 
     For .safetensors (single, or sharded: an index or a folder of shards) only the headers are read.
@@ -218,8 +262,9 @@ def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str,
     from fc2conv import jobs
 
     _trust_warning(trust_pickle, checkpoint)
-    result = jobs.inspect_file(checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
-                               trust_pickle=trust_pickle)
+    result = jobs.inspect_file(
+        checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers, trust_pickle=trust_pickle
+    )
     _emit(result, as_json, "inspect")
     return EXIT_OK
 
@@ -228,17 +273,38 @@ def inspect(checkpoint: Path, input_shape: ShapeSpec | None, flatten_order: str,
 @click.argument("original", type=FILE)
 @click.argument("converted", type=FILE)
 @_shape_option
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None,
-              help=_order_help + " Default: as recorded in CONVERTED, else chw.")
-@click.option("--atol", type=click.FloatRange(min=0), default=None,
-              help="Absolute tolerance. Default per dtype: float64 1e-10, float32 1e-5, float16 1e-2, bfloat16 5e-2.")
-@click.option("--rtol", type=click.FloatRange(min=0), default=None,
-              help="Tolerance relative to the largest output. Default per dtype, as --atol.")
+@click.option(
+    "--flatten-order",
+    type=click.Choice(FLATTEN_ORDERS),
+    default=None,
+    help=_order_help + " Default: as recorded in CONVERTED, else chw.",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Absolute tolerance. Default per dtype: float64 1e-10, float32 1e-5, float16 1e-2, bfloat16 5e-2.",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Tolerance relative to the largest output. Default per dtype, as --atol.",
+)
 @_strict_option
 @_trust_option
 @_json_option
-def verify(original: Path, converted: Path, input_shape: ShapeSpec | None, flatten_order: str | None,
-           atol: float | None, rtol: float | None, strict: bool, trust_pickle: bool, as_json: bool) -> int:
+def verify(
+    original: Path,
+    converted: Path,
+    input_shape: ShapeSpec | None,
+    flatten_order: str | None,
+    atol: float | None,
+    rtol: float | None,
+    strict: bool,
+    trust_pickle: bool,
+    as_json: bool,
+) -> int:
     """Check that CONVERTED computes what ORIGINAL does: exit 0 if so, 1 if not.
 
     Converted layers are checked numerically (traced size and sliding window); every other tensor
@@ -247,8 +313,16 @@ def verify(original: Path, converted: Path, input_shape: ShapeSpec | None, flatt
     from fc2conv import jobs, payloads
 
     _trust_warning(trust_pickle, original, converted)
-    result = jobs.verify_files(original, converted, input_shape=input_shape, flatten_order=flatten_order,
-                               atol=atol, rtol=rtol, strict=strict, trust_pickle=trust_pickle)
+    result = jobs.verify_files(
+        original,
+        converted,
+        input_shape=input_shape,
+        flatten_order=flatten_order,
+        atol=atol,
+        rtol=rtol,
+        strict=strict,
+        trust_pickle=trust_pickle,
+    )
     _warn(payloads.warnings_for(result.checks))
     _emit(result, as_json, "verify")
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED

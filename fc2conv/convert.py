@@ -41,9 +41,7 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
         PlanError: if ``weight`` does not have the shape the plan was made for.
     """
     if tuple(weight.shape) != change.old_shape:
-        raise PlanError(
-            f"{change.weight} has shape {tuple(weight.shape)}, but the plan expects {change.old_shape}"
-        )
+        raise PlanError(f"{change.weight} has shape {tuple(weight.shape)}, but the plan expects {change.old_shape}")
     out, m = change.out_features, change.in_map
     if change.flatten_order == "hwc":
         kernel = weight.reshape(out, m.height, m.width, m.channels).permute(0, 3, 1, 2)

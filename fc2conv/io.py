@@ -167,9 +167,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[Tens
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
-        raise CheckpointError(
-            f"{where}: data offsets {offsets!r} are outside the {data_len}-byte data section"
-        )
+        raise CheckpointError(f"{where}: data offsets {offsets!r} are outside the {data_len}-byte data section")
     name_dtype, itemsize = _ST_DTYPES[code]
     numel = 1
     for s in shape:
@@ -195,7 +193,7 @@ def _check_readable(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")  # pragma: no cover
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: permission denied (cannot read the file)")
 
@@ -214,9 +212,8 @@ def read_tensor_infos(
     are memory-mapped.
     """
     if is_sharded(path):
-        shards = find_shards(path)
-        infos, by_shard, metadata = read_shard_infos(shards)
-        return infos, metadata, _shard_notes(shards, infos)
+        sharded = open_sharded(path)  # headers only: shards are opened when a tensor is asked for
+        return sharded.infos, sharded.metadata, sharded.notes
     if is_safetensors(path):
         header = read_safetensors_header(path)
         return _safetensors_order(header.infos), header.metadata, _safetensors_notes(header)
@@ -274,8 +271,9 @@ def open_sharded(path: str | os.PathLike[str]) -> Checkpoint:
     shards = find_shards(path)
     infos, by_shard, metadata = read_shard_infos(shards)
     tensors = ShardedTensors(shards, by_shard, [i.name for i in infos])
-    return Checkpoint(Path(path), "sharded safetensors", infos, tensors, metadata, _shard_notes(shards, infos),
-                      shards, by_shard)
+    return Checkpoint(
+        Path(path), "sharded safetensors", infos, tensors, metadata, _shard_notes(shards, infos), shards, by_shard
+    )
 
 
 def _shard_notes(shards: ShardSet, infos: list[TensorInfo]) -> list[str]:
@@ -295,8 +293,12 @@ def open_safetensors(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"{path}: cannot open as safetensors ({exc})") from exc
     infos = _safetensors_order(header.infos)
     return Checkpoint(
-        path, "safetensors", infos, _LazyTensors(handle, [i.name for i in infos]),
-        header.metadata, [],
+        path,
+        "safetensors",
+        infos,
+        _LazyTensors(handle, [i.name for i in infos]),
+        header.metadata,
+        [],
     )
 
 
@@ -342,7 +344,7 @@ def _torch_load(path: Path, trust_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(exc))
         foreign = [found.group(1) or found.group(2)] if found else _foreign_globals(path)
-        if not foreign:
+        if not foreign or trust_pickle:
             detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(exc) + "\n")
             reason = detail.group(1).strip() if detail else "corrupt pickle data"
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from exc
@@ -382,7 +384,11 @@ def _foreign_globals(path: Path) -> list[str]:
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                streams = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+                streams = [
+                    archive.read(i)
+                    for i in archive.infolist()  # no zip bomb: small pickles only
+                    if i.filename.endswith(".pkl") and i.file_size <= _SCAN_BYTES
+                ]
         else:
             with open(path, "rb") as f:
                 streams = [f.read(_SCAN_BYTES)]
@@ -705,8 +711,7 @@ def _write_tensor(f: Any, info: TensorInfo, tensor: torch.Tensor) -> None:
 
     if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
         raise OutputError(
-            f"{info.name}: got {dtype_name(tensor.dtype)}{tuple(tensor.shape)}, "
-            f"declared {info.dtype}{info.shape}"
+            f"{info.name}: got {dtype_name(tensor.dtype)}{tuple(tensor.shape)}, declared {info.dtype}{info.shape}"
         )
     tensor = tensor.contiguous()
     nbytes = tensor.numel() * tensor.element_size()

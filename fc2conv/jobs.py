@@ -200,8 +200,14 @@ def _default_output_folder(shards: ShardSet) -> Path:
 class _Writer:
     """Streams converted tensors into output files, checking each file before it is published."""
 
-    def __init__(self, checkpoint: Checkpoint, plan: Plan, metadata: dict[str, str], strict: bool,
-                 progress: ProgressCallback | None) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        plan: Plan,
+        metadata: dict[str, str],
+        strict: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
         self.checkpoint, self.plan, self.metadata, self.strict = checkpoint, plan, metadata, strict
         self.out_infos = {info.name: _converted_info(plan, info) for info in checkpoint.infos}
         self.total = sum(i.numel * dtype_itemsize(i.dtype) for i in self.out_infos.values())
@@ -222,21 +228,24 @@ class _Writer:
         if self.progress is not None:
             self.progress(self.done, self.total, info.name)
 
-    def write_file(self, target: Path, infos: list[TensorInfo], *, overwrite: bool,
-                   protect: list[Path] | tuple[()] = ()) -> bool:
+    def write_file(
+        self, target: Path, infos: list[TensorInfo], *, overwrite: bool, protect: list[Path] | tuple[()] = ()
+    ) -> bool:
         """Write ``infos`` (converted) to ``target`` atomically; False (nothing written) if a check fails."""
         out_infos = [self.out_infos[info.name] for info in infos]
         names = {info.name for info in infos}
         changes = [c for c in self.plan.layers if c.weight in names]
         try:
             with atomic_output(target, overwrite=overwrite, protect=protect) as tmp:
-                size = write_safetensors(tmp, out_infos, self._fetch, self.metadata, sync=False,
-                                         on_tensor=self._written)
+                size = write_safetensors(
+                    tmp, out_infos, self._fetch, self.metadata, sync=False, on_tensor=self._written
+                )
                 # The disk flush (I/O) and the check of the written file (CPU) overlap.
                 with ThreadPoolExecutor(max_workers=1) as pool:
                     synced = pool.submit(fsync_file, tmp)
-                    checks = check_changes(changes, self.checkpoint.tensors, open_safetensors(tmp).tensors,
-                                           strict=self.strict)
+                    checks = check_changes(
+                        changes, self.checkpoint.tensors, open_safetensors(tmp).tensors, strict=self.strict
+                    )
                     synced.result()
                 self.checks.extend(checks)
                 if not all(c.ok for c in checks):
@@ -246,8 +255,9 @@ class _Writer:
         self.size += size
         return True
 
-    def write_shards(self, folder: Path, shards: ShardSet, shard_tensors: dict[str, list[str]], *,
-                     overwrite: bool) -> bool:
+    def write_shards(
+        self, folder: Path, shards: ShardSet, shard_tensors: dict[str, list[str]], *, overwrite: bool
+    ) -> bool:
         """Write every shard into a staging folder, then move them and a new index into ``folder``."""
         index_name = shards.index.name if shards.index else f"model{INDEX_SUFFIX}"
         created = _prepare_output_folder(folder, shards, [*shards.files, index_name], overwrite)
@@ -317,8 +327,11 @@ def inspect_file(
     problem: str | None = None
     recorded = changes_from_metadata(metadata)
     if recorded is not None:
-        notes = [*notes, f"converted by fc2conv {metadata.get('fc2conv.version', '?')}: "
-                 + ", ".join(f"{c.name} -> {c.became}" for c in recorded)]
+        notes = [
+            *notes,
+            f"converted by fc2conv {metadata.get('fc2conv.version', '?')}: "
+            + ", ".join(f"{c.name} -> {c.became}" for c in recorded),
+        ]
     try:
         plan = plan_conversion(infos, input_shape, flatten_order, layers)
     except PlanError as exc:  # a ShapeError (a given shape that does not fit) is the caller's error
@@ -372,8 +385,9 @@ def verify_files(
         changes = _changes_from_shapes(original.infos, converted.infos, flatten_order or "chw")
         notes.append("no fc2conv metadata: converted layers found by shape (2-D in original, 4-D in converted)")
     if flatten_order is not None:
-        changes = [replace(c, flatten_order=flatten_order) if c.in_map.height * c.in_map.width > 1 else c
-                   for c in changes]
+        changes = [
+            replace(c, flatten_order=flatten_order) if c.in_map.height * c.in_map.width > 1 else c for c in changes
+        ]
     # The layer whose map is more than 1x1 carries the geometry (a chain's first layer).
     first = next((c for c in changes if c.in_map.height * c.in_map.width > 1), changes[0] if changes else None)
     spec = as_spec(input_shape)
@@ -390,8 +404,9 @@ def verify_files(
     mismatches = [TensorMismatch(n, "missing from the converted file") for n in sorted(only_original)]
     mismatches += [TensorMismatch(n, "not in the original file") for n in sorted(only_converted)]
     present = [c for c in changes if c.weight in original_names and c.weight in converted_names]
-    checks = check_changes(present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True,
-                           strict=strict)
+    checks = check_changes(
+        present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True, strict=strict
+    )
 
     from fc2conv.check import tensors_identical
 

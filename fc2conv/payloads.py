@@ -68,9 +68,7 @@ def convert_json(result: ConvertResult) -> dict[str, Any]:
 def warnings_for(checks: tuple[LayerCheck, ...]) -> list[str]:
     """Lines for stderr about layers that convert but deserve attention."""
     return [
-        f"{c.name} has non-finite (NaN/Inf) weights or outputs; converted as they are"
-        for c in checks
-        if c.nonfinite
+        f"{c.name} has non-finite (NaN/Inf) weights or outputs; converted as they are" for c in checks if c.nonfinite
     ]
 
 
@@ -96,7 +94,9 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
         "chain": [
             {"name": c.name, "became": c.became, "old_shape": list(c.old_shape), "new_shape": list(c.new_shape)}
             for c in plan.layers
-        ] if plan else [],
+        ]
+        if plan
+        else [],
         "input_shape": plan.input_shape.as_list() if plan and plan.input_shape else None,
         "flatten_order": plan.flatten_order if plan else None,
         "plan_notes": list(plan.notes) if plan else [],

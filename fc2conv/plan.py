@@ -346,9 +346,7 @@ def _start_for_spec(spec: ShapeSpec, candidates: list[Layer]) -> tuple[int, Inpu
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _infer_geometry(
-    infos: list[TensorInfo], candidates: list[Layer], notes: list[str]
-) -> tuple[int, InputShape]:
+def _infer_geometry(infos: list[TensorInfo], candidates: list[Layer], notes: list[str]) -> tuple[int, InputShape]:
     """C from the last 4-D conv weight before the first FC layer, and a square map."""
     first = candidates[0]
     in_features = _in_features(first)
@@ -376,9 +374,7 @@ def _infer_geometry(
     return 0, shape
 
 
-def _square_candidates(
-    convs: list[tuple[int, TensorInfo]], in_features: int, layer: str
-) -> Iterable[InputShape]:
+def _square_candidates(convs: list[tuple[int, TensorInfo]], in_features: int, layer: str) -> Iterable[InputShape]:
     for _, conv in convs:
         try:
             yield square_map(conv.shape[0], in_features, layer)

@@ -32,8 +32,9 @@ def make_console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH
     plain = bool(os.environ.get("NO_COLOR"))  # rich alone would still emit bold and italics
-    return Console(file=stream, width=width, highlight=False, soft_wrap=False,
-                   **({"color_system": None} if plain else {}))
+    return Console(
+        file=stream, width=width, highlight=False, soft_wrap=False, **({"color_system": None} if plain else {})
+    )
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:
@@ -90,8 +91,13 @@ class ByteProgress:
             if not self._console.is_terminal or total < PROGRESS_MIN_BYTES:
                 return
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=self._console, transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self._console,
+                transient=True,
             )
             self._progress.start()
             self._task = self._progress.add_task("writing", total=total)
@@ -126,8 +132,14 @@ def convert_table(result: ConvertResult) -> Table:
         ),
     )
     for header, justify in [
-        ("Layer", "left"), ("Became", "left"), ("Old shape", "right"), ("New shape", "right"),
-        ("Params", "right"), ("Max abs err", "right"), ("Max rel err", "right"), ("Check", "left"),
+        ("Layer", "left"),
+        ("Became", "left"),
+        ("Old shape", "right"),
+        ("New shape", "right"),
+        ("Params", "right"),
+        ("Max abs err", "right"),
+        ("Max rel err", "right"),
+        ("Check", "left"),
     ]:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for check in result.checks:
@@ -155,10 +167,7 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         console.print(
             f"  [bold red]output not written[/]: a numeric check failed; {escape(str(result.output))} is unchanged"
         )
-    console.print(
-        f"  untouched: {len(plan.untouched)} tensors copied bit for bit; "
-        f"time: {result.seconds:.2f} s"
-    )
+    console.print(f"  untouched: {len(plan.untouched)} tensors copied bit for bit; time: {result.seconds:.2f} s")
 
 
 # --- inspect ------------------------------------------------------------------------------------
@@ -168,15 +177,25 @@ def inspect_table(result: InspectResult) -> Table:
     """The layers of a checkpoint, with their guessed kind and what convert would make of them."""
     became = {c.name: c.became for c in result.plan.layers} if result.plan else {}
     table = Table(title=f"fc2conv inspect: {escape(result.path.name)}", box=box.SIMPLE_HEAVY)
-    for header, justify in [("Layer", "left"), ("Kind", "left"), ("Shapes", "left"), ("Dtype", "left"),
-                            ("Params", "right"), ("Convert", "left")]:
+    for header, justify in [
+        ("Layer", "left"),
+        ("Kind", "left"),
+        ("Shapes", "left"),
+        ("Dtype", "left"),
+        ("Params", "right"),
+        ("Convert", "left"),
+    ]:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for layer in result.layers:
         shapes = ", ".join(f"{t.name.rpartition('.')[2]} {_shape(t.shape)}" for t in layer.tensors)
         dtypes = ", ".join(sorted({t.dtype for t in layer.tensors}))
         table.add_row(
-            escape(layer.name or "(top level)"), layer.kind, escape(shapes), dtypes,
-            f"{layer.parameters:,}", became.get(layer.name, ""),
+            escape(layer.name or "(top level)"),
+            layer.kind,
+            escape(shapes),
+            dtypes,
+            f"{layer.parameters:,}",
+            became.get(layer.name, ""),
         )
     return table
 
@@ -191,8 +210,10 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         for note in result.plan.notes:
             console.print(f"  {escape(note)}")
         if result.plan.input_shape is not None:
-            console.print(f"  convert would use: --input-shape {result.plan.input_shape} "
-                          f"--flatten-order {result.plan.flatten_order}")
+            console.print(
+                f"  convert would use: --input-shape {result.plan.input_shape} "
+                f"--flatten-order {result.plan.flatten_order}"
+            )
     else:
         console.print(f"  [yellow]no conversion plan[/]: {escape(result.plan_problem or '')}")
     console.print(
@@ -210,14 +231,25 @@ def verify_table(result: VerifyResult) -> Table:
         box=box.SIMPLE_HEAVY,
         caption=f"{_grid_text(result.checks)}; pass: abs <= atol + rtol * max|output|",
     )
-    for header, justify in [("Layer", "left"), ("Became", "left"), ("Dtype", "left"), ("Max abs err", "right"),
-                            ("Max rel err", "right"), ("atol / rtol", "right"), ("Bit-exact", "left"),
-                            ("Check", "left")]:
+    for header, justify in [
+        ("Layer", "left"),
+        ("Became", "left"),
+        ("Dtype", "left"),
+        ("Max abs err", "right"),
+        ("Max rel err", "right"),
+        ("atol / rtol", "right"),
+        ("Bit-exact", "left"),
+        ("Check", "left"),
+    ]:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for check in result.checks:
         table.add_row(
-            escape(check.name), check.became, check.dtype, _float(check.max_abs_error),
-            _float(check.max_rel_error), f"{check.tolerance.atol:g} / {check.tolerance.rtol:g}",
+            escape(check.name),
+            check.became,
+            check.dtype,
+            _float(check.max_abs_error),
+            _float(check.max_rel_error),
+            f"{check.tolerance.atol:g} / {check.tolerance.rtol:g}",
             "yes" if check.exact else "no",
             _verdict(check.ok) + (f" [red]{escape(check.problem)}[/]" if check.problem else ""),
         )

@@ -116,9 +116,7 @@ def resolve_shape(spec: ShapeSpec, in_features: int, layer: str) -> InputShape:
     c, h, w = spec.parts()
     if c is not None and h is not None and w is not None:
         if c * h * w != in_features:
-            raise ShapeError(
-                f"{layer} takes {in_features} inputs; {c}x{h}x{w} = {c * h * w}"
-            )
+            raise ShapeError(f"{layer} takes {in_features} inputs; {c}x{h}x{w} = {c * h * w}")
         return InputShape(c, h, w)
     if c is None:
         assert h is not None and w is not None

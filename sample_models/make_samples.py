@@ -29,12 +29,19 @@ class SmallCNN(nn.Module):
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(32 * 4 * 4, 128),
+            nn.BatchNorm1d(128),
+            nn.ReLU(),
+            nn.Dropout(0.5),
             nn.Linear(128, classes),
         )
 
@@ -170,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            stale = [n for n, b in COMMITTED.items()
-                     if write(n, b, Path(tmp)).read_bytes() != (HERE / n).read_bytes()]
+            stale = [n for n, b in COMMITTED.items() if write(n, b, Path(tmp)).read_bytes() != (HERE / n).read_bytes()]
         for name in stale:
             print(f"{name} differs from a rebuild", file=sys.stderr)
         return 1 if stale else 0

@@ -27,8 +27,13 @@ make_samples = _load_samples_module()
 
 
 def head_state_dict(
-    c: int = 8, h: int = 3, w: int = 3, widths: tuple[int, ...] = (16, 5), dtype: torch.dtype = torch.float32,
-    seed: int = 0, bias: bool = True,
+    c: int = 8,
+    h: int = 3,
+    w: int = 3,
+    widths: tuple[int, ...] = (16, 5),
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    bias: bool = True,
 ) -> dict[str, torch.Tensor]:
     """A conv feature extractor ending in C channels, then an FC chain C*H*W -> widths[0] -> ..."""
     g = torch.Generator().manual_seed(seed)

@@ -24,8 +24,10 @@ EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10
 
 def layer(c=8, h=3, w=4, out=16, dtype=torch.float32, order="chw", seed=0):
     g = torch.Generator().manual_seed(seed)
-    sd = {"fc.weight": (torch.randn(out, c * h * w, generator=g) / (c * h * w) ** 0.5).to(dtype),
-          "fc.bias": torch.randn(out, generator=g).to(dtype)}
+    sd = {
+        "fc.weight": (torch.randn(out, c * h * w, generator=g) / (c * h * w) ** 0.5).to(dtype),
+        "fc.bias": torch.randn(out, generator=g).to(dtype),
+    }
     plan = plan_conversion(tensor_infos(sd), (c, h, w), flatten_order=order)
     return plan.layers[0], sd, convert_state_dict(sd, (c, h, w), flatten_order=order)
 

@@ -52,7 +52,9 @@ def test_convert_sample_prints_table_and_writes_safetensors(tmp_path):
     assert metadata["fc2conv.input_shape"] == "32x4x4" and metadata["fc2conv.flatten_order"] == "chw"
     layers = json.loads(metadata["fc2conv.layers"])
     assert [(entry["name"], entry["new_shape"]) for entry in layers] == [
-        ("classifier.1", [128, 32, 4, 4]), ("classifier.5", [10, 128, 1, 1])]
+        ("classifier.1", [128, 32, 4, 4]),
+        ("classifier.5", [10, 128, 1, 1]),
+    ]
 
 
 def test_convert_json_is_one_object_with_measured_errors(tmp_path):
@@ -91,8 +93,17 @@ def test_hwc_sample_needs_shape_and_order(tmp_path, samples):
     inferred = run("convert", source, "-o", tmp_path / "x.safetensors")
     assert inferred.exit_code == 2
     assert "8x3x5" in error_line(inferred)
-    result = run("convert", source, "--input-shape", "8x3x5", "--flatten-order", "hwc", "-o",
-                 tmp_path / "x.safetensors", "--json")
+    result = run(
+        "convert",
+        source,
+        "--input-shape",
+        "8x3x5",
+        "--flatten-order",
+        "hwc",
+        "-o",
+        tmp_path / "x.safetensors",
+        "--json",
+    )
     assert result.exit_code == 0
     payload = json.loads(result.stdout)
     assert payload["flatten_order"] == "hwc" and payload["layers"][0]["became"] == "Conv 3x5"
@@ -101,8 +112,9 @@ def test_hwc_sample_needs_shape_and_order(tmp_path, samples):
     model.load_state_dict({k: v.double() for k, v in load_file(str(source)).items()})
     converted = load_file(str(tmp_path / "x.safetensors"))
     feature_map = torch.randn(3, 8, 3, 5, dtype=torch.float64)
-    y = torch.relu(torch.nn.functional.conv2d(feature_map, converted["dense1.weight"].double(),
-                                              converted["dense1.bias"].double()))
+    y = torch.relu(
+        torch.nn.functional.conv2d(feature_map, converted["dense1.weight"].double(), converted["dense1.bias"].double())
+    )
     y = torch.nn.functional.conv2d(y, converted["dense2.weight"].double(), converted["dense2.bias"].double())
     torch.testing.assert_close(y.flatten(1), model.head(feature_map), rtol=1e-10, atol=1e-10)
 
@@ -171,15 +183,24 @@ def test_json_error_is_still_one_object_on_stdout(tmp_path):
 def test_inspect_table_and_json():
     result = run("inspect", SAMPLES / "lenet_wrapped.pth")
     assert result.exit_code == 0
-    for text in ["conv2", "Conv2d", "fc1", "Linear", "Conv 5x5", "model_state_dict", "'module.'",
-                 "--input-shape 16x5x5"]:
+    for text in [
+        "conv2",
+        "Conv2d",
+        "fc1",
+        "Linear",
+        "Conv 5x5",
+        "model_state_dict",
+        "'module.'",
+        "--input-shape 16x5x5",
+    ]:
         assert text in result.stdout
     payload = json.loads(run("inspect", SAMPLES / "lenet_wrapped.pth", "--json").stdout)
     assert [c["name"] for c in payload["chain"]] == ["fc1", "fc2", "fc3"]
     assert payload["input_shape"] == [16, 5, 5]
     assert {layer["name"]: layer["kind"] for layer in payload["layers"]}["conv1"] == "Conv2d"
     assert payload["totals"]["parameters"] == sum(
-        v.numel() for v in torch.load(SAMPLES / "lenet_wrapped.pth", weights_only=True)["model_state_dict"].values())
+        v.numel() for v in torch.load(SAMPLES / "lenet_wrapped.pth", weights_only=True)["model_state_dict"].values()
+    )
 
 
 def test_inspect_reports_why_there_is_no_plan_and_still_exits_0():
@@ -187,8 +208,9 @@ def test_inspect_reports_why_there_is_no_plan_and_still_exits_0():
     assert result.exit_code == 0
     payload = json.loads(result.stdout)
     assert payload["chain"] == [] and "8x3x5" in payload["plan_problem"]
-    with_shape = json.loads(run("inspect", SAMPLES / "channels_last_head.safetensors", "--input-shape",
-                                "8x3x5", "--json").stdout)
+    with_shape = json.loads(
+        run("inspect", SAMPLES / "channels_last_head.safetensors", "--input-shape", "8x3x5", "--json").stdout
+    )
     assert with_shape["input_shape"] == [8, 3, 5]
     bad = run("inspect", SAMPLES / "channels_last_head.safetensors", "--input-shape", "8x4x4")
     assert bad.exit_code == 2 and "dense1 takes 120 inputs; 8x4x4 = 128" in error_line(bad)
@@ -271,15 +293,21 @@ def test_installed_script_and_python_m(tmp_path):
     script = shutil.which("fc2conv")
     assert script, "the fc2conv console script is not installed"
     out = tmp_path / "o.safetensors"
-    done = subprocess.run([script, "convert", str(SMALL_CNN), "-o", str(out), "--json"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [script, "convert", str(SMALL_CNN), "-o", str(out), "--json"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ok"] is True
-    verified = subprocess.run([sys.executable, "-m", "fc2conv", "verify", str(SMALL_CNN), str(out)],
-                              capture_output=True, text=True, check=False)
+    verified = subprocess.run(
+        [sys.executable, "-m", "fc2conv", "verify", str(SMALL_CNN), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verified.returncode == 0 and "PASS" in verified.stdout
-    bad = subprocess.run([script, "convert", str(SMALL_CNN), "--input-shape", "nope"],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [script, "convert", str(SMALL_CNN), "--input-shape", "nope"], capture_output=True, text=True, check=False
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("Error: ")
 
@@ -313,17 +341,23 @@ def test_input_file_is_never_modified(tmp_path):
     shutil.copy(SMALL_CNN, source)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     stat = source.stat()
-    for args in (["convert", source], ["convert", source, "--force", "--flatten-order", "hwc"],
-                 ["inspect", source], ["verify", source, tmp_path / "m.conv.safetensors"]):
+    for args in (
+        ["convert", source],
+        ["convert", source, "--force", "--flatten-order", "hwc"],
+        ["inspect", source],
+        ["verify", source, tmp_path / "m.conv.safetensors"],
+    ):
         run(*args)
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
     assert source.stat().st_mtime_ns == stat.st_mtime_ns
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom fc2conv.cli import cli\n"
-            "for args in (['--help'], ['convert', '--help'], ['--version']):\n"
-            "    cli.main(args, standalone_mode=False)\n"
-            "print('torch' in sys.modules)\n")
+    code = (
+        "import sys\nfrom fc2conv.cli import cli\n"
+        "for args in (['--help'], ['convert', '--help'], ['--version']):\n"
+        "    cli.main(args, standalone_mode=False)\n"
+        "print('torch' in sys.modules)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"

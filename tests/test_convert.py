@@ -30,8 +30,12 @@ def conv_modules(converted):
 
 
 def seed_state_dict(fc1, fc2):
-    return {"fc1.weight": fc1.weight.data, "fc1.bias": fc1.bias.data,
-            "fc2.weight": fc2.weight.data, "fc2.bias": fc2.bias.data}
+    return {
+        "fc1.weight": fc1.weight.data,
+        "fc1.bias": fc1.bias.data,
+        "fc2.weight": fc2.weight.data,
+        "fc2.bias": fc2.bias.data,
+    }
 
 
 def test_seed_example_1_fc1_becomes_a_4x4_conv_with_a_1x1x1024_output():
@@ -87,8 +91,12 @@ def test_hwc_weights_need_the_permutation_and_a_plain_reshape_is_wrong():
 
 
 def test_untouched_tensors_are_the_same_objects_and_names_are_kept():
-    sd = {"conv.weight": torch.randn(8, 3, 3, 3), "fc.weight": torch.randn(5, 72), "fc.bias": torch.randn(5),
-          "step": torch.tensor(3)}
+    sd = {
+        "conv.weight": torch.randn(8, 3, 3, 3),
+        "fc.weight": torch.randn(5, 72),
+        "fc.bias": torch.randn(5),
+        "step": torch.tensor(3),
+    }
     out = convert_state_dict(sd, "8x3x3")
     assert list(out) == list(sd)
     assert out["conv.weight"] is sd["conv.weight"] and out["step"] is sd["step"] and out["fc.bias"] is sd["fc.bias"]
@@ -138,10 +146,14 @@ def _conv_head(converted, names, x):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    c=st.integers(1, 12), h=st.integers(1, 5), w=st.integers(1, 5),
+    c=st.integers(1, 12),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
     widths=st.lists(st.integers(1, 24), min_size=1, max_size=3),
-    dtype=st.sampled_from(DTYPES), order=st.sampled_from(["chw", "hwc"]),
-    grow=st.tuples(st.integers(0, 3), st.integers(0, 3)), seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(DTYPES),
+    order=st.sampled_from(["chw", "hwc"]),
+    grow=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    seed=st.integers(0, 2**16),
 )
 def test_property_conv_head_equals_linear_head_at_traced_size_and_densely(c, h, w, widths, dtype, order, grow, seed):
     g = torch.Generator().manual_seed(seed)

@@ -93,8 +93,9 @@ def test_random_bytes(tmp_path_factory, data, suffix):
         pass
 
 
-@settings(max_examples=max(10, EXAMPLES // 5), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=max(10, EXAMPLES // 5), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(edits=edits)
 def test_mutated_checkpoint_through_the_whole_conversion(tmp_path_factory, edits):
     folder = tmp_path_factory.mktemp("conv")
@@ -112,8 +113,11 @@ names = st.sampled_from(["fc", "fc1", "fc2", "head.0", "head.1", "conv", "featur
 leaves = st.sampled_from(["weight", "bias", "running_mean", "running_var", "scale"])
 dtypes = st.sampled_from([*FLOAT_DTYPES, "int8", "int64", "bool", "complex64", "uint8"])
 shapes = st.lists(st.integers(0, 70), max_size=5).map(tuple)
-infos = st.lists(st.builds(lambda n, leaf, s, d: TensorInfo(f"{n}.{leaf}" if n else leaf, s, d), names, leaves,
-                           shapes, dtypes), max_size=12, unique_by=lambda i: i.name)
+infos = st.lists(
+    st.builds(lambda n, leaf, s, d: TensorInfo(f"{n}.{leaf}" if n else leaf, s, d), names, leaves, shapes, dtypes),
+    max_size=12,
+    unique_by=lambda i: i.name,
+)
 specs = st.none() | st.sampled_from(["8x3x3", "4x4", "16", "1", "72", "2x6x6", "5x1x7"])
 
 

@@ -61,8 +61,11 @@ def test_wrong_shape_shows_arithmetic():
 
 def test_vgg_layout_inference_picks_last_conv_not_other_square_candidates():
     infos = [T(f"features.{i}.weight", c, 3, 3, 3) for i, c in enumerate([64, 128, 256, 512])]
-    infos += [T("classifier.0.weight", 4096, 25088), T("classifier.3.weight", 4096, 4096),
-              T("classifier.6.weight", 1000, 4096)]
+    infos += [
+        T("classifier.0.weight", 4096, 25088),
+        T("classifier.3.weight", 4096, 4096),
+        T("classifier.6.weight", 1000, 4096),
+    ]
     plan = plan_conversion(infos)
     assert plan.input_shape == InputShape(512, 7, 7)
     assert [c.became for c in plan.layers] == ["Conv 7x7", "Conv 1x1", "Conv 1x1"]
@@ -70,8 +73,11 @@ def test_vgg_layout_inference_picks_last_conv_not_other_square_candidates():
 
 def test_inference_when_name_order_puts_fc_first():
     # safetensors keeps no module order: "classifier" sorts before "features".
-    infos = [T("classifier.0.weight", 10, 512), T("features.0.weight", 16, 3, 3, 3),
-             T("features.3.weight", 32, 16, 3, 3)]
+    infos = [
+        T("classifier.0.weight", 10, 512),
+        T("features.0.weight", 16, 3, 3, 3),
+        T("features.3.weight", 32, 16, 3, 3),
+    ]
     plan = plan_conversion(infos)
     assert plan.input_shape == InputShape(32, 4, 4)
     assert "none comes before" in plan.notes[0]
@@ -99,8 +105,13 @@ def test_no_conv_means_input_shape_needed():
 
 
 def test_chain_follows_widths_and_skips_unrelated_fcs():
-    infos = [T("fc1.weight", 64, 72), T("aux.weight", 3, 50), T("fc2.weight", 32, 64), T("fc3.weight", 10, 32),
-             T("other.weight", 7, 99)]
+    infos = [
+        T("fc1.weight", 64, 72),
+        T("aux.weight", 3, 50),
+        T("fc2.weight", 32, 64),
+        T("fc3.weight", 10, 32),
+        T("other.weight", 7, 99),
+    ]
     plan = plan_conversion(infos, "8x3x3")
     assert [c.name for c in plan.layers] == ["fc1", "fc2", "fc3"]
     assert "aux.weight" in plan.untouched and "other.weight" in plan.untouched
@@ -123,8 +134,15 @@ def test_layers_regex_restricts_candidates():
 
 
 def test_batchnorm_between_fcs_is_untouched_and_noted():
-    infos = [T("fc1.weight", 64, 72), T("bn.weight", 64), T("bn.bias", 64), T("bn.running_mean", 64),
-             T("bn.running_var", 64), T("bn.num_batches_tracked", dtype="int64"), T("fc2.weight", 10, 64)]
+    infos = [
+        T("fc1.weight", 64, 72),
+        T("bn.weight", 64),
+        T("bn.bias", 64),
+        T("bn.running_mean", 64),
+        T("bn.running_var", 64),
+        T("bn.num_batches_tracked", dtype="int64"),
+        T("fc2.weight", 10, 64),
+    ]
     plan = plan_conversion(infos, "8x3x3")
     assert [c.name for c in plan.layers] == ["fc1", "fc2"]
     assert {"bn.weight", "bn.running_mean", "bn.num_batches_tracked"} <= set(plan.untouched)
@@ -152,8 +170,11 @@ def test_non_float_fc_weights_are_refused_with_dtype(dtype):
 
 @pytest.mark.parametrize(
     "infos, fragment",
-    [([], "no tensors"), ([T("conv.weight", 8, 3, 3, 3)], "no fully connected layer"),
-     ([T("bn.weight", 8)], "run 'fc2conv inspect'")],
+    [
+        ([], "no tensors"),
+        ([T("conv.weight", 8, 3, 3, 3)], "no fully connected layer"),
+        ([T("bn.weight", 8)], "run 'fc2conv inspect'"),
+    ],
 )
 def test_nothing_to_convert(infos, fragment):
     with pytest.raises(PlanError, match=fragment):
@@ -161,11 +182,26 @@ def test_nothing_to_convert(infos, fragment):
 
 
 def test_group_layers_guesses_kinds():
-    infos = [T("c.weight", 4, 3, 3, 3), T("c1d.weight", 4, 3, 3), T("fc.weight", 2, 4), T("bn.weight", 4),
-             T("bn.running_mean", 4), T("ln.weight", 4), T("word_embeddings.weight", 100, 4), T("scale", 1)]
+    infos = [
+        T("c.weight", 4, 3, 3, 3),
+        T("c1d.weight", 4, 3, 3),
+        T("fc.weight", 2, 4),
+        T("bn.weight", 4),
+        T("bn.running_mean", 4),
+        T("ln.weight", 4),
+        T("word_embeddings.weight", 100, 4),
+        T("scale", 1),
+    ]
     kinds = {layer.name: layer.kind for layer in group_layers(infos)}
-    assert kinds == {"c": "Conv2d", "c1d": "Conv1d", "fc": "Linear", "bn": "BatchNorm", "ln": "other",
-                     "word_embeddings": "Embedding", "": "other"}
+    assert kinds == {
+        "c": "Conv2d",
+        "c1d": "Conv1d",
+        "fc": "Linear",
+        "bn": "BatchNorm",
+        "ln": "other",
+        "word_embeddings": "Embedding",
+        "": "other",
+    }
 
 
 def test_metadata_round_trip():
@@ -173,9 +209,7 @@ def test_metadata_round_trip():
     metadata = plan_to_metadata(plan, "9.9", source="seed.pt")
     assert metadata["format"] == "pt" and metadata["fc2conv.input_shape"] == "256x4x4"
     assert all(isinstance(v, str) for v in metadata.values())
-    assert changes_from_metadata(metadata) == [
-        c.__class__(**{**c.__dict__, "dtype": ""}) for c in plan.layers
-    ]
+    assert changes_from_metadata(metadata) == [c.__class__(**{**c.__dict__, "dtype": ""}) for c in plan.layers]
     assert changes_from_metadata({}) is None
     with pytest.raises(PlanError, match="malformed"):
         changes_from_metadata({"fc2conv.layers": "[{}]"})
@@ -183,7 +217,9 @@ def test_metadata_round_trip():
 
 @settings(max_examples=150, deadline=None)
 @given(
-    c=st.integers(1, 64), h=st.integers(1, 9), w=st.integers(1, 9),
+    c=st.integers(1, 64),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
     widths=st.lists(st.integers(1, 300), min_size=1, max_size=4),
     noise=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300)), max_size=3),
 )

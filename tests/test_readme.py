@@ -24,8 +24,9 @@ def _normalise(text: str) -> list[str]:
 def _run(cwd: Path, *args: str) -> str:
     env = {**os.environ, "NO_COLOR": "1"}
     env.pop("COLUMNS", None)
-    done = subprocess.run([shutil.which("fc2conv") or "fc2conv", *args], cwd=cwd, capture_output=True, text=True,
-                          check=True, env=env)
+    done = subprocess.run(
+        [shutil.which("fc2conv") or "fc2conv", *args], cwd=cwd, capture_output=True, text=True, check=True, env=env
+    )
     return done.stdout
 
 

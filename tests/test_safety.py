@@ -77,8 +77,13 @@ class _SubprocessPayload(_SystemPayload):
         return (subprocess.call, (["touch", self.marker],))
 
 
-PAYLOADS = {"os.system": _SystemPayload, "eval": _EvalPayload, "exec": _ExecPayload,
-            "builtins.__import__": _ImportPayload, "subprocess": _SubprocessPayload}
+PAYLOADS = {
+    "os.system": _SystemPayload,
+    "eval": _EvalPayload,
+    "exec": _ExecPayload,
+    "builtins.__import__": _ImportPayload,
+    "subprocess": _SubprocessPayload,
+}
 
 
 def _payload_file(tmp: Path, kind: str, container: str) -> Path:
@@ -161,56 +166,155 @@ def _convert(path: str, *extra: str) -> list[str]:
 
 
 CASES = [
-    *[Case(f"pickle-{kind}-{container.replace(' ', '-')}",
-           lambda tmp, k=kind, c=container: _convert(str(_payload_file(tmp, k, c))), 2, "refused to load")
-      for kind in PAYLOADS for container in ("torch zip", "legacy torch", "plain pickle")],
+    *[
+        Case(
+            f"pickle-{kind}-{container.replace(' ', '-')}",
+            lambda tmp, k=kind, c=container: _convert(str(_payload_file(tmp, k, c))),
+            2,
+            "refused to load",
+        )
+        for kind in PAYLOADS
+        for container in ("torch zip", "legacy torch", "plain pickle")
+    ],
     Case("empty-file", lambda tmp: _convert(_bytes(tmp, b"", "empty.pt")), 2, "the file is empty"),
-    Case("truncated-zip", lambda tmp: _convert(_bytes(tmp, _real_pt_bytes()[:5000], "cut.pt")), 2,
-         "not a readable PyTorch checkpoint"),
+    Case(
+        "truncated-zip",
+        lambda tmp: _convert(_bytes(tmp, _real_pt_bytes()[:5000], "cut.pt")),
+        2,
+        "not a readable PyTorch checkpoint",
+    ),
     Case("zip-with-junk-data.pkl", lambda tmp: _convert(_junk_data_pkl(tmp)), 2, "not a readable PyTorch checkpoint"),
-    Case("png-named-pt", lambda tmp: _convert(_bytes(tmp, b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image.pt")), 2,
-         "not a readable PyTorch checkpoint"),
-    Case("text-named-pt", lambda tmp: _convert(_bytes(tmp, b"weights: none\n", "notes.pt")), 2,
-         "not a readable PyTorch checkpoint"),
+    Case(
+        "png-named-pt",
+        lambda tmp: _convert(_bytes(tmp, b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image.pt")),
+        2,
+        "not a readable PyTorch checkpoint",
+    ),
+    Case(
+        "text-named-pt",
+        lambda tmp: _convert(_bytes(tmp, b"weights: none\n", "notes.pt")),
+        2,
+        "not a readable PyTorch checkpoint",
+    ),
     Case("directory", lambda tmp: _convert(str(tmp)), 2, "is a directory"),
     Case("missing-path", lambda tmp: _convert(str(tmp / "absent.pt")), 2, "no such file"),
-    Case("st-header-past-end", lambda tmp: _convert(_bytes(tmp, _st(b"{}", length=10**6), "a.safetensors")), 2,
-         "past the end"),
-    Case("st-header-not-json", lambda tmp: _convert(_bytes(tmp, _st(b"not json"), "a.safetensors")), 2,
-         "not valid JSON"),
-    Case("st-offsets-past-data", lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(offsets=(0, 64))}, b"\0" * 8),
-                                                             "a.safetensors")), 2, "outside the 8-byte data section"),
-    Case("st-overlapping-offsets", lambda tmp: _convert(_bytes(tmp, _st(
-        {"a": _entry(), "b": _entry(offsets=(4, 12))}, b"\0" * 12), "a.safetensors")), 2, "overlap"),
-    Case("st-unknown-dtype", lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(dtype="F13")}, b"\0" * 8),
-                                                         "a.safetensors")), 2, "unknown dtype 'F13'"),
-    Case("st-absurd-shape", lambda tmp: _convert(_bytes(tmp, _st(
-        {"w": _entry(shape=(2**40, 2**40))}, b"\0" * 8), "a.safetensors")), 2, "needs 4835703278458516698824704 bytes"),
-    Case("st-duplicate-names", lambda tmp: _convert(_bytes(tmp, _st(
-        b'{"w":' + json.dumps(_entry()).encode() + b',"w":' + json.dumps(_entry(offsets=(8, 16))).encode() + b"}",
-        b"\0" * 16), "a.safetensors")), 2, "duplicate tensor name 'w'"),
-    Case("pt-expanded-view", lambda tmp: _convert(_pt(tmp, {"fc.weight": torch.zeros(1).expand(2**20, 2**20)})), 2,
-         "storage holds 4 bytes (an expanded view)"),
+    Case(
+        "st-header-past-end",
+        lambda tmp: _convert(_bytes(tmp, _st(b"{}", length=10**6), "a.safetensors")),
+        2,
+        "past the end",
+    ),
+    Case(
+        "st-header-not-json", lambda tmp: _convert(_bytes(tmp, _st(b"not json"), "a.safetensors")), 2, "not valid JSON"
+    ),
+    Case(
+        "st-offsets-past-data",
+        lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(offsets=(0, 64))}, b"\0" * 8), "a.safetensors")),
+        2,
+        "outside the 8-byte data section",
+    ),
+    Case(
+        "st-overlapping-offsets",
+        lambda tmp: _convert(
+            _bytes(tmp, _st({"a": _entry(), "b": _entry(offsets=(4, 12))}, b"\0" * 12), "a.safetensors")
+        ),
+        2,
+        "overlap",
+    ),
+    Case(
+        "st-unknown-dtype",
+        lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(dtype="F13")}, b"\0" * 8), "a.safetensors")),
+        2,
+        "unknown dtype 'F13'",
+    ),
+    Case(
+        "st-absurd-shape",
+        lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(shape=(2**40, 2**40))}, b"\0" * 8), "a.safetensors")),
+        2,
+        "needs 4835703278458516698824704 bytes",
+    ),
+    Case(
+        "st-duplicate-names",
+        lambda tmp: _convert(
+            _bytes(
+                tmp,
+                _st(
+                    b'{"w":'
+                    + json.dumps(_entry()).encode()
+                    + b',"w":'
+                    + json.dumps(_entry(offsets=(8, 16))).encode()
+                    + b"}",
+                    b"\0" * 16,
+                ),
+                "a.safetensors",
+            )
+        ),
+        2,
+        "duplicate tensor name 'w'",
+    ),
+    Case(
+        "pt-expanded-view",
+        lambda tmp: _convert(_pt(tmp, {"fc.weight": torch.zeros(1).expand(2**20, 2**20)})),
+        2,
+        "storage holds 4 bytes (an expanded view)",
+    ),
     Case("no-tensors", lambda tmp: _convert(_pt(tmp, {"epoch": 3, "note": "empty"})), 2, "no tensors found"),
-    Case("no-fc-layer", lambda tmp: _convert(_pt(tmp, {"conv.weight": torch.zeros(4, 3, 3, 3)})), 2,
-         "no fully connected layer found"),
-    *[Case(f"fc-weight-{name}", lambda tmp, d=dtype: _convert(_pt(tmp, _float_head(d)), "--input-shape", "8x3x3"), 2,
-           f"fc1.weight is {name}; only floating-point FC weights")
-      for name, dtype in [("int8", torch.int8), ("int64", torch.int64), ("bool", torch.bool),
-                          ("complex64", torch.complex64), ("qint8", torch.qint8)]],
-    *[Case(f"shape-{text}", lambda tmp, t=text: _convert(str(SAMPLES / "small_cnn.pt"), "--input-shape", t), 2, msg)
-      for text, msg in [("0x4x4", "every part must be at least 1"), ("-4x4x4", "'-4' is not a positive whole number"),
-                        ("4xfourx4", "'four' is not a positive whole number"), ("4x4x4x4x4", "has 5 parts"),
-                        ("1e3x2x2", "'1e3' is not a positive whole number"),
-                        ("32x4x5", "classifier.1 takes 512 inputs; 32x4x5 = 640")]],
-    Case("output-folder-missing", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o",
-                                               str(tmp / "nowhere" / "o.safetensors")], 2, "does not exist"),
-    Case("output-is-input", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", str(tmp / "model.pt"),
-                                         "--force"], 2, "refusing to write over the input"),
-    Case("output-exists", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o",
-                                       _bytes(tmp, b"keep me", "o.safetensors")], 2, "already exists; pass --force"),
-    Case("output-is-a-device", lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", "/dev/null", "--force"], 2,
-         "is not a regular file"),
+    Case(
+        "no-fc-layer",
+        lambda tmp: _convert(_pt(tmp, {"conv.weight": torch.zeros(4, 3, 3, 3)})),
+        2,
+        "no fully connected layer found",
+    ),
+    *[
+        Case(
+            f"fc-weight-{name}",
+            lambda tmp, d=dtype: _convert(_pt(tmp, _float_head(d)), "--input-shape", "8x3x3"),
+            2,
+            f"fc1.weight is {name}; only floating-point FC weights",
+        )
+        for name, dtype in [
+            ("int8", torch.int8),
+            ("int64", torch.int64),
+            ("bool", torch.bool),
+            ("complex64", torch.complex64),
+            ("qint8", torch.qint8),
+        ]
+    ],
+    *[
+        Case(f"shape-{text}", lambda tmp, t=text: _convert(str(SAMPLES / "small_cnn.pt"), "--input-shape", t), 2, msg)
+        for text, msg in [
+            ("0x4x4", "every part must be at least 1"),
+            ("-4x4x4", "'-4' is not a positive whole number"),
+            ("4xfourx4", "'four' is not a positive whole number"),
+            ("4x4x4x4x4", "has 5 parts"),
+            ("1e3x2x2", "'1e3' is not a positive whole number"),
+            ("32x4x5", "classifier.1 takes 512 inputs; 32x4x5 = 640"),
+        ]
+    ],
+    Case(
+        "output-folder-missing",
+        lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", str(tmp / "nowhere" / "o.safetensors")],
+        2,
+        "does not exist",
+    ),
+    Case(
+        "output-is-input",
+        lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", str(tmp / "model.pt"), "--force"],
+        2,
+        "refusing to write over the input",
+    ),
+    Case(
+        "output-exists",
+        lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", _bytes(tmp, b"keep me", "o.safetensors")],
+        2,
+        "already exists; pass --force",
+    ),
+    Case(
+        "output-is-a-device",
+        lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", "/dev/null", "--force"],
+        2,
+        "is not a regular file",
+    ),
 ]
 
 
@@ -235,7 +339,7 @@ def test_bad_input(tmp_path, case):
 
 def test_readme_table_matches_the_cases():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Safety and failure behaviour"):]
+    section = readme[readme.index("## Safety and failure behaviour") :]
     for case in CASES:
         row = next((line for line in section.splitlines() if f"`{case.id}`" in line), None)
         assert row is not None, f"README has no row for {case.id}"
@@ -260,8 +364,12 @@ def test_unreadable_file_for_real(tmp_path):
 
 def test_non_float_tensors_elsewhere_are_copied_untouched(tmp_path):
     sd = head_state_dict(c=8, h=3, w=3, widths=(5,))
-    extra = {"ids": torch.arange(7), "mask": torch.tensor([True, False]),
-             "phase": torch.randn(3, dtype=torch.complex64), "small": torch.randint(0, 9, (4, 4), dtype=torch.int8)}
+    extra = {
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False]),
+        "phase": torch.randn(3, dtype=torch.complex64),
+        "small": torch.randint(0, 9, (4, 4), dtype=torch.int8),
+    }
     source = _pt(tmp_path, {**sd, **extra})
     out = tmp_path / "out.safetensors"
     runner = CliRunner()
@@ -271,8 +379,10 @@ def test_non_float_tensors_elsewhere_are_copied_untouched(tmp_path):
 
 
 def test_quantized_tensor_elsewhere_cannot_be_written_and_says_so(tmp_path):
-    sd = {**head_state_dict(c=8, h=3, w=3, widths=(5,)),
-          "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)}
+    sd = {
+        **head_state_dict(c=8, h=3, w=3, widths=(5,)),
+        "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8),
+    }
     source = _pt(tmp_path, sd)
     result = CliRunner().invoke(cli, ["convert", source, "--input-shape", "8x3x3"])
     assert result.exit_code == 2 and "q: dtype qint8 has no safetensors equivalent" in result.stderr
@@ -313,8 +423,9 @@ def test_trust_pickle_is_the_only_way_to_load_a_whole_module_and_warns(tmp_path)
 
 def _mount_tmpfs(folder: Path, options: str) -> bool:
     folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
-                          check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, check=False
+    )
     return done.returncode == 0
 
 
@@ -361,8 +472,12 @@ def test_file_size_limit_is_a_clean_write_failure(tmp_path):
         "from fc2conv.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, "convert", source, "-o", str(tmp_path / "o.safetensors")],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "convert", source, "-o", str(tmp_path / "o.safetensors")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 2 and "File too large" in done.stderr and done.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
@@ -372,9 +487,11 @@ def test_file_size_limit_is_a_clean_write_failure(tmp_path):
 
 def _big_checkpoint(tmp: Path) -> Path:
     g = torch.Generator().manual_seed(0)
-    sd = {"features.weight": torch.randn(64, 3, 3, 3, generator=g),
-          "fc1.weight": torch.randn(4096, 64 * 16 * 16, generator=g),  # 256 MB: the write takes a while
-          "fc2.weight": torch.randn(10, 4096, generator=g)}
+    sd = {
+        "features.weight": torch.randn(64, 3, 3, 3, generator=g),
+        "fc1.weight": torch.randn(4096, 64 * 16 * 16, generator=g),  # 256 MB: the write takes a while
+        "fc2.weight": torch.randn(10, 4096, generator=g),
+    }
     path = tmp / "big.pt"
     torch.save(sd, path)
     return path
@@ -395,8 +512,12 @@ def test_signal_during_write_leaves_no_output_and_no_litter(tmp_path, sig, expec
     source = _big_checkpoint(tmp_path)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     out = tmp_path / "big.conv.safetensors"
-    process = subprocess.Popen([shutil.which("fc2conv") or "fc2conv", "convert", str(source), "--input-shape",
-                                "64x16x16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [shutil.which("fc2conv") or "fc2conv", "convert", str(source), "--input-shape", "64x16x16"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not _writing(process.pid, tmp_path):
         assert process.poll() is None, "finished before the signal could be sent"

@@ -35,8 +35,12 @@ def test_small_cnn_converted_head_equals_the_module_and_slides(tmp_path, samples
     sd = load_file(str(tmp_path / "c.safetensors"))
     bn = nn.BatchNorm2d(128).double().eval()  # the BatchNorm1d tensors, loaded as they are
     bn.load_state_dict({k.removeprefix("classifier.2."): v for k, v in sd.items() if k.startswith("classifier.2.")})
-    head = nn.Sequential(_conv(sd["classifier.1.weight"], sd["classifier.1.bias"]), bn, nn.ReLU(),
-                         _conv(sd["classifier.5.weight"], sd["classifier.5.bias"]))
+    head = nn.Sequential(
+        _conv(sd["classifier.1.weight"], sd["classifier.1.bias"]),
+        bn,
+        nn.ReLU(),
+        _conv(sd["classifier.5.weight"], sd["classifier.5.bias"]),
+    )
     with torch.no_grad():
         images = torch.randn(4, 3, 16, 16, dtype=torch.float64)
         torch.testing.assert_close(head(model.features(images)).flatten(1), model(images), rtol=1e-10, atol=1e-10)
@@ -56,8 +60,13 @@ def test_wrapped_lenet_converts_with_everything_inferred(tmp_path, samples):
     assert any("model_state_dict" in n for n in result.load_notes)
     sd = load_file(str(tmp_path / "l.safetensors"))
     assert "fc1.weight" in sd  # prefix stripped in the output
-    head = nn.Sequential(_conv(sd["fc1.weight"], sd["fc1.bias"]), nn.ReLU(), _conv(sd["fc2.weight"], sd["fc2.bias"]),
-                         nn.ReLU(), _conv(sd["fc3.weight"], sd["fc3.bias"]))
+    head = nn.Sequential(
+        _conv(sd["fc1.weight"], sd["fc1.bias"]),
+        nn.ReLU(),
+        _conv(sd["fc2.weight"], sd["fc2.bias"]),
+        nn.ReLU(),
+        _conv(sd["fc3.weight"], sd["fc3.bias"]),
+    )
     with torch.no_grad():
         digits = torch.randn(3, 1, 32, 32, dtype=torch.float64)
         torch.testing.assert_close(head(model.features(digits)).flatten(1), model(digits), rtol=1e-10, atol=1e-10)
@@ -69,7 +78,9 @@ def test_seed_head_end_to_end(tmp_path, samples):
     result = convert_file(path, input_shape="256x4x4")
     assert result.ok
     assert [(c.name, c.became, c.new_shape) for c in result.checks] == [
-        ("fc1", "Conv 4x4", (1024, 256, 4, 4)), ("fc2", "Conv 1x1", (10, 1024, 1, 1))]
+        ("fc1", "Conv 4x4", (1024, 256, 4, 4)),
+        ("fc2", "Conv 1x1", (10, 1024, 1, 1)),
+    ]
     model = samples.SeedHead().double().eval()
     model.load_state_dict(torch.load(path, weights_only=True))
     sd = load_file(str(tmp_path / "seed_head.conv.safetensors"))

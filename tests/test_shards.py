@@ -48,7 +48,8 @@ def write_sharded(folder: Path, sd: dict[str, torch.Tensor], index: bool = True)
         weight_map = {n: f for f, names in SHARDS.items() for n in names}
         total = sum(t.numel() * t.element_size() for t in sd.values())
         (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total, "note": "kept"}, "weight_map": weight_map}))
+            json.dumps({"metadata": {"total_size": total, "note": "kept"}, "weight_map": weight_map})
+        )
     return folder
 
 
@@ -87,9 +88,11 @@ def test_sharded_conversion_writes_same_shards_and_a_new_index(tmp_path, given):
 
 def test_sharded_inspect_reads_headers_only_without_torch(tmp_path):
     source = write_sharded(tmp_path / "in", vgg_like())
-    code = ("import sys, json\nfrom fc2conv.cli import cli\n"
-            f"cli.main(['inspect', {str(source)!r}, '--json'], standalone_mode=False)\n"
-            "print('torch' in sys.modules, file=sys.stderr)\n")
+    code = (
+        "import sys, json\nfrom fc2conv.cli import cli\n"
+        f"cli.main(['inspect', {str(source)!r}, '--json'], standalone_mode=False)\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     payload = json.loads(done.stdout)
     assert done.stderr.strip() == "False"
@@ -227,7 +230,8 @@ def test_progress_callback_reports_every_tensor(tmp_path):
     sd = vgg_like()
     torch.save(sd, tmp_path / "m.pt")
     calls = []
-    convert_file(tmp_path / "m.pt", input_shape="16x3x3", progress=lambda done, total, name: calls.append(
-        (done, total, name)))
+    convert_file(
+        tmp_path / "m.pt", input_shape="16x3x3", progress=lambda done, total, name: calls.append((done, total, name))
+    )
     total = sum(t.numel() * t.element_size() for t in sd.values())
     assert [c[2] for c in calls] == list(sd) and calls[-1][:2] == (total, total)
