@@ -68,9 +68,9 @@ class Fc2ConvGroup(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, _on_signal)
+            previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             code = super().main(argv, prog_name or "fc2conv", complete_var, standalone_mode=False, **extra)
         except (click.exceptions.Abort, KeyboardInterrupt):
@@ -94,6 +94,9 @@ class Fc2ConvGroup(click.Group):
             code = _fail(
                 f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", EXIT_USAGE, argv
             )
+        finally:
+            for signum, handler in previous.items():  # in-process callers (tests) get theirs back
+                signal.signal(signum, handler)
         code = code if isinstance(code, int) else EXIT_OK
         if standalone_mode:
             sys.exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -262,13 +263,11 @@ class _Writer:
         index_name = shards.index.name if shards.index else f"model{INDEX_SUFFIX}"
         created = _prepare_output_folder(folder, shards, [*shards.files, index_name], overwrite)
         staging = Path(tempfile.mkdtemp(prefix=".fc2conv-", dir=folder))
+        published = False
         try:
             for file in shards.files:
                 infos = [self.out_infos[name] for name in shard_tensors.get(file, [])]
                 if not self.write_file(staging / file, infos, overwrite=False):
-                    if created:
-                        shutil.rmtree(staging, ignore_errors=True)
-                        folder.rmdir()
                     return False
             weight_map = {name: file for file in shards.files for name in shard_tensors.get(file, [])}
             index_metadata = {k: v for k, v in shards.index_metadata.items() if k != "total_size"}
@@ -278,8 +277,12 @@ class _Writer:
             for name in [*shards.files, index_name]:  # the index last: it names the finished set
                 os.replace(staging / name, folder / name)
             fsync_dir(folder)
+            published = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if created and not published:  # a failure or an interrupt leaves no new folder behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         return True
 
 
