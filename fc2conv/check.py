@@ -140,7 +140,9 @@ def check_layer(
     import torch
     import torch.nn.functional as F
 
-    dtype = coarser_dtype(str(weight.dtype).removeprefix("torch."), str(kernel.dtype).removeprefix("torch."))
+    from fc2conv.convert import dtype_name
+
+    dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
     tolerance = tolerance or tolerance_for(dtype)
     common = dict(
         name=change.name,

@@ -1,0 +1,620 @@
+"""Convert an nn.Module, not only its weights: a torch.fx pass that makes the head fully convolutional."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fc2conv.errors import PlanError
+from fc2conv.plan import LayerChange
+from fc2conv.shapes import InputShape, ShapeSpec, as_spec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import fx, nn
+
+
+@dataclass(frozen=True)
+class ModuleConversion:
+    """What :func:`convert_module` changed: the flatten it removed and each Linear it replaced."""
+
+    input_shape: InputShape  # one network input (C, H, W) the model was traced at
+    feature_shape: InputShape  # the map that was flattened (C, H, W) at the traced input size
+    feature_node: str  # the graph node whose output is that map (the head reads it)
+    changes: tuple[LayerChange, ...]
+    folded: tuple[str, ...]  # Linear layers whose following BatchNorm was folded into them
+    removed: tuple[str, ...]  # nodes removed: the flatten, identity adaptive pools, folded BatchNorms
+    notes: tuple[str, ...]
+
+
+def convert_module(
+    model: nn.Module,
+    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str,
+    *,
+    fold_batchnorm: bool = False,
+    squeeze_output: bool = False,
+) -> tuple[fx.GraphModule, ModuleConversion]:
+    """Rewrite ``model`` so that its FC head is convolutional and it runs on inputs of any size.
+
+    The model is traced with torch.fx and shapes are propagated at ``input_shape`` (the network's
+    input, e.g. ``3x224x224``). Then the flatten (``nn.Flatten``, ``torch.flatten(x, 1)``,
+    ``x.view(x.size(0), -1)``, ``x.reshape(N, -1)``) disappears; the first Linear after it becomes a
+    Conv2d whose kernel is the map's H x W and every later Linear a 1x1 Conv2d, with weights exactly
+    as :func:`fc2conv.fc_to_conv_weight` makes them (so the parameter names and shapes match a file
+    written by ``fc2conv convert``); BatchNorm1d becomes BatchNorm2d with the same tensors (or is
+    folded into the conv with ``fold_batchnorm``, eval mode only); elementwise modules stay; an
+    adaptive pool that is the identity at the traced size is removed so that larger inputs give
+    larger maps. Anything the pass cannot prove equal is a :class:`PlanError` naming the node.
+
+    Args:
+        model: The network (its parameters are copied, the model itself is not changed).
+        input_shape: C x H x W of one network input.
+        fold_batchnorm: Fold a BatchNorm1d that follows a Linear into the conv (model must be in eval mode).
+        squeeze_output: Return (N, K) instead of (N, K, 1, 1) at the traced size (larger inputs still
+            give (N, K, H', W')).
+
+    Returns:
+        The converted module and a record of what changed.
+
+    Example:
+        >>> converted, record = convert_module(model, "3x32x32")  # doctest: +SKIP
+        >>> converted(torch.randn(1, 3, 64, 64)).shape  # a 10-class score map  # doctest: +SKIP
+        torch.Size([1, 10, 17, 17])
+    """
+    import copy
+
+    import torch
+    from torch import fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    spec = as_spec(input_shape)
+    if spec is None or not spec.is_complete:
+        raise PlanError(f"convert_module needs the full network input shape CxHxW, got {input_shape!r}")
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as exc:  # torch.fx raises TraceError and others for data-dependent code
+        raise PlanError(f"cannot trace {type(model).__name__} with torch.fx: {_first_line(exc)}") from exc
+    example = torch.zeros(2, spec.channels, spec.height, spec.width, dtype=_param_dtype(model))
+    modes = {name: m.training for name, m in gm.named_modules()}
+    gm.eval()  # shapes only: a training-mode forward would update BatchNorm statistics
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:
+        raise PlanError(f"{type(model).__name__} does not run on a {spec} input: {_first_line(exc)}") from exc
+    finally:
+        for name, m in gm.named_modules():
+            m.training = modes[name]
+    rewriter = _Rewriter(gm, fold_batchnorm)
+    record = rewriter.run(InputShape(spec.channels, spec.height, spec.width))
+    if squeeze_output:
+        _squeeze_output(gm)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm, record
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    import torch
+
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+# Modules and functions that act on each value (or each channel, for a 4-D input) the same way
+# whether the activations are (N, C) or (N, C, H, W): they stay as they are in the head.
+_ELEMENTWISE_MODULES = (
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
+    "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign", "Tanhshrink", "Dropout", "AlphaDropout",
+    "Identity",
+)  # fmt: skip
+
+
+def _elementwise_functions() -> set[Callable[..., Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    return {
+        torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, torch.sigmoid,
+        F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.dropout,
+        operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add,
+    }  # fmt: skip
+
+
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "mul", "add", "sub", "div", "clamp", "contiguous"}
+
+
+class _Rewriter:
+    """One pass over the traced graph: find the flatten, rewrite the head after it."""
+
+    def __init__(self, gm: fx.GraphModule, fold_batchnorm: bool) -> None:
+        self.gm = gm
+        self.fold_batchnorm = fold_batchnorm
+        self.modules = dict(gm.named_modules())
+        self.elementwise = _elementwise_functions()
+        self.changes: list[LayerChange] = []
+        self.removed: list[str] = []
+        self.notes: list[str] = []
+        self.folded: list[str] = []
+
+    # -- classification of nodes ---------------------------------------------------------------
+    def _module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def _is_flatten(self, node: fx.Node) -> bool:
+        """A node that turns (N, C, H, W) into (N, C*H*W), whatever form it takes."""
+        import torch
+        from torch import nn
+
+        if node.op == "call_module":
+            module = self._module(node)
+            is_candidate = isinstance(module, nn.Flatten)
+        elif node.op == "call_function":
+            is_candidate = node.target in (torch.flatten, torch.reshape)
+        elif node.op == "call_method":
+            is_candidate = node.target in ("flatten", "view", "reshape")
+        else:
+            return False
+        if not is_candidate or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        before, after = _shape(node.args[0]), _shape(node)
+        return (
+            before is not None
+            and after is not None
+            and len(before) == 4
+            and len(after) == 2
+            and after[0] == before[0]
+            and after[1] == before[1] * before[2] * before[3]
+        )
+
+    def _is_elementwise(self, node: fx.Node) -> bool:
+        module = self._module(node)
+        if module is not None:
+            return type(module).__name__ in _ELEMENTWISE_MODULES
+        if node.op == "call_function":
+            if node.target not in self.elementwise:
+                return False
+            # binary ops only with a scalar: a tensor operand could be a (N, K) tensor from elsewhere
+            tensors = [a for a in node.args if hasattr(a, "op")]
+            return len(tensors) == 1
+        if node.op == "call_method":
+            tensors = [a for a in node.args if hasattr(a, "op")]
+            return node.target in _ELEMENTWISE_METHODS and len(tensors) == 1
+        return False
+
+    # -- the pass ----------------------------------------------------------------------------------
+    def run(self, input_shape: InputShape) -> ModuleConversion:
+        graph = self.gm.graph
+        flattens = [n for n in graph.nodes if self._is_flatten(n)]
+        if not flattens:
+            raise PlanError(
+                "no flatten of a (N, C, H, W) map into (N, C*H*W) found in the traced model; "
+                "nothing to make convolutional"
+            )
+        if len(flattens) > 1:
+            names = ", ".join(n.name for n in flattens)
+            raise PlanError(f"the model flattens more than one map ({names}); fc2conv converts one head")
+        flatten = flattens[0]
+        source = flatten.args[0]
+        _, channels, height, width = _shape(source)  # type: ignore[misc]
+        feature_shape = InputShape(channels, height, width)
+        self._drop_identity_pools(source)
+        self._rewrite_head(flatten, feature_shape)
+        feature_node = flatten.args[0]
+        flatten.replace_all_uses_with(feature_node)  # type: ignore[arg-type]
+        graph.erase_node(flatten)
+        self.removed.append(flatten.name)
+        return ModuleConversion(
+            input_shape, feature_shape, feature_node.name, tuple(self.changes), tuple(self.folded),  # type: ignore[union-attr]
+            tuple(self.removed), tuple(self.notes),
+        )  # fmt: skip
+
+    def _drop_identity_pools(self, node: fx.Node) -> None:
+        """Remove adaptive pools before the flatten that do nothing at the traced size (VGG, AlexNet)."""
+        import torch.nn.functional as F
+        from torch import nn
+
+        while True:
+            module = self._module(node)
+            is_pool = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or (
+                node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+            )
+            if is_pool:
+                before, after = _shape(node.args[0]), _shape(node)  # type: ignore[arg-type]
+                if before != after:
+                    self.notes.append(
+                        f"{node.name} pools {before[2]}x{before[3]} to {after[2]}x{after[3]} and stays: "  # type: ignore[index]
+                        "larger inputs are pooled to the same map (a global pool gives a 1x1 head)"
+                    )
+                    return
+                self.notes.append(f"{node.name} is the identity at the traced size: removed for dense output")
+                node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+                previous = node.args[0]
+                self.gm.graph.erase_node(node)
+                self.removed.append(node.name)
+                node = previous  # type: ignore[assignment]
+                continue
+            if self._is_elementwise(node) and len(node.users) == 1:
+                node = node.args[0]  # type: ignore[assignment]
+                continue
+            return
+
+    def _rewrite_head(self, flatten: fx.Node, feature_shape: InputShape) -> None:
+        """Replace every Linear downstream of the flatten; refuse anything that is not provably equal."""
+        from torch import nn
+
+        seen_linear: set[str] = set()
+        in_map: InputShape | None = feature_shape  # the map the next Linear reads
+        frontier = list(flatten.users)
+        visited: set[fx.Node] = set()
+        order = {node: i for i, node in enumerate(self.gm.graph.nodes)}
+        while frontier:
+            frontier.sort(key=lambda n: order[n])
+            node = frontier.pop(0)
+            if node in visited:
+                continue
+            visited.add(node)
+            module = self._module(node)
+            if isinstance(module, nn.Linear):
+                if str(node.target) in seen_linear or self._calls(str(node.target)) > 1:
+                    raise PlanError(f"{node.target} (node {node.name}) is used more than once; cannot convert it")
+                seen_linear.add(str(node.target))
+                assert in_map is not None
+                self._replace_linear(node, module, in_map)
+                in_map = InputShape(module.out_features, 1, 1)
+            elif isinstance(module, nn.BatchNorm1d):
+                node = self._replace_batchnorm(node, module)  # the producer, if folded away
+            elif isinstance(module, (nn.Softmax, nn.LogSoftmax)) and module.dim in (1, -1):
+                module.dim = 1  # the class axis of (N, K, H, W)
+            elif node.op == "output":
+                continue
+            elif not self._is_elementwise(node):
+                what = f"{node.op} {node.target}"
+                raise PlanError(
+                    f"node {node.name} ({what}) uses the flattened features but is not a Linear, BatchNorm1d "
+                    "or elementwise op; fc2conv cannot prove the convolutional version equal"
+                )
+            frontier.extend(node.users)
+        if not self.changes:
+            raise PlanError(f"the flatten {flatten.name} does not feed a Linear layer")
+
+    def _calls(self, target: str) -> int:
+        return sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and str(n.target) == target)
+
+    def _replace_linear(self, node: fx.Node, linear: nn.Linear, in_map: InputShape) -> None:
+        import torch
+        from torch import nn
+
+        from fc2conv.convert import dtype_name, fc_to_conv_weight
+
+        if linear.in_features != in_map.features:
+            raise PlanError(
+                f"{node.target} takes {linear.in_features} inputs; the map before it is {in_map} = {in_map.features}"
+            )
+        change = LayerChange(
+            name=str(node.target),
+            weight=f"{node.target}.weight",
+            bias=f"{node.target}.bias" if linear.bias is not None else None,
+            dtype=dtype_name(linear.weight.dtype),
+            old_shape=(linear.out_features, linear.in_features),
+            in_map=in_map,
+            flatten_order="chw",
+        )
+        conv = nn.Conv2d(
+            in_map.channels, linear.out_features, (in_map.height, in_map.width), bias=linear.bias is not None,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(fc_to_conv_weight(linear.weight.detach(), change))
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias.detach())
+        conv.train(linear.training)
+        self._set_module(str(node.target), conv)
+        self.changes.append(change)
+
+    def _replace_batchnorm(self, node: fx.Node, bn: nn.BatchNorm1d) -> fx.Node:
+        """BatchNorm1d -> BatchNorm2d, or folded into the conv before it; returns the node that remains."""
+        import torch
+        from torch import nn
+
+        producer = node.args[0]
+        conv = self.modules.get(str(producer.target)) if getattr(producer, "op", None) == "call_module" else None
+        if self.fold_batchnorm and isinstance(conv, nn.Conv2d) and len(producer.users) == 1:  # type: ignore[union-attr]
+            if bn.training or bn.running_mean is None:
+                raise PlanError(f"{node.target}: folding a BatchNorm needs eval mode and running statistics")
+            with torch.no_grad():
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(
+                    bn.running_var + bn.eps
+                )
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                new_bias = (bias - bn.running_mean) * scale + shift
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(new_bias)
+                else:
+                    conv.bias.copy_(new_bias)
+            node.replace_all_uses_with(producer)  # type: ignore[arg-type]
+            self.gm.graph.erase_node(node)
+            self.removed.append(node.name)
+            self.folded.append(str(producer.target))  # type: ignore[union-attr]
+            self.notes.append(f"{node.target} folded into {producer.target}")  # type: ignore[union-attr]
+            return producer  # type: ignore[return-value]
+        bn2d = nn.BatchNorm2d(
+            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            device=bn.running_mean.device if bn.running_mean is not None else None,
+            dtype=bn.weight.dtype if bn.weight is not None else None,
+        )  # fmt: skip
+        bn2d.load_state_dict(bn.state_dict())
+        bn2d.train(bn.training)
+        self._set_module(str(node.target), bn2d)
+        self.notes.append(f"{node.target}: BatchNorm1d -> BatchNorm2d with the same tensors")
+        return node
+
+    def _set_module(self, target: str, module: nn.Module) -> None:
+        parent_name, _, leaf = target.rpartition(".")
+        parent = self.gm.get_submodule(parent_name) if parent_name else self.gm
+        setattr(parent, leaf, module)
+        self.modules[target] = module
+
+
+def _squeeze_output(gm: fx.GraphModule) -> None:
+    """(N, K, 1, 1) -> (N, K) at the traced size; a larger map is returned as it is."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result = output.args[0]
+    with gm.graph.inserting_before(output):
+        squeezed = gm.graph.call_method("squeeze", (result, -1))
+        squeezed = gm.graph.call_method("squeeze", (squeezed, -1))
+    output.args = (squeezed,)
+
+
+# --- end-to-end check ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleCheck:
+    """Original model vs converted model, both as float64 copies, on the same seeded inputs.
+
+    ``max_abs_error`` is at the traced input size (the converted output is (N, K, 1, 1));
+    ``dense_max_abs_error`` is on a larger input, where each output position must equal the
+    original head on its window of the feature map.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    dense_max_abs_error: float
+    dense_max_rel_error: float
+    dense_grid: tuple[int, int]
+    positions_checked: int
+    tolerance: float  # on the relative errors (relative to the largest output)
+
+    @property
+    def ok(self) -> bool:
+        return max(self.max_rel_error, self.dense_max_rel_error) <= self.tolerance
+
+
+# float64 copies of both models: a correct rewrite differs only by summation order.
+MODULE_TOLERANCE = 1e-9
+MAX_POSITIONS = 16
+
+
+def check_module(
+    original: nn.Module, converted: nn.Module, record: ModuleConversion, *, seed: int = 0, samples: int = 2
+) -> ModuleCheck:
+    """Run both models end to end: at the traced size, and densely on an input twice as large.
+
+    The dense check reads the converted model's feature map of the large input, and runs the
+    *original* model's head (the traced original graph, with the window injected where the
+    feature map is) on every window of it (at most :data:`MAX_POSITIONS`, seeded, corners included).
+    """
+    import copy
+
+    import torch
+    from torch import fx
+
+    generator = torch.Generator().manual_seed(seed)
+    reference = copy.deepcopy(original).double().eval()
+    candidate = copy.deepcopy(converted).double().eval()
+    shape = record.input_shape
+    x = torch.randn(samples, shape.channels, shape.height, shape.width, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference(x)
+        got = candidate(x)
+    got = got.reshape(expected.shape)
+    scale = float(expected.abs().max())
+    abs_error = float((got - expected).abs().max())
+
+    big = torch.randn(
+        1, shape.channels, 2 * shape.height, 2 * shape.width, generator=generator, dtype=torch.float64
+    )
+    with torch.no_grad():
+        feature_map, dense = _capture(candidate, record.feature_node, big)
+    if dense.dim() == 2:  # squeezed output of a 1x1 map
+        dense = dense[:, :, None, None]
+    grid = (dense.shape[2], dense.shape[3])
+    fh, fw = record.feature_shape.height, record.feature_shape.width
+    positions = _positions(grid, generator)
+    head = _HeadRunner(fx.symbolic_trace(reference), record.feature_node)
+    dense_abs, dense_scale = 0.0, 0.0
+    with torch.no_grad():
+        for i, j in positions:
+            window = feature_map[:, :, i : i + fh, j : j + fw].contiguous()  # view() needs it
+            expected_here = head(window, shape)
+            dense_abs = max(dense_abs, float((dense[:, :, i, j] - expected_here.reshape(1, -1)).abs().max()))
+            dense_scale = max(dense_scale, float(expected_here.abs().max()))
+    return ModuleCheck(
+        max_abs_error=abs_error,
+        max_rel_error=abs_error / scale if scale else abs_error,
+        dense_max_abs_error=dense_abs,
+        dense_max_rel_error=dense_abs / dense_scale if dense_scale else dense_abs,
+        dense_grid=grid,
+        positions_checked=len(positions),
+        tolerance=MODULE_TOLERANCE,
+    )
+
+
+def _positions(grid: tuple[int, int], generator: torch.Generator) -> list[tuple[int, int]]:
+    import torch
+
+    every = [(i, j) for i in range(grid[0]) for j in range(grid[1])]
+    if len(every) <= MAX_POSITIONS:
+        return every
+    corners = {(0, 0), (0, grid[1] - 1), (grid[0] - 1, 0), (grid[0] - 1, grid[1] - 1)}
+    order = torch.randperm(len(every), generator=generator).tolist()
+    chosen = list(corners) + [every[k] for k in order if every[k] not in corners]
+    return sorted(chosen[:MAX_POSITIONS])
+
+
+def _capture(module: nn.Module, node_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value of one graph node, and the output, of a GraphModule run on ``x``."""
+    from torch import fx
+
+    captured: dict[str, Any] = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if n.name == node_name:
+                captured["value"] = value
+            return value
+
+    output = Capture(module).run(x)
+    return captured["value"], output
+
+
+class _HeadRunner:
+    """Runs a traced original model with a given tensor standing in for one node (the feature map)."""
+
+    def __init__(self, traced: fx.GraphModule, node_name: str) -> None:
+        from torch import fx
+
+        self.traced = traced
+        self.node_name = node_name
+        needed = set()
+        target = next(n for n in traced.graph.nodes if n.name == node_name)
+        stack = [n for n in traced.graph.nodes if n.op == "output"]
+        while stack:  # the nodes the output depends on, not going past the injected node
+            node = stack.pop()
+            if node in needed:
+                continue
+            needed.add(node)
+            if node is not target:
+                stack.extend(a for a in node.all_input_nodes)
+        self.needed = needed
+        self.interpreter_cls = fx.Interpreter
+
+    def __call__(self, window: torch.Tensor, shape: InputShape) -> torch.Tensor:
+        import torch
+
+        node_name, needed = self.node_name, self.needed
+
+        class Inject(self.interpreter_cls):  # type: ignore[name-defined,misc]
+            def run_node(self, n: Any) -> Any:
+                if n.name == node_name:
+                    return window
+                if n not in needed:
+                    return None
+                return super().run_node(n)
+
+        dummy = torch.zeros(1, shape.channels, shape.height, shape.width, dtype=window.dtype)
+        return Inject(self.traced).run(dummy)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _dynamic_shapes(record: ModuleConversion) -> tuple[dict[int, Any], ...]:
+    from torch.export import Dim
+
+    shape = record.input_shape
+    return (
+        {
+            0: Dim("batch", min=1, max=4096),
+            2: Dim("height", min=shape.height, max=max(16384, shape.height)),
+            3: Dim("width", min=shape.width, max=max(16384, shape.width)),
+        },
+    )
+
+
+def _size_oblivious() -> Any:
+    """Let one exported program cover the traced size (a 1x1 head map) and every larger size.
+
+    Without it, torch.export specialises intermediate sizes of 1 and refuses the range. The switch
+    is torch-internal; where it is missing, export falls back to the default behaviour.
+    """
+    import contextlib
+
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(backed_size_oblivious=True)
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - older or newer torch
+        return contextlib.nullcontext()
+
+
+def export_program(converted: nn.Module, record: ModuleConversion, path: str | Path) -> None:
+    """Save a ``torch.export`` program of the converted model with dynamic batch, height and width."""
+    import torch
+
+    shape = record.input_shape
+    example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=_param_dtype(converted))
+    with _size_oblivious():
+        program = torch.export.export(converted.eval(), (example,), dynamic_shapes=_dynamic_shapes(record))
+    torch.export.save(program, str(path))
+
+
+def export_onnx(converted: nn.Module, record: ModuleConversion, path: str | Path) -> None:
+    """Save an ONNX model (input ``image``, output ``scores``) with dynamic batch, height and width.
+
+    Needs the ``onnx`` extra (``pip install fc2conv[onnx]``).
+    """
+    import contextlib
+    import io
+
+    import torch
+
+    shape = record.input_shape
+    example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=_param_dtype(converted))
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise PlanError("--onnx needs the onnx extra: pip install 'fc2conv[onnx]'") from exc
+    with _size_oblivious(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            converted.eval(), (example,), str(path), input_names=["image"], output_names=["scores"],
+            dynamic_shapes=_dynamic_shapes(record), dynamo=True, verbose=False,
+        )  # fmt: skip
+
+
+def onnx_error(path: str | Path, converted: nn.Module, record: ModuleConversion, *, seed: int = 0) -> float | None:
+    """Max abs difference of onnxruntime vs torch on a larger input, or None without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    import torch
+
+    shape = record.input_shape
+    generator = torch.Generator().manual_seed(seed)
+    dtype = _param_dtype(converted)
+    x = torch.randn(2, shape.channels, shape.height + 5, shape.width + 3, generator=generator).to(dtype)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        expected = converted.eval()(x).numpy()
+    return float(abs(scores - expected).max())
