@@ -155,7 +155,8 @@ _shape_option = click.option(
     type=SHAPE,
     default=None,
     help="Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C "
-    "(square map). Default: C from the last conv before the first FC, square map.",
+    "(square map). Default: C from the last conv before the first FC, square map. With --model: the "
+    "network's input instead (CxHxW).",
 )
 _order_help = "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last)."
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
@@ -165,6 +166,25 @@ _trust_option = click.option(
     help="Unpickle arbitrary objects (torch.load weights_only=False), e.g. a whole saved nn.Module. "
     "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
 )
+_model_option = click.option(
+    "--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
+    help="Convert the model, not only its weights: FACTORY() builds it (imported from the current folder "
+         "too), CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. "
+         "3x224x224.",
+)
+
+
+def _holds_module(path: Path) -> bool:
+    """With --trust-pickle: whether the file is a whole pickled nn.Module (then it needs no --model)."""
+    from fc2conv.io import load_pickled_module
+
+    try:
+        load_pickled_module(path)
+    except Fc2ConvError:
+        return False
+    return True
+
+
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
 
 
@@ -198,6 +218,14 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     "the layout NPUs want for projections. No flatten geometry.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+@_model_option
+@click.option("--export", "export_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --model: also save a torch.export program of the converted model (dynamic H and W).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime "
+                   "if installed.")
+@click.option("--fold-batchnorm", is_flag=True,
+              help="With --model: fold an eval-mode BatchNorm1d that follows a Linear into the conv.")
 @_strict_option
 @_trust_option
 @_json_option
@@ -209,6 +237,10 @@ def convert(
     layers: str | None,
     pointwise: bool,
     force: bool,
+    model: str | None,
+    export_path: Path | None,
+    onnx_path: Path | None,
+    fold_batchnorm: bool,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -225,6 +257,19 @@ def convert(
     if pointwise and (input_shape is not None or flatten_order != "chw"):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
+    if model is not None or (trust_pickle and _holds_module(checkpoint)):
+        if pointwise or layers is not None or flatten_order != "chw":
+            raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
+        from fc2conv import models
+
+        result = models.convert_model_file(
+            checkpoint, output, model=model, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
+            export=export_path, onnx=onnx_path, overwrite=force, trust_pickle=trust_pickle,
+        )  # fmt: skip
+        _emit(result, as_json, "convert")
+        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    if export_path or onnx_path or fold_batchnorm:
+        raise click.UsageError("--export, --onnx and --fold-batchnorm need --model (the network to rebuild)")
     with _progress_bar(as_json) as progress:
         result = jobs.convert_file(
             checkpoint,
@@ -294,6 +339,7 @@ def inspect(
     default=None,
     help="Tolerance relative to the largest output. Default per dtype, as --atol.",
 )
+@_model_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -304,6 +350,7 @@ def verify(
     flatten_order: str | None,
     atol: float | None,
     rtol: float | None,
+    model: str | None,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -316,6 +363,14 @@ def verify(
     from fc2conv import jobs, payloads
 
     _trust_warning(trust_pickle, original, converted)
+    if model is not None or (trust_pickle and _holds_module(original)):
+        from fc2conv import models
+
+        result = models.verify_model_files(
+            original, converted, model=model, input_shape=input_shape, trust_pickle=trust_pickle
+        )
+        _emit(result, as_json, "verify")
+        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
     result = jobs.verify_files(
         original,
         converted,

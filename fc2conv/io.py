@@ -266,6 +266,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     return Checkpoint(path, "torch", tensor_infos(state_dict), state_dict, {}, notes)
 
 
+def load_pickled_module(path: str | os.PathLike[str]) -> Any:
+    """Unpickle a whole saved ``nn.Module`` (``torch.load(weights_only=False)``): runs the file's code.
+
+    Raises:
+        CheckpointError: unreadable, or the file does not hold a module.
+    """
+    import torch
+
+    path = Path(path)
+    _check_readable(path)
+    obj = _torch_load(path, trust_pickle=True)
+    if not isinstance(obj, torch.nn.Module):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a whole model; pass --model")
+    return obj
+
+
 def open_sharded(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a Hugging Face sharded safetensors checkpoint (index file, or a folder of shards) lazily."""
     shards = find_shards(path)

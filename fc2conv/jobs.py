@@ -8,10 +8,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from fc2conv._version import __version__
 from fc2conv.check import LayerCheck, check_changes
@@ -28,6 +29,7 @@ from fc2conv.io import (
     read_tensor_infos,
     write_safetensors,
 )
+from fc2conv.module import ModuleCheck
 from fc2conv.plan import (
     METADATA_PREFIX,
     Layer,
@@ -59,10 +61,28 @@ class ConvertResult:
     written: bool
     seconds: float
     shards: int = 0  # number of shard files written (0: a single file)
+    end_to_end: ModuleCheck | None = None  # --model: original model vs converted model
+    exports: tuple[Export, ...] = ()  # --export / --onnx files written
+    model_input_shape: InputShape | None = None  # --model: the network input it was traced at
 
     @property
     def ok(self) -> bool:
-        return self.written and all(c.ok for c in self.checks)
+        checks_ok = all(c.ok for c in self.checks) and (self.end_to_end is None or self.end_to_end.ok)
+        return self.written and checks_ok and all(e.ok for e in self.exports)
+
+
+@dataclass(frozen=True)
+class Export:
+    """A model file written by --export (torch.export) or --onnx, with its measured error if run."""
+
+    kind: str  # "torch.export" or "onnx"
+    path: Path
+    max_abs_error: float | None  # vs the converted torch model on a larger input; None if not run
+    tolerance: float = 1e-4
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_error is None or self.max_abs_error <= self.tolerance
 
 
 @dataclass(frozen=True)
@@ -107,10 +127,12 @@ class VerifyResult:
     identical: int
     mismatches: tuple[TensorMismatch, ...]
     notes: tuple[str, ...] = field(default=())
+    end_to_end: ModuleCheck | None = None  # --model: original model vs converted model
 
     @property
     def ok(self) -> bool:
-        return bool(self.checks) and not self.mismatches and all(c.ok for c in self.checks)
+        end_to_end_ok = self.end_to_end is None or self.end_to_end.ok
+        return bool(self.checks) and not self.mismatches and all(c.ok for c in self.checks) and end_to_end_ok
 
 
 def default_output(path: str | os.PathLike[str]) -> Path:
@@ -233,28 +255,22 @@ class _Writer:
         self, target: Path, infos: list[TensorInfo], *, overwrite: bool, protect: list[Path] | tuple[()] = ()
     ) -> bool:
         """Write ``infos`` (converted) to ``target`` atomically; False (nothing written) if a check fails."""
-        out_infos = [self.out_infos[info.name] for info in infos]
         names = {info.name for info in infos}
-        changes = [c for c in self.plan.layers if c.weight in names]
-        try:
-            with atomic_output(target, overwrite=overwrite, protect=protect) as tmp:
-                size = write_safetensors(
-                    tmp, out_infos, self._fetch, self.metadata, sync=False, on_tensor=self._written
-                )
-                # The disk flush (I/O) and the check of the written file (CPU) overlap.
-                with ThreadPoolExecutor(max_workers=1) as pool:
-                    synced = pool.submit(fsync_file, tmp)
-                    checks = check_changes(
-                        changes, self.checkpoint.tensors, open_safetensors(tmp).tensors, strict=self.strict
-                    )
-                    synced.result()
-                self.checks.extend(checks)
-                if not all(c.ok for c in checks):
-                    raise _CheckFailed
-        except _CheckFailed:
-            return False
+        checks, size, written = write_checked(
+            target,
+            [self.out_infos[info.name] for info in infos],
+            self._fetch,
+            self.metadata,
+            [c for c in self.plan.layers if c.weight in names],
+            self.checkpoint.tensors,
+            overwrite=overwrite,
+            protect=protect,
+            strict=self.strict,
+            on_tensor=self._written,
+        )
+        self.checks.extend(checks)
         self.size += size
-        return True
+        return written
 
     def write_shards(
         self, folder: Path, shards: ShardSet, shard_tensors: dict[str, list[str]], *, overwrite: bool
@@ -284,6 +300,40 @@ class _Writer:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
         return True
+
+
+def write_checked(
+    target: Path,
+    out_infos: list[TensorInfo],
+    fetch: Callable[[str], Any],
+    metadata: dict[str, str],
+    changes: list[LayerChange],
+    original: Mapping[str, Any],
+    *,
+    overwrite: bool,
+    protect: list[Path] | tuple[()] = (),
+    strict: bool = False,
+    on_tensor: Callable[[TensorInfo], None] | None = None,
+) -> tuple[list[LayerCheck], int, bool]:
+    """Write a safetensors file atomically, check its converted layers from the file, then publish it.
+
+    Returns the checks, the file size and whether it was published (False: a check failed, and
+    nothing is left at ``target``).
+    """
+    checks: list[LayerCheck] = []
+    try:
+        with atomic_output(target, overwrite=overwrite, protect=protect) as tmp:
+            size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor)
+            # The disk flush (I/O) and the check of the written file (CPU) overlap.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                synced = pool.submit(fsync_file, tmp)
+                checks = check_changes(changes, original, open_safetensors(tmp).tensors, strict=strict)
+                synced.result()
+            if not all(c.ok for c in checks):
+                raise _CheckFailed
+    except _CheckFailed:
+        return checks, 0, False
+    return checks, size, True
 
 
 def _prepare_output_folder(folder: Path, shards: ShardSet, names: list[str], overwrite: bool) -> bool:

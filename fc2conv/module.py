@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -550,14 +552,30 @@ def _dynamic_shapes(record: ModuleConversion) -> tuple[dict[int, Any], ...]:
     )
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.export and the ONNX exporter print warnings and log lines on success; keep stderr clean."""
+    import logging
+    import warnings
+
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            with _size_oblivious():
+                yield
+    finally:
+        onnx_logger.setLevel(level)
+
+
 def _size_oblivious() -> Any:
     """Let one exported program cover the traced size (a 1x1 head map) and every larger size.
 
     Without it, torch.export specialises intermediate sizes of 1 and refuses the range. The switch
     is torch-internal; where it is missing, export falls back to the default behaviour.
     """
-    import contextlib
-
     try:
         import torch.fx.experimental._config as fx_config
 
@@ -572,9 +590,9 @@ def export_program(converted: nn.Module, record: ModuleConversion, path: str | P
 
     shape = record.input_shape
     example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=_param_dtype(converted))
-    with _size_oblivious():
+    with _quiet_export():
         program = torch.export.export(converted.eval(), (example,), dynamic_shapes=_dynamic_shapes(record))
-    torch.export.save(program, str(path))
+        torch.export.save(program, str(path))
 
 
 def export_onnx(converted: nn.Module, record: ModuleConversion, path: str | Path) -> None:
@@ -582,9 +600,6 @@ def export_onnx(converted: nn.Module, record: ModuleConversion, path: str | Path
 
     Needs the ``onnx`` extra (``pip install fc2conv[onnx]``).
     """
-    import contextlib
-    import io
-
     import torch
 
     shape = record.input_shape
@@ -594,7 +609,7 @@ def export_onnx(converted: nn.Module, record: ModuleConversion, path: str | Path
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise PlanError("--onnx needs the onnx extra: pip install 'fc2conv[onnx]'") from exc
-    with _size_oblivious(), contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_export():
         torch.onnx.export(
             converted.eval(), (example,), str(path), input_names=["image"], output_names=["scores"],
             dynamic_shapes=_dynamic_shapes(record), dynamo=True, verbose=False,

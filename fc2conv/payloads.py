@@ -8,6 +8,7 @@ from typing import Any
 from fc2conv._version import __version__
 from fc2conv.check import LayerCheck
 from fc2conv.jobs import ConvertResult, InspectResult, VerifyResult
+from fc2conv.module import ModuleCheck
 from fc2conv.plan import Plan
 
 
@@ -62,6 +63,26 @@ def convert_json(result: ConvertResult) -> dict[str, Any]:
         "layers": [_check_json(c) for c in result.checks],
         "untouched": list(result.plan.untouched),
         "seconds": round(result.seconds, 4),
+        "model_input_shape": result.model_input_shape.as_list() if result.model_input_shape else None,
+        "end_to_end": _module_check_json(result.end_to_end),
+        "exports": [
+            {"kind": e.kind, "path": str(e.path), "max_abs_error": e.max_abs_error, "ok": e.ok} for e in result.exports
+        ],
+    }
+
+
+def _module_check_json(check: ModuleCheck | None) -> dict[str, Any] | None:
+    if check is None:
+        return None
+    return {
+        "max_abs_error": _json_float(check.max_abs_error),
+        "max_rel_error": _json_float(check.max_rel_error),
+        "dense_max_abs_error": _json_float(check.dense_max_abs_error),
+        "dense_max_rel_error": _json_float(check.dense_max_rel_error),
+        "dense_grid": list(check.dense_grid),
+        "positions_checked": check.positions_checked,
+        "tolerance": check.tolerance,
+        "ok": check.ok,
     }
 
 
@@ -118,4 +139,5 @@ def verify_json(result: VerifyResult) -> dict[str, Any]:
         "identical_tensors": result.identical,
         "mismatches": [{"name": m.name, "reason": m.reason} for m in result.mismatches],
         "notes": list(result.notes),
+        "end_to_end": _module_check_json(result.end_to_end),
     }

@@ -22,6 +22,8 @@ from rich.table import Table
 
 from fc2conv.check import LayerCheck
 from fc2conv.jobs import ConvertResult, InspectResult, VerifyResult
+from fc2conv.module import ModuleCheck
+from fc2conv.shapes import InputShape
 
 # Width used when stdout is not a terminal and COLUMNS is unset: wide enough for the tables.
 _PIPE_WIDTH = 132
@@ -144,7 +146,21 @@ def convert_table(result: ConvertResult) -> Table:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for check in result.checks:
         table.add_row(*_check_row(check))
+    if result.end_to_end is not None:
+        table.add_row(*_end_to_end_row(result.end_to_end, result.model_input_shape))
+    for export in result.exports:
+        error = "not run" if export.max_abs_error is None else _float(export.max_abs_error)
+        table.add_row(f"({export.kind})", escape(export.path.name), "", "", "", error, "", _verdict(export.ok))
     return table
+
+
+def _end_to_end_row(check: ModuleCheck, input_shape: InputShape | None) -> list[str]:
+    grid = "x".join(map(str, check.dense_grid))
+    return [
+        "(end to end)", "model", str(input_shape) if input_shape else "", f"map {grid}", "",
+        _float(max(check.max_abs_error, check.dense_max_abs_error)),
+        _float(max(check.max_rel_error, check.dense_max_rel_error)), _verdict(check.ok),
+    ]  # fmt: skip
 
 
 def _grid_text(checks: tuple[LayerCheck, ...]) -> str:
@@ -158,6 +174,13 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     console.print(convert_table(result))
     for note in (*result.load_notes, *plan.notes):
         console.print(f"  {escape(note)}")
+    if result.end_to_end is not None:
+        e2e = result.end_to_end
+        console.print(
+            f"  end to end: original vs converted model (float64 copies) at {result.model_input_shape}, and on a "
+            f"2x larger input: {e2e.positions_checked} of the {'x'.join(map(str, e2e.dense_grid))} output positions "
+            "against the original head on their windows"
+        )
     if plan.mode == "chain":
         console.print(f"  flatten order: {plan.flatten_order}")
     if result.written:
@@ -242,6 +265,12 @@ def verify_table(result: VerifyResult) -> Table:
         ("Check", "left"),
     ]:
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    if result.end_to_end is not None:
+        e2e = result.end_to_end
+        table.add_row(
+            "(end to end)", "model", "float64", _float(max(e2e.max_abs_error, e2e.dense_max_abs_error)),
+            _float(max(e2e.max_rel_error, e2e.dense_max_rel_error)), f"rel {e2e.tolerance:g}", "", _verdict(e2e.ok),
+        )  # fmt: skip
     for check in result.checks:
         table.add_row(
             escape(check.name),
