@@ -17,6 +17,7 @@ from fc2conv.errors import (
 )
 from fc2conv.io import load_checkpoint, read_tensor_infos, save_safetensors
 from fc2conv.jobs import convert_file, inspect_file, verify_files
+from fc2conv.module import ModuleCheck, ModuleConversion, check_module, convert_module, export_onnx, export_program
 from fc2conv.plan import LayerChange, Plan, TensorInfo, plan_conversion, plan_pointwise
 from fc2conv.shapes import InputShape, ShapeSpec, parse_shape
 
@@ -28,6 +29,8 @@ __all__ = [
     "InputShape",
     "LayerCheck",
     "LayerChange",
+    "ModuleCheck",
+    "ModuleConversion",
     "OutputError",
     "Plan",
     "PlanError",
@@ -39,8 +42,12 @@ __all__ = [
     "apply_plan",
     "check_changes",
     "check_layer",
+    "check_module",
     "convert_file",
+    "convert_module",
     "convert_state_dict",
+    "export_onnx",
+    "export_program",
     "fc_to_conv_weight",
     "inspect_file",
     "load_checkpoint",

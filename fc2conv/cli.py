@@ -167,10 +167,12 @@ _trust_option = click.option(
     "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
 )
 _model_option = click.option(
-    "--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
+    "--model",
+    metavar="PACKAGE.MODULE:FACTORY",
+    default=None,
     help="Convert the model, not only its weights: FACTORY() builds it (imported from the current folder "
-         "too), CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. "
-         "3x224x224.",
+    "too), CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. "
+    "3x224x224.",
 )
 
 
@@ -219,13 +221,25 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 @_model_option
-@click.option("--export", "export_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="With --model: also save a torch.export program of the converted model (dynamic H and W).")
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime "
-                   "if installed.")
-@click.option("--fold-batchnorm", is_flag=True,
-              help="With --model: fold an eval-mode BatchNorm1d that follows a Linear into the conv.")
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --model: also save a torch.export program of the converted model (dynamic H and W).",
+)
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
+)
+@click.option(
+    "--fold-batchnorm",
+    is_flag=True,
+    help="With --model: fold an eval-mode BatchNorm1d that follows a Linear into the conv.",
+)
 @_strict_option
 @_trust_option
 @_json_option

@@ -409,16 +409,20 @@ def test_non_finite_weights_are_converted_flagged_and_fail_with_strict(tmp_path,
 
 
 def test_trust_pickle_is_the_only_way_to_load_a_whole_module_and_warns(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(72, 5))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(72, 5)).eval()
     path = tmp_path / "whole.pt"
     torch.save(model, path)
     runner = CliRunner()
     refused = runner.invoke(cli, ["convert", str(path)])
     assert refused.exit_code == 2 and "--trust-pickle" in refused.stderr
-    trusted = runner.invoke(cli, ["convert", str(path), "--input-shape", "8x3x3", "--trust-pickle", "--json"])
+    # With --trust-pickle a whole module needs no --model: --input-shape is then the network input.
+    trusted = runner.invoke(cli, ["convert", str(path), "--input-shape", "3x5x5", "--trust-pickle", "--json"])
     assert trusted.exit_code == 0, trusted.output
     assert "Warning: --trust-pickle" in trusted.stderr and "runs any code" in trusted.stderr
-    assert any("unpickled a whole Sequential module" in n for n in json.loads(trusted.stdout)["load_notes"])
+    payload = json.loads(trusted.stdout)
+    assert payload["end_to_end"]["ok"] and payload["input_shape"] == [8, 3, 3]
+    wrong = runner.invoke(cli, ["convert", str(path), "--input-shape", "8x3x3", "--trust-pickle", "--force"])
+    assert wrong.exit_code == 2 and "expected input[2, 8, 3, 3] to have 3 channels" in wrong.stderr
 
 
 def _mount_tmpfs(folder: Path, options: str) -> bool:
