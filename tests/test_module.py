@@ -176,7 +176,7 @@ def test_exported_program_runs_at_new_sizes(tmp_path, cls):
             torch.testing.assert_close(program(x), converted(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [VGGStyle, LeNetStyle, MLPHeadBN], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
 def test_onnx_export_runs_at_new_sizes(tmp_path, cls):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
