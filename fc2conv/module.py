@@ -259,11 +259,15 @@ class _Rewriter:
             return
 
     def _rewrite_head(self, flatten: fx.Node, feature_shape: InputShape) -> None:
-        """Replace every Linear downstream of the flatten; refuse anything that is not provably equal."""
+        """Replace every Linear downstream of the flatten; refuse anything that is not provably equal.
+
+        Each head node carries the map it holds as a conv activation: the flatten holds the feature
+        map (C, H, W); an elementwise op or a BatchNorm holds its input's; a Linear holds (out, 1, 1).
+        A Linear reading the feature map becomes an H x W conv, one reading (in, 1, 1) a 1x1 conv.
+        """
         from torch import nn
 
-        seen_linear: set[str] = set()
-        in_map: InputShape | None = feature_shape  # the map the next Linear reads
+        maps: dict[fx.Node, InputShape] = {flatten: feature_shape}
         frontier = list(flatten.users)
         visited: set[fx.Node] = set()
         order = {node: i for i, node in enumerate(self.gm.graph.nodes)}
@@ -273,26 +277,26 @@ class _Rewriter:
             if node in visited:
                 continue
             visited.add(node)
+            if node.op == "output":
+                continue
             module = self._module(node)
+            held = next(maps[a] for a in node.all_input_nodes if a in maps)
             if isinstance(module, nn.Linear):
-                if str(node.target) in seen_linear or self._calls(str(node.target)) > 1:
+                if self._calls(str(node.target)) > 1:
                     raise PlanError(f"{node.target} (node {node.name}) is used more than once; cannot convert it")
-                seen_linear.add(str(node.target))
-                assert in_map is not None
-                self._replace_linear(node, module, in_map)
-                in_map = InputShape(module.out_features, 1, 1)
+                self._replace_linear(node, module, held)
+                held = InputShape(module.out_features, 1, 1)
             elif isinstance(module, nn.BatchNorm1d):
                 node = self._replace_batchnorm(node, module)  # the producer, if folded away
             elif isinstance(module, (nn.Softmax, nn.LogSoftmax)) and module.dim in (1, -1):
                 module.dim = 1  # the class axis of (N, K, H, W)
-            elif node.op == "output":
-                continue
             elif not self._is_elementwise(node):
                 what = f"{node.op} {node.target}"
                 raise PlanError(
                     f"node {node.name} ({what}) uses the flattened features but is not a Linear, BatchNorm1d "
                     "or elementwise op; fc2conv cannot prove the convolutional version equal"
                 )
+            maps[node] = held
             frontier.extend(node.users)
         if not self.changes:
             raise PlanError(f"the flatten {flatten.name} does not feed a Linear layer")

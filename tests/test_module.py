@@ -204,3 +204,30 @@ def test_training_mode_model_keeps_its_statistics():
         if "head_layers.2" in name or "features" in name:
             assert torch.equal(tensor, before[name]), name
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+class TwoHeads(nn.Module):
+    """Two classifiers reading the same flattened features: each becomes an H x W conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.cls = nn.Linear(64, 5)
+        self.box = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        features = torch.flatten(self.conv(x), 1)
+        return self.cls(features), self.box(features)
+
+
+def test_two_heads_on_one_flatten():
+    model = TwoHeads().eval().double()
+    converted, record = convert_module(model, "3x6x6")
+    assert [(c.name, c.became) for c in record.changes] == [("cls", "Conv 4x4"), ("box.0", "Conv 4x4"),
+                                                            ("box.2", "Conv 1x1")]  # fmt: skip
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for got, expected in zip(converted(x), model(x), strict=True):
+            torch.testing.assert_close(got.flatten(1), expected, rtol=1e-12, atol=1e-12)
+        scores, boxes = converted(torch.randn(1, 3, 9, 8, dtype=torch.float64))
+    assert scores.shape == (1, 5, 4, 3) and boxes.shape == (1, 4, 4, 3)
