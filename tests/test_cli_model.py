@@ -160,3 +160,13 @@ def test_verify_model_end_to_end_and_tampering(tmp_path, lenet_pt):
     assert bad.exit_code == 1
     payload = json.loads(bad.stdout)
     assert payload["end_to_end"]["ok"] is False and payload["layers"][0]["ok"] is False
+
+
+def test_verify_model_of_a_folded_conversion_is_end_to_end(tmp_path):
+    torch.save(build(MLPHeadBN).state_dict(), tmp_path / "mlp.pt")
+    args = ["--model", "tests.architectures:MLPHeadBN", "--input-shape", "3x12x12"]
+    assert run("convert", tmp_path / "mlp.pt", *args, "--fold-batchnorm").exit_code == 0
+    result = run("verify", tmp_path / "mlp.pt", tmp_path / "mlp.conv.safetensors", *args, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["end_to_end"]["ok"] and "folded" in payload["notes"][0]
