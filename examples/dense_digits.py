@@ -25,7 +25,7 @@ from rich.text import Text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fc2conv import convert_module  # noqa: E402
+from fc2conv import conversion_of, convert_module  # noqa: E402
 from sample_models.train_digits import DigitsCNN  # noqa: E402
 
 # Where the example digits go on the canvas (row, column of their top-left corner).
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = DigitsCNN().eval()
     model.load_state_dict(torch.load(ROOT / "sample_models" / "digits_cnn.pt", weights_only=True))
     examples = torch.load(ROOT / "sample_models" / "digits_examples.pt", weights_only=True)
-    dense_model, record = convert_module(model, DigitsCNN.input_shape)
+    dense_model = convert_module(model, DigitsCNN.input_shape)
+    record = conversion_of(dense_model)
     canvas, placed = build_canvas(examples["images"])
 
     with torch.no_grad():

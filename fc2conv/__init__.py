@@ -17,7 +17,15 @@ from fc2conv.errors import (
 )
 from fc2conv.io import load_checkpoint, read_tensor_infos, save_safetensors
 from fc2conv.jobs import convert_file, inspect_file, verify_files
-from fc2conv.module import ModuleCheck, ModuleConversion, check_module, convert_module, export_onnx, export_program
+from fc2conv.module import (
+    ModuleCheck,
+    ModuleConversion,
+    check_module,
+    conversion_of,
+    convert_module,
+    export_onnx,
+    export_program,
+)
 from fc2conv.plan import LayerChange, Plan, TensorInfo, plan_conversion, plan_pointwise
 from fc2conv.shapes import InputShape, ShapeSpec, parse_shape
 
@@ -43,6 +51,7 @@ __all__ = [
     "check_changes",
     "check_layer",
     "check_module",
+    "conversion_of",
     "convert_file",
     "convert_module",
     "convert_state_dict",

@@ -20,6 +20,7 @@ from fc2conv.jobs import ConvertResult, Export, VerifyResult, default_output, ve
 from fc2conv.module import (
     ModuleConversion,
     check_module,
+    conversion_of,
     convert_module,
     export_onnx,
     export_program,
@@ -122,8 +123,9 @@ def convert_model_file(
     if spec is None or not spec.is_complete:
         raise PlanError("--model needs --input-shape CxHxW: the network's input, e.g. 3x224x224")
     original = build_model(model, checkpoint, trust_pickle=trust_pickle)
-    converted, record = convert_module(original, spec, fold_batchnorm=fold_batchnorm)
-    end_to_end = check_module(original, converted, record)
+    converted = convert_module(original, spec, fold_batchnorm=fold_batchnorm)
+    record = conversion_of(converted)
+    end_to_end = check_module(original, converted)
     state = {k: v.detach().contiguous() for k, v in converted.state_dict().items()}
     from fc2conv.convert import tensor_infos
 
@@ -144,11 +146,11 @@ def convert_model_file(
     exports: list[Export] = []
     if written:
         if export is not None:
-            _atomic_write(Path(export), overwrite, lambda path: export_program(converted, record, path), checkpoint)
-            exports.append(Export("torch.export", Path(export), _program_error(Path(export), converted, record)))
+            _atomic_write(Path(export), overwrite, lambda path: export_program(converted, path), checkpoint)
+            exports.append(Export("torch.export", Path(export), _program_error(Path(export), converted)))
         if onnx is not None:
-            _atomic_write(Path(onnx), overwrite, lambda path: export_onnx(converted, record, path), checkpoint)
-            exports.append(Export("onnx", Path(onnx), onnx_error(onnx, converted, record)))
+            _atomic_write(Path(onnx), overwrite, lambda path: export_onnx(converted, path), checkpoint)
+            exports.append(Export("onnx", Path(onnx), onnx_error(onnx, converted)))
     return ConvertResult(
         input=checkpoint,
         output=target,
@@ -191,12 +193,12 @@ def _atomic_write(path: Path, overwrite: bool, write: Callable[[Path], None], so
         raise
 
 
-def _program_error(path: Path, converted: nn.Module, record: ModuleConversion) -> float:
+def _program_error(path: Path, converted: nn.Module) -> float:
     """Load the saved program and run it at a size other than the traced one."""
     import torch
 
     program = torch.export.load(str(path)).module()
-    shape = record.input_shape
+    shape = conversion_of(converted).input_shape
     x = torch.randn(2, shape.channels, shape.height + 7, shape.width + 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return float((program(x) - converted.eval()(x)).abs().max())
@@ -217,9 +219,10 @@ def verify_model_files(
         raise PlanError("--model needs --input-shape CxHxW: the network's input, e.g. 3x224x224")
     reference = build_model(model, original, trust_pickle=trust_pickle)
     folded = f"{METADATA_PREFIX}folded" in load_checkpoint(converted, trust_pickle=trust_pickle).metadata
-    structure, record = convert_module(reference, spec, fold_batchnorm=folded)
+    structure = convert_module(reference, spec, fold_batchnorm=folded)
+    record = conversion_of(structure)
     load_weights_strictly(structure, converted, trust_pickle=trust_pickle)
-    end_to_end = check_module(reference, structure, record)
+    end_to_end = check_module(reference, structure)
     if model is None or folded:
         # No state dict to compare tensor by tensor (a pickled module), or folded kernels that are no
         # plain rearrangement of the FC weights: the end-to-end and dense check is the proof.

@@ -32,13 +32,26 @@ class ModuleConversion:
     notes: tuple[str, ...]
 
 
+# The converted GraphModule carries the record of its conversion in its ``meta`` dict under this key
+# (GraphModule copies ``meta`` on deepcopy, unlike ad-hoc attributes).
+CONVERSION_KEY = "fc2conv"
+
+
+def conversion_of(module: nn.Module) -> ModuleConversion:
+    """The :class:`ModuleConversion` of a module returned by :func:`convert_module`."""
+    record = getattr(module, "meta", {}).get(CONVERSION_KEY)
+    if not isinstance(record, ModuleConversion):
+        raise PlanError(f"{type(module).__name__} was not made by fc2conv.convert_module")
+    return record
+
+
 def convert_module(
     model: nn.Module,
     input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str,
     *,
     fold_batchnorm: bool = False,
     squeeze_output: bool = False,
-) -> tuple[fx.GraphModule, ModuleConversion]:
+) -> fx.GraphModule:
     """Rewrite ``model`` so that its FC head is convolutional and it runs on inputs of any size.
 
     The model is traced with torch.fx and shapes are propagated at ``input_shape`` (the network's
@@ -59,12 +72,13 @@ def convert_module(
             give (N, K, H', W')).
 
     Returns:
-        The converted module and a record of what changed.
+        The converted module (an ``fx.GraphModule``, with the same parameter names); what changed is
+        in :func:`conversion_of` (``module.meta["fc2conv"]``).
 
     Example:
-        >>> converted, record = convert_module(model, "3x32x32")  # doctest: +SKIP
-        >>> converted(torch.randn(1, 3, 64, 64)).shape  # a 10-class score map  # doctest: +SKIP
-        torch.Size([1, 10, 17, 17])
+        >>> converted = convert_module(vgg, "3x224x224")  # doctest: +SKIP
+        >>> converted(torch.randn(1, 3, 448, 448)).shape  # doctest: +SKIP
+        torch.Size([1, 1000, 8, 8])
     """
     import copy
 
@@ -98,7 +112,8 @@ def convert_module(
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return gm, record
+    gm.meta[CONVERSION_KEY] = record
+    return gm
 
 
 def _first_line(exc: BaseException) -> str:
@@ -421,9 +436,7 @@ class ModuleCheck:
 MAX_POSITIONS = 16
 
 
-def check_module(
-    original: nn.Module, converted: nn.Module, record: ModuleConversion, *, seed: int = 0, samples: int = 2
-) -> ModuleCheck:
+def check_module(original: nn.Module, converted: nn.Module, *, seed: int = 0, samples: int = 2) -> ModuleCheck:
     """Run both models end to end: at the traced size, and densely on an input twice as large.
 
     The dense check reads the converted model's feature map of the large input, and runs the
@@ -438,6 +451,7 @@ def check_module(
     from fc2conv.check import tolerance_for
     from fc2conv.convert import dtype_name
 
+    record = conversion_of(converted)
     # float64 copies of both models: an exact rewrite differs by summation order only (~1e-16); a
     # folded BatchNorm carries the model dtype's rounding, so the dtype's rtol is the bar.
     tolerance = tolerance_for(dtype_name(_param_dtype(original))).rtol
@@ -595,10 +609,11 @@ def _size_oblivious() -> Any:
         return contextlib.nullcontext()
 
 
-def export_program(converted: nn.Module, record: ModuleConversion, path: str | Path) -> None:
+def export_program(converted: nn.Module, path: str | Path) -> None:
     """Save a ``torch.export`` program of the converted model with dynamic batch, height and width."""
     import torch
 
+    record = conversion_of(converted)
     shape = record.input_shape
     example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=_param_dtype(converted))
     with _quiet_export():
@@ -606,13 +621,14 @@ def export_program(converted: nn.Module, record: ModuleConversion, path: str | P
         torch.export.save(program, str(path))
 
 
-def export_onnx(converted: nn.Module, record: ModuleConversion, path: str | Path) -> None:
+def export_onnx(converted: nn.Module, path: str | Path) -> None:
     """Save an ONNX model (input ``image``, output ``scores``) with dynamic batch, height and width.
 
     Needs the ``onnx`` extra (``pip install fc2conv[onnx]``).
     """
     import torch
 
+    record = conversion_of(converted)
     shape = record.input_shape
     example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=_param_dtype(converted))
     try:
@@ -627,7 +643,7 @@ def export_onnx(converted: nn.Module, record: ModuleConversion, path: str | Path
         )  # fmt: skip
 
 
-def onnx_error(path: str | Path, converted: nn.Module, record: ModuleConversion, *, seed: int = 0) -> float | None:
+def onnx_error(path: str | Path, converted: nn.Module, *, seed: int = 0) -> float | None:
     """Max abs difference of onnxruntime vs torch on a larger input, or None without onnxruntime."""
     try:
         import onnxruntime
@@ -635,7 +651,7 @@ def onnx_error(path: str | Path, converted: nn.Module, record: ModuleConversion,
         return None
     import torch
 
-    shape = record.input_shape
+    shape = conversion_of(converted).input_shape
     generator = torch.Generator().manual_seed(seed)
     dtype = _param_dtype(converted)
     x = torch.randn(2, shape.channels, shape.height + 5, shape.width + 3, generator=generator).to(dtype)

@@ -46,7 +46,7 @@ def test_convert_model_writes_weights_export_and_reports_end_to_end(tmp_path, le
     assert e2e["ok"] and e2e["max_rel_error"] < 1e-12 and e2e["dense_grid"] == [8, 8]
     assert payload["exports"][0]["kind"] == "torch.export" and payload["exports"][0]["ok"]
     # The weights load into the converted module; the program runs at a new size.
-    converted, _ = convert_module(build(LeNetStyle), "1x28x28")
+    converted = convert_module(build(LeNetStyle), "1x28x28")
     converted.load_state_dict(load_file(str(tmp_path / "out.safetensors")))
     program = torch.export.load(str(tmp_path / "m.pt2")).module()
     x = torch.randn(2, 1, 37, 45)

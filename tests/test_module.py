@@ -10,7 +10,7 @@ from torch import nn
 
 from fc2conv import convert_state_dict
 from fc2conv.errors import PlanError
-from fc2conv.module import check_module, convert_module, export_onnx, export_program, onnx_error
+from fc2conv.module import check_module, conversion_of, convert_module, export_onnx, export_program, onnx_error
 from tests.architectures import ARCHITECTURES, LeNetStyle, MLPHeadBN, ResNetStyle, VGGStyle, build
 
 
@@ -23,7 +23,8 @@ def windows(feature_map, h, w):
 @pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
 def test_traced_size_equals_the_original_and_larger_inputs_slide(cls):
     model = build(cls).double()
-    converted, record = convert_module(model, cls.input_shape)
+    converted = convert_module(model, cls.input_shape)
+    record = conversion_of(converted)
     c, h, w = cls.input_shape
     x = torch.randn(3, c, h, w, dtype=torch.float64)
     with torch.no_grad():
@@ -42,9 +43,10 @@ def test_traced_size_equals_the_original_and_larger_inputs_slide(cls):
 
 
 def test_identity_pool_removed_global_pool_kept():
-    _, vgg = convert_module(build(VGGStyle), VGGStyle.input_shape)
+    vgg = conversion_of(convert_module(build(VGGStyle), VGGStyle.input_shape))
     assert "avgpool" in vgg.removed and any("identity at the traced size" in n for n in vgg.notes)
-    resnet, record = convert_module(build(ResNetStyle), ResNetStyle.input_shape)
+    resnet = convert_module(build(ResNetStyle), ResNetStyle.input_shape)
+    record = conversion_of(resnet)
     assert record.feature_shape.as_list() == [16, 1, 1] and [c.became for c in record.changes] == ["Conv 1x1"]
     assert isinstance(resnet.avgpool, nn.AdaptiveAvgPool2d)
     assert resnet(torch.randn(1, 3, 40, 40)).shape == (1, 5, 1, 1)
@@ -52,7 +54,8 @@ def test_identity_pool_removed_global_pool_kept():
 
 def test_weights_are_exactly_what_the_state_dict_conversion_writes():
     model = build(VGGStyle)
-    converted, record = convert_module(model, VGGStyle.input_shape)
+    converted = convert_module(model, VGGStyle.input_shape)
+    record = conversion_of(converted)
     expected = convert_state_dict(model.state_dict(), record.feature_shape)
     state = converted.state_dict()
     assert set(state) == set(expected)
@@ -63,22 +66,23 @@ def test_weights_are_exactly_what_the_state_dict_conversion_writes():
 
 def test_batchnorm1d_becomes_batchnorm2d_or_is_folded():
     model = build(MLPHeadBN).double()
-    kept, record = convert_module(model, MLPHeadBN.input_shape)
+    kept = convert_module(model, MLPHeadBN.input_shape)
     assert isinstance(kept.get_submodule("head_layers.2"), nn.BatchNorm2d)
-    folded, folded_record = convert_module(model, MLPHeadBN.input_shape, fold_batchnorm=True)
+    folded = convert_module(model, MLPHeadBN.input_shape, fold_batchnorm=True)
+    folded_record = conversion_of(folded)
     assert folded_record.folded == ("head_layers.1",)
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded.modules())
     x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x).flatten(1), model(x), rtol=1e-12, atol=1e-12)
-    assert check_module(model, folded, folded_record).ok
+    assert check_module(model, folded).ok
     with pytest.raises(PlanError, match="eval mode"):
         convert_module(model.train(), MLPHeadBN.input_shape, fold_batchnorm=True)
 
 
 def test_squeeze_output_option():
     model = build(LeNetStyle)
-    converted, _ = convert_module(model, "1x28x28", squeeze_output=True)
+    converted = convert_module(model, "1x28x28", squeeze_output=True)
     assert converted(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert converted(torch.randn(2, 1, 40, 36)).shape == (2, 10, 4, 3)
 
@@ -86,8 +90,9 @@ def test_squeeze_output_option():
 @pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
 def test_end_to_end_check_passes_and_catches_a_wrong_kernel(cls):
     model = build(cls)
-    converted, record = convert_module(model, cls.input_shape)
-    result = check_module(model, converted, record)
+    converted = convert_module(model, cls.input_shape)
+    record = conversion_of(converted)
+    result = check_module(model, converted)
     assert result.ok and result.max_rel_error < 1e-12 and result.positions_checked >= 1
     first = record.changes[0]
     if first.in_map.height * first.in_map.width > 1:  # a kernel read in the wrong order is caught
@@ -95,7 +100,7 @@ def test_end_to_end_check_passes_and_catches_a_wrong_kernel(cls):
         kernel = broken.get_submodule(first.name).weight
         with torch.no_grad():
             kernel.copy_(kernel.transpose(2, 3).reshape(kernel.shape).clone())
-        assert not check_module(model, broken, record).ok
+        assert not check_module(model, broken).ok
 
 
 class FlattenIntoCat(nn.Module):
@@ -166,8 +171,8 @@ def test_wrong_input_shape_is_a_clear_error():
 @pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
 def test_exported_program_runs_at_new_sizes(tmp_path, cls):
     model = build(cls)
-    converted, record = convert_module(model, cls.input_shape)
-    export_program(converted, record, tmp_path / "m.pt2")
+    converted = convert_module(model, cls.input_shape)
+    export_program(converted, tmp_path / "m.pt2")
     program = torch.export.load(str(tmp_path / "m.pt2")).module()
     c, h, w = cls.input_shape
     for size in ((h, w), (h + 9, w + 4)):
@@ -181,9 +186,9 @@ def test_onnx_export_runs_at_new_sizes(tmp_path, cls):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     model = build(cls)
-    converted, record = convert_module(model, cls.input_shape)
-    export_onnx(converted, record, tmp_path / "m.onnx")
-    error = onnx_error(tmp_path / "m.onnx", converted, record)
+    converted = convert_module(model, cls.input_shape)
+    export_onnx(converted, tmp_path / "m.onnx")
+    error = onnx_error(tmp_path / "m.onnx", converted)
     assert error is not None and error < 1e-4
 
 
@@ -191,14 +196,14 @@ def test_torchvision_models_if_available():
     models = pytest.importorskip("torchvision.models")
     for factory, size in ((models.vgg11, "3x64x64"), (models.alexnet, "3x96x96")):
         model = factory(weights=None).eval()
-        converted, record = convert_module(model, size)
-        assert check_module(model, converted, record).ok
+        converted = convert_module(model, size)
+        assert check_module(model, converted).ok
 
 
 def test_training_mode_model_keeps_its_statistics():
     model = build(MLPHeadBN).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    converted, _ = convert_module(model, MLPHeadBN.input_shape)
+    converted = convert_module(model, MLPHeadBN.input_shape)
     assert converted.training and converted.get_submodule("head_layers.2").training
     for name, tensor in converted.state_dict().items():
         if "head_layers.2" in name or "features" in name:
@@ -222,7 +227,8 @@ class TwoHeads(nn.Module):
 
 def test_two_heads_on_one_flatten():
     model = TwoHeads().eval().double()
-    converted, record = convert_module(model, "3x6x6")
+    converted = convert_module(model, "3x6x6")
+    record = conversion_of(converted)
     assert [(c.name, c.became) for c in record.changes] == [("cls", "Conv 4x4"), ("box.0", "Conv 4x4"),
                                                             ("box.2", "Conv 1x1")]  # fmt: skip
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
