@@ -174,7 +174,11 @@ def _plan_of(record: ModuleConversion, state: dict[str, Any]) -> Plan:
 
 
 def _atomic_write(path: Path, overwrite: bool, write: Callable[[Path], None], source: Path) -> None:
-    """Write an export through a temporary file in the same folder, renamed into place when complete."""
+    """Write an export through a temporary file in the same folder, renamed into place when complete.
+
+    Not :func:`fc2conv.io.atomic_output`: its unnamed file has no real path, and exporters write
+    beside the path they are given (ONNX external data), so this temporary file needs a name.
+    """
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: already exists; pass --force to replace it")
     if path.exists() and source.exists() and os.path.samefile(path, source):
