@@ -201,10 +201,14 @@ def check_layer(
     scale = 0.0
     nonfinite = False
     pattern_mismatch = False
-    chunks = [run[i : i + conv_rows] for run in _runs(rows) for i in range(0, len(run), conv_rows)]
+    # Runs of consecutive rows, cut to at most conv_rows: slices are views (no copy of a mapped weight).
+    chunks = [
+        range(start, min(stop, start + conv_rows)) for start_run, stop in _runs(rows)
+        for start in range(start_run, stop, conv_rows)
+    ]  # fmt: skip
     for chunk in chunks:
-        k = _take(kernel, chunk)
-        kb = _take(kernel_bias, chunk).to(compute_dtype) if kernel_bias is not None else None
+        k = kernel[chunk.start : chunk.stop]
+        kb = kernel_bias[chunk.start : chunk.stop].to(compute_dtype) if kernel_bias is not None else None
         got = {
             "traced": F.conv2d(x_traced, k, kb).double().reshape(SAMPLES, -1),
             # (WINDOW_SAMPLES, rows, gh, gw) -> (positions * WINDOW_SAMPLES, rows), position-major
@@ -213,8 +217,8 @@ def check_layer(
         del k
         for sub in range(0, len(chunk), ref_rows):
             part = chunk[sub : sub + ref_rows]
-            w64 = _take(weight, part).double()
-            b64 = _take(bias, part).double() if bias is not None else None
+            w64 = weight[part.start : part.stop].double()
+            b64 = bias[part.start : part.stop].double() if bias is not None else None
             references = {"traced": F.linear(traced_flat, w64, b64), "window": F.linear(windows, w64, b64)}
             for key, ref in references.items():
                 out = got[key][:, sub : sub + len(part)]
@@ -267,22 +271,15 @@ def _rows_to_check(out: int, max_rows: int | None, generator: torch.Generator) -
     return rows[:max_rows] if len(rows) > max_rows else rows
 
 
-def _runs(rows: list[int]) -> list[list[int]]:
-    """Split sorted row numbers into runs of consecutive rows."""
-    runs: list[list[int]] = []
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row numbers as ``(start, stop)`` runs of consecutive rows."""
+    runs: list[tuple[int, int]] = []
     for row in rows:
-        if runs and runs[-1][-1] + 1 == row:
-            runs[-1].append(row)
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
         else:
-            runs.append([row])
+            runs.append((row, row + 1))
     return runs
-
-
-def _take(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Rows of ``tensor``: a view for a contiguous run (no copy of a memory-mapped weight), else a gather."""
-    if rows[-1] - rows[0] + 1 == len(rows):
-        return tensor[rows[0] : rows[-1] + 1]
-    return tensor[rows]
 
 
 def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
