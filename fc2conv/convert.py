@@ -57,9 +57,13 @@ def iter_converted(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> Iterator[
     larger than memory from a memory-mapped source.
     """
     for name in tensors:
-        change = plan.change_for(name)
-        tensor = tensors[name]
-        yield name, (fc_to_conv_weight(tensor, change) if change else tensor)
+        yield name, converted_tensor(plan, name, tensors[name])
+
+
+def converted_tensor(plan: Plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as the plan writes it: a conv kernel if it is a planned FC weight, else unchanged."""
+    change = plan.change_for(name)
+    return fc_to_conv_weight(tensor, change) if change else tensor
 
 
 def apply_plan(plan: Plan, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -242,11 +242,9 @@ class _Writer:
         self.checks: list[LayerCheck] = []
 
     def _fetch(self, name: str):  # noqa: ANN202 - a torch.Tensor, imported lazily
-        from fc2conv.convert import fc_to_conv_weight
+        from fc2conv import convert
 
-        tensor = self.checkpoint.tensors[name]
-        change = self.plan.change_for(name)
-        return fc_to_conv_weight(tensor, change) if change else tensor
+        return convert.converted_tensor(self.plan, name, self.checkpoint.tensors[name])
 
     def _written(self, info: TensorInfo) -> None:
         self.done += info.numel * dtype_itemsize(info.dtype)
