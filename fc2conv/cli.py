@@ -176,15 +176,19 @@ _model_option = click.option(
 )
 
 
-def _holds_module(path: Path) -> bool:
-    """With --trust-pickle: whether the file is a whole pickled nn.Module (then it needs no --model)."""
+def _pickled_module(path: Path, trust_pickle: bool) -> Any:
+    """With --trust-pickle: the whole nn.Module the file holds (then it needs no --model), else None.
+
+    Unpickled once here and handed on, so the trusted file's code does not run twice.
+    """
+    if not trust_pickle:
+        return None
     from fc2conv.io import load_pickled_module
 
     try:
-        load_pickled_module(path)
+        return load_pickled_module(path)
     except Fc2ConvError:
-        return False
-    return True
+        return None
 
 
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
@@ -271,13 +275,14 @@ def convert(
     if pointwise and (input_shape is not None or flatten_order != "chw"):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    if model is not None or (trust_pickle and _holds_module(checkpoint)):
+    network = model if model is not None else _pickled_module(checkpoint, trust_pickle)
+    if network is not None:
         if pointwise or layers is not None or flatten_order != "chw":
             raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
         from fc2conv import models
 
         result = models.convert_model_file(
-            checkpoint, output, model=model, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
+            checkpoint, output, model=network, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
             export=export_path, onnx=onnx_path, overwrite=force, trust_pickle=trust_pickle,
         )  # fmt: skip
         _emit(result, as_json, "convert")
@@ -377,11 +382,12 @@ def verify(
     from fc2conv import jobs, payloads
 
     _trust_warning(trust_pickle, original, converted)
-    if model is not None or (trust_pickle and _holds_module(original)):
+    network = model if model is not None else _pickled_module(original, trust_pickle)
+    if network is not None:
         from fc2conv import models
 
         result = models.verify_model_files(
-            original, converted, model=model, input_shape=input_shape, trust_pickle=trust_pickle
+            original, converted, model=network, input_shape=input_shape, trust_pickle=trust_pickle
         )
         _emit(result, as_json, "verify")
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED

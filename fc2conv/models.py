@@ -54,8 +54,12 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
     return factory
 
 
-def build_model(spec: str | None, checkpoint: str | os.PathLike[str], *, trust_pickle: bool = False) -> nn.Module:
+def build_model(
+    spec: str | nn.Module | None, checkpoint: str | os.PathLike[str], *, trust_pickle: bool = False
+) -> nn.Module:
     """The model of ``spec`` with the checkpoint's weights loaded strictly, or the pickled module itself.
+
+    ``spec`` may also be a module already unpickled from ``checkpoint`` (so the file runs only once).
 
     Raises:
         PlanError: the factory cannot be imported or called, or the weights do not fit the model
@@ -63,6 +67,8 @@ def build_model(spec: str | None, checkpoint: str | os.PathLike[str], *, trust_p
     """
     from torch import nn
 
+    if isinstance(spec, nn.Module):
+        return spec.eval()
     if spec is None:
         if not trust_pickle:
             raise PlanError("a model is needed: pass --model package.module:factory")
@@ -103,7 +109,7 @@ def convert_model_file(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
     *,
-    model: str | None,
+    model: str | nn.Module | None,
     input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str,
     fold_batchnorm: bool = False,
     export: str | os.PathLike[str] | None = None,
@@ -212,7 +218,7 @@ def verify_model_files(
     original: str | os.PathLike[str],
     converted: str | os.PathLike[str],
     *,
-    model: str | None,
+    model: str | nn.Module | None,
     input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str,
     trust_pickle: bool = False,
 ) -> VerifyResult:
@@ -227,10 +233,10 @@ def verify_model_files(
     record = conversion_of(structure)
     load_weights_strictly(structure, converted, trust_pickle=trust_pickle)
     end_to_end = check_module(reference, structure)
-    if model is None or folded:
+    if not isinstance(model, str) or folded:
         # No state dict to compare tensor by tensor (a pickled module), or folded kernels that are no
         # plain rearrangement of the FC weights: the end-to-end and dense check is the proof.
-        why = "ORIGINAL is a pickled module" if model is None else "CONVERTED has BatchNorm folded into its convs"
+        why = "CONVERTED has BatchNorm folded into its convs" if folded else "ORIGINAL is a pickled module"
         return VerifyResult(Path(original), Path(converted), record.feature_shape, "chw", (), 0, (),
                             (f"checked end to end only: {why}",), end_to_end)  # fmt: skip
     return replace(verify_files(original, converted, trust_pickle=trust_pickle), end_to_end=end_to_end)
