@@ -50,6 +50,15 @@ def head_state_dict(
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_settings():
+    """A test that changes torch's global settings (threads, deterministic mode) does not change the next."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.fixture
 def samples():
     return make_samples

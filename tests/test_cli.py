@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,8 +291,8 @@ def test_version_and_help():
 
 
 def test_installed_script_and_python_m(tmp_path):
-    script = shutil.which("fc2conv")
-    assert script, "the fc2conv console script is not installed"
+    script = str(Path(sys.executable).parent / "fc2conv")  # installed beside the interpreter, venv active or not
+    assert Path(script).is_file(), "the fc2conv console script is not installed"
     out = tmp_path / "o.safetensors"
     done = subprocess.run(
         [script, "convert", str(SMALL_CNN), "-o", str(out), "--json"], capture_output=True, text=True, check=False

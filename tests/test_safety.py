@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import signal
 import struct
 import subprocess
@@ -517,7 +516,7 @@ def test_signal_during_write_leaves_no_output_and_no_litter(tmp_path, sig, expec
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     out = tmp_path / "big.conv.safetensors"
     process = subprocess.Popen(
-        [shutil.which("fc2conv") or "fc2conv", "convert", str(source), "--input-shape", "64x16x16"],
+        [sys.executable, "-m", "fc2conv", "convert", str(source), "--input-shape", "64x16x16"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
