@@ -5,38 +5,46 @@ functions that need torch import it when called.
 """
 
 from fc2conv._version import __version__
-from fc2conv.check import DEFAULT_TOLERANCES, LayerCheck, Tolerance, check_changes, check_layer
-from fc2conv.convert import apply_plan, convert_state_dict, fc_to_conv_weight, tensor_infos
+from fc2conv.check import DEFAULT_TOLERANCES, check_changes, check_layer
+from fc2conv.convert import apply_plan, convert_state_dict, fc_to_conv_weight
 from fc2conv.errors import (
-    CheckFailedError,
     CheckpointError,
+    DependencyError,
     Fc2ConvError,
+    ModelError,
     OutputError,
     PlanError,
     ShapeError,
 )
-from fc2conv.io import load_checkpoint, read_tensor_infos, save_safetensors
+from fc2conv.formats import Listing, Source, open_source, read_listing
+from fc2conv.graph import check_module, conversion_of, convert_module, export_onnx, export_program
 from fc2conv.jobs import convert_file, inspect_file, verify_files
-from fc2conv.module import (
+from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
+from fc2conv.publish import save_safetensors
+from fc2conv.results import (
+    ConvertResult,
+    InspectResult,
+    LayerCheck,
     ModuleCheck,
     ModuleConversion,
-    check_module,
-    conversion_of,
-    convert_module,
-    export_onnx,
-    export_program,
+    Tolerance,
+    VerifyResult,
 )
-from fc2conv.plan import LayerChange, Plan, TensorInfo, plan_conversion, plan_pointwise
-from fc2conv.shapes import InputShape, ShapeSpec, parse_shape
+from fc2conv.shapes import parse_shape
+from fc2conv.types import InputShape, ShapeSpec, TensorInfo, tensor_infos
 
 __all__ = [
     "DEFAULT_TOLERANCES",
-    "CheckFailedError",
     "CheckpointError",
+    "ConvertResult",
+    "DependencyError",
     "Fc2ConvError",
     "InputShape",
+    "InspectResult",
     "LayerCheck",
     "LayerChange",
+    "Listing",
+    "ModelError",
     "ModuleCheck",
     "ModuleConversion",
     "OutputError",
@@ -44,8 +52,10 @@ __all__ = [
     "PlanError",
     "ShapeError",
     "ShapeSpec",
+    "Source",
     "TensorInfo",
     "Tolerance",
+    "VerifyResult",
     "__version__",
     "apply_plan",
     "check_changes",
@@ -59,11 +69,11 @@ __all__ = [
     "export_program",
     "fc_to_conv_weight",
     "inspect_file",
-    "load_checkpoint",
+    "open_source",
     "parse_shape",
     "plan_conversion",
     "plan_pointwise",
-    "read_tensor_infos",
+    "read_listing",
     "save_safetensors",
     "tensor_infos",
     "verify_files",

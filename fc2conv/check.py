@@ -1,34 +1,46 @@
-"""Numeric equivalence of an FC layer and its conv: seeded inputs, a float64 reference, dtype tolerances."""
+"""Proofs that a conv computes what its FC did: seeded inputs, a float64 reference, dtype tolerances.
+
+Two kinds: the numeric check (:func:`check_layer`: the FC and the conv on the same seeded maps, at the
+traced size and on a sliding window), which proves the semantics of the rewrite; and the bit-for-bit
+comparisons (:func:`tensors_identical`, :func:`kernel_is_exact`).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from fc2conv.convert import fc_to_conv_weight
 from fc2conv.plan import LayerChange
+from fc2conv.results import LayerCheck, Tolerance
+from fc2conv.types import FlattenOrder, dtype_name
 
 if TYPE_CHECKING:
     import torch
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """A layer passes when ``max_abs_error <= atol + rtol * max|reference|``."""
-
-    atol: float
-    rtol: float
-
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "check_changes",
+    "check_layer",
+    "coarser_dtype",
+    "kernel_is_exact",
+    "tensors_identical",
+    "tolerance_for",
+]
 
 # Defaults per dtype: a few units of the dtype's rounding error, relative to the output's scale.
 # The conv runs in the layer's own dtype (as it will when deployed); the reference is float64.
-DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "float64": Tolerance(atol=1e-10, rtol=1e-10),
-    "float32": Tolerance(atol=1e-5, rtol=1e-5),
-    "float16": Tolerance(atol=1e-2, rtol=1e-2),
-    "bfloat16": Tolerance(atol=5e-2, rtol=5e-2),
-}
+DEFAULT_TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
+    {
+        "float64": Tolerance(atol=1e-10, rtol=1e-10),
+        "float32": Tolerance(atol=1e-5, rtol=1e-5),
+        "float16": Tolerance(atol=1e-2, rtol=1e-2),
+        "bfloat16": Tolerance(atol=5e-2, rtol=5e-2),
+    }
+)
 
 # Number of seeded random maps at the traced size, and of larger maps for the sliding-window check.
 SAMPLES = 4
@@ -58,45 +70,66 @@ def coarser_dtype(a: str, b: str) -> str:
     return max((a, b), key=lambda d: order.index(d) if d in order else 0)
 
 
-@dataclass(frozen=True)
-class LayerCheck:
-    """The measured difference between an FC layer and its conv, on the same seeded inputs.
-
-    ``max_abs_error`` covers both the traced-size maps and the sliding-window map;
-    ``max_rel_error`` is it divided by the largest reference output (the output's scale).
-    """
-
-    name: str
-    became: str
-    dtype: str
-    old_shape: tuple[int, ...]
-    new_shape: tuple[int, ...]
-    parameters: int
-    max_abs_error: float
-    max_rel_error: float
-    window_max_abs_error: float
-    window_grid: tuple[int, int]
-    reference_scale: float
-    tolerance: Tolerance
-    rows_checked: int = 0
-    nonfinite: bool = False
-    exact: bool | None = None
-    problem: str | None = None
-    strict: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """Within tolerance. Non-finite outputs pass where FC and conv agree on them, unless ``strict``."""
-        if self.problem is not None or (self.strict and self.nonfinite):
-            return False
-        return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
-
-
-def _flatten(x: torch.Tensor, order: str) -> torch.Tensor:
+def _flatten(x: torch.Tensor, order: FlattenOrder) -> torch.Tensor:
     """Flatten (N, C, H, W) the way the source framework did: C-major (chw) or channels-last (hwc)."""
     if order == "hwc":
         x = x.permute(0, 2, 3, 1)
     return x.reshape(x.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """The seeded inputs of one layer's check: maps for the conv, their flattened forms for the FC."""
+
+    traced: torch.Tensor  # (SAMPLES, C, H, W), in the kernel's dtype
+    big: torch.Tensor  # (WINDOW_SAMPLES, C, H + gh - 1, W + gw - 1), in the kernel's dtype
+    grid: tuple[int, int]  # positions of the sliding window
+    traced_flat: torch.Tensor  # float64 (SAMPLES, in)
+    windows_flat: torch.Tensor  # float64 (positions * WINDOW_SAMPLES, in), position-major
+
+
+def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Generator) -> _Probe:
+    import torch
+
+    m = change.in_map
+
+    def draw(n: int, h: int, w: int) -> torch.Tensor:
+        x = torch.randn(n, m.channels, h, w, generator=generator, dtype=torch.float64)
+        return x.to(dtype)  # both sides see these exact (rounded) values
+
+    traced = draw(SAMPLES, m.height, m.width)
+    grid = (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
+    big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
+    windows = [
+        _flatten(big[:, :, i : i + m.height, j : j + m.width].double(), change.flatten_order)
+        for i in range(grid[0])
+        for j in range(grid[1])
+    ]
+    return _Probe(traced, big, grid, _flatten(traced.double(), change.flatten_order), torch.cat(windows))
+
+
+class _Tally:
+    """The largest errors and the reference scale seen so far, over chunks of rows."""
+
+    def __init__(self) -> None:
+        self.errors = {"traced": 0.0, "window": 0.0}
+        self.scale = 0.0
+        self.nonfinite = False
+        self.pattern_mismatch = False
+
+    def add(self, key: str, got: torch.Tensor, reference: torch.Tensor) -> None:
+        import torch
+
+        finite = torch.isfinite(reference)
+        if not bool(finite.all()):
+            self.nonfinite = True
+            if not torch.equal(finite, torch.isfinite(got)):
+                self.pattern_mismatch = True
+        diff = (got - reference).abs()[finite]
+        err = float(diff.max()) if diff.numel() else 0.0
+        self.errors[key] = max(self.errors[key], math.inf if math.isnan(err) else err)
+        if bool(finite.any()):
+            self.scale = max(self.scale, float(reference.abs()[finite].max()))
 
 
 def check_layer(
@@ -138,116 +171,71 @@ def check_layer(
         A :class:`LayerCheck` with the measured errors.
     """
     import torch
-    import torch.nn.functional as F
-
-    from fc2conv.convert import dtype_name
 
     dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
-    tolerance = tolerance or tolerance_for(dtype)
-    common = dict(
-        name=change.name,
-        became=change.became,
-        dtype=dtype,
-        old_shape=tuple(weight.shape),
-        new_shape=tuple(kernel.shape),
-        parameters=change.parameters,
-        tolerance=tolerance,
-    )
-
-    def failed(problem: str) -> LayerCheck:
-        return LayerCheck(
-            **common,
-            max_abs_error=math.inf,
-            max_rel_error=math.inf,
-            window_max_abs_error=math.inf,
-            window_grid=(0, 0),
-            reference_scale=0.0,
-            problem=problem,
-        )
-
+    result = LayerCheck(
+        name=change.name, became=change.became, dtype=dtype, old_shape=tuple(weight.shape),
+        new_shape=tuple(kernel.shape), parameters=change.parameters, max_abs_error=math.inf,
+        max_rel_error=math.inf, window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
+        tolerance=tolerance or tolerance_for(dtype),
+    )  # fmt: skip
+    kernel_bias = bias if kernel_bias is None else kernel_bias
     if tuple(kernel.shape) != change.new_shape:
-        return failed(f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}")
-    if kernel_bias is None:
-        kernel_bias = bias
+        return replace(result, problem=f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}")
     if (bias is None) != (kernel_bias is None):
-        return failed("bias present on one side only")
-
-    m = change.in_map
-    compute_dtype = kernel.dtype
+        return replace(result, problem="bias present on one side only")
     generator = torch.Generator().manual_seed(seed)
-
-    def draw(n: int, h: int, w: int) -> torch.Tensor:
-        x = torch.randn(n, m.channels, h, w, generator=generator, dtype=torch.float64)
-        return x.to(compute_dtype)  # both sides see these exact (rounded) values
-
-    x_traced = draw(SAMPLES, m.height, m.width)
-    grid = (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
-    x_big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
-    windows = torch.cat(
-        [
-            _flatten(x_big[:, :, i : i + m.height, j : j + m.width].double(), change.flatten_order)
-            for i in range(grid[0])
-            for j in range(grid[1])
-        ]
-    )  # (positions * WINDOW_SAMPLES, in), position-major
-    traced_flat = _flatten(x_traced.double(), change.flatten_order)
-
+    probe = _draw_probe(change, kernel.dtype, generator)
     rows = _rows_to_check(weight.shape[0], max_rows, generator)
-    in_features = max(1, weight.shape[1])
-    # Few large conv calls (each has a fixed cost), float64 reference weights in smaller pieces.
-    conv_rows = max(1, 2 * _CHUNK_BYTES // (kernel.element_size() * in_features))
-    ref_rows = max(1, _CHUNK_BYTES // (8 * in_features))
-    errors = {"traced": 0.0, "window": 0.0}
-    scale = 0.0
-    nonfinite = False
-    pattern_mismatch = False
-    # Runs of consecutive rows, cut to at most conv_rows: slices are views (no copy of a mapped weight).
-    chunks = [
-        range(start, min(stop, start + conv_rows)) for start_run, stop in _runs(rows)
-        for start in range(start_run, stop, conv_rows)
-    ]  # fmt: skip
-    for chunk in chunks:
-        k = kernel[chunk.start : chunk.stop]
-        kb = kernel_bias[chunk.start : chunk.stop].to(compute_dtype) if kernel_bias is not None else None
-        got = {
-            "traced": F.conv2d(x_traced, k, kb).double().reshape(SAMPLES, -1),
-            # (WINDOW_SAMPLES, rows, gh, gw) -> (positions * WINDOW_SAMPLES, rows), position-major
-            "window": F.conv2d(x_big, k, kb).double().permute(2, 3, 0, 1).reshape(-1, len(chunk)),
-        }
-        del k
-        for sub in range(0, len(chunk), ref_rows):
-            part = chunk[sub : sub + ref_rows]
-            w64 = weight[part.start : part.stop].double()
-            b64 = bias[part.start : part.stop].double() if bias is not None else None
-            references = {"traced": F.linear(traced_flat, w64, b64), "window": F.linear(windows, w64, b64)}
-            for key, ref in references.items():
-                out = got[key][:, sub : sub + len(part)]
-                finite = torch.isfinite(ref)
-                if not bool(finite.all()):
-                    nonfinite = True
-                    if not torch.equal(finite, torch.isfinite(out)):
-                        pattern_mismatch = True
-                diff = (out - ref).abs()[finite]
-                err = float(diff.max()) if diff.numel() else 0.0
-                errors[key] = max(errors[key], math.inf if math.isnan(err) else err)
-                scale = max(scale, float(ref.abs()[finite].max()) if bool(finite.any()) else 0.0)
-    abs_traced, abs_window = errors["traced"], errors["window"]
+    tally = _Tally()
+    for chunk in _row_chunks(rows, kernel, weight.shape[1]):
+        _measure_chunk(probe, chunk, weight, kernel, bias, kernel_bias, tally)
+    max_abs = math.inf if tally.pattern_mismatch else max(tally.errors.values())
+    max_rel = max_abs / tally.scale if tally.scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    return replace(
+        result, max_abs_error=max_abs, max_rel_error=max_rel, window_max_abs_error=tally.errors["window"],
+        window_grid=probe.grid, reference_scale=tally.scale, rows_checked=len(rows), nonfinite=tally.nonfinite,
+        problem="non-finite outputs differ between FC and conv" if tally.pattern_mismatch else None,
+    )  # fmt: skip
 
-    max_abs = max(abs_traced, abs_window)
-    if pattern_mismatch:
-        max_abs = math.inf
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    return LayerCheck(
-        **common,
-        max_abs_error=max_abs,
-        max_rel_error=max_rel,
-        window_max_abs_error=abs_window,
-        window_grid=grid,
-        reference_scale=scale,
-        rows_checked=len(rows),
-        nonfinite=nonfinite,
-        problem="non-finite outputs differ between FC and conv" if pattern_mismatch else None,
-    )
+
+def _row_chunks(rows: list[int], kernel: torch.Tensor, in_features: int) -> Iterator[range]:
+    """Runs of consecutive rows, cut to a few large conv calls (each has a fixed cost).
+
+    Slices of consecutive rows are views: no copy of a memory-mapped weight.
+    """
+    conv_rows = max(1, 2 * _CHUNK_BYTES // (kernel.element_size() * max(1, in_features)))
+    for start_run, stop in _runs(rows):
+        for start in range(start_run, stop, conv_rows):
+            yield range(start, min(stop, start + conv_rows))
+
+
+def _measure_chunk(
+    probe: _Probe,
+    chunk: range,
+    weight: torch.Tensor,
+    kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_bias: torch.Tensor | None,
+    tally: _Tally,
+) -> None:
+    """The conv on these rows (in the kernel's dtype) against the float64 Linear, a few rows at a time."""
+    import torch.nn.functional as F
+
+    k = kernel[chunk.start : chunk.stop]
+    kb = kernel_bias[chunk.start : chunk.stop].to(kernel.dtype) if kernel_bias is not None else None
+    got = {
+        "traced": F.conv2d(probe.traced, k, kb).double().reshape(SAMPLES, -1),
+        # (WINDOW_SAMPLES, rows, gh, gw) -> (positions * WINDOW_SAMPLES, rows), position-major
+        "window": F.conv2d(probe.big, k, kb).double().permute(2, 3, 0, 1).reshape(-1, len(chunk)),
+    }
+    ref_rows = max(1, _CHUNK_BYTES // (8 * max(1, weight.shape[1])))
+    for sub in range(0, len(chunk), ref_rows):
+        part = chunk[sub : sub + ref_rows]
+        w64 = weight[part.start : part.stop].double()
+        b64 = bias[part.start : part.stop].double() if bias is not None else None
+        tally.add("traced", got["traced"][:, sub : sub + len(part)], F.linear(probe.traced_flat, w64, b64))
+        tally.add("window", got["window"][:, sub : sub + len(part)], F.linear(probe.windows_flat, w64, b64))
 
 
 def _rows_to_check(out: int, max_rows: int | None, generator: torch.Generator) -> list[int]:
@@ -306,8 +294,6 @@ def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def kernel_is_exact(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> bool:
     """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` that fc2conv would write."""
-    from fc2conv.convert import fc_to_conv_weight
-
     if tuple(kernel.shape) != change.new_shape or kernel.dtype != weight.dtype:
         return False
     rows = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
@@ -339,8 +325,6 @@ def check_changes(
         exact: Also record whether each kernel is bit for bit the expected rearrangement.
         strict: Fail layers whose weights or outputs are not finite (NaN/Inf).
     """
-    from fc2conv.convert import dtype_name
-
     results = []
     for change in changes:
         weight, kernel = original[change.weight], converted[change.weight]

@@ -19,10 +19,28 @@ from typing import Any, NoReturn
 import click
 
 from fc2conv._version import __version__
-from fc2conv.errors import Fc2ConvError
-from fc2conv.shapes import FLATTEN_ORDERS, ShapeSpec, parse_shape
+from fc2conv.errors import Fc2ConvError, Remedy
+from fc2conv.shapes import parse_shape
+from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+# What to do about an error, in this command line's words (the library's messages name no flags).
+REMEDIES: dict[Remedy, str] = {
+    "overwrite": "pass --force to replace it",
+    "choose_output": "choose another -o",
+    "input_shape": "pass --input-shape CxHxW",
+    "model_input_shape": "pass --input-shape CxHxW, the network's input (e.g. 3x224x224)",
+    "trust_pickle": "or, for a file you trust, pass --trust-pickle",
+    "model": "pass --model package.module:factory",
+    "inspect": "run 'fc2conv inspect' to see what the checkpoint holds",
+}
+
+
+def error_message(exc: Fc2ConvError) -> str:
+    """The one line a user reads: the library's message, then what to pass to fix it."""
+    remedy = REMEDIES.get(exc.remedy) if exc.remedy else None
+    return f"{exc}; {remedy}" if remedy else str(exc)
 
 
 class _Signalled(BaseException):
@@ -62,7 +80,7 @@ class Fc2ConvGroup(click.Group):
     def main(
         self,
         args: Sequence[str] | None = None,
-        prog_name: str | None = None,  # type: ignore[override]
+        prog_name: str | None = None,
         complete_var: str | None = None,
         standalone_mode: bool = True,
         **extra: Any,
@@ -81,13 +99,14 @@ class Fc2ConvGroup(click.Group):
             else:
                 code = _fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED, argv)
         except click.ClickException as exc:
-            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "fc2conv"
+            context = getattr(exc, "ctx", None)  # usage errors carry the command they were raised in
+            command = context.command_path if context is not None else "fc2conv"
             hint = f" (see '{command} --help')" if isinstance(exc, click.UsageError) else ""
             code = _fail(exc.format_message().rstrip(".") + hint, exc.exit_code, argv)
         except Fc2ConvError as exc:
             if "--debug" in argv:
                 traceback.print_exc()
-            code = _fail(str(exc), exc.exit_code, argv)
+            code = _fail(error_message(exc), exc.exit_code, argv)
         except Exception as exc:  # a bug: still one line, unless --debug asks for the traceback
             if "--debug" in argv:
                 raise
@@ -114,9 +133,9 @@ def _fail(message: str, code: int, argv: list[str]) -> int:
 def _emit(result: Any, as_json: bool, command: str) -> None:
     """Print ``result`` as one JSON object, or as the command's rich table (rich is imported only then)."""
     if as_json:
-        from fc2conv import payloads
+        from fc2conv import report_json
 
-        to_json: Callable[[Any], dict[str, Any]] = getattr(payloads, f"{command}_json")
+        to_json: Callable[[Any], dict[str, Any]] = getattr(report_json, f"{command}_json")
         click.echo(json.dumps(to_json(result), indent=2))
         return
     from fc2conv import report
@@ -174,21 +193,6 @@ _model_option = click.option(
     "too), CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. "
     "3x224x224.",
 )
-
-
-def _pickled_module(path: Path, trust_pickle: bool) -> Any:
-    """With --trust-pickle: the whole nn.Module the file holds (then it needs no --model), else None.
-
-    Unpickled once here and handed on, so the trusted file's code does not run twice.
-    """
-    if not trust_pickle:
-        return None
-    from fc2conv.io import load_pickled_module
-
-    try:
-        return load_pickled_module(path)
-    except Fc2ConvError:
-        return None
 
 
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
@@ -251,7 +255,7 @@ def convert(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
     output: Path | None,
-    flatten_order: str,
+    flatten_order: FlattenOrder,
     layers: str | None,
     pointwise: bool,
     force: bool,
@@ -270,39 +274,34 @@ def convert(
     shards and a new index. Every converted layer is checked numerically from the written file
     before it is published; a failed check leaves no output and exits 1.
     """
-    from fc2conv import jobs, payloads
+    from fc2conv.formats import open_source
+    from fc2conv.report_json import warnings_for
 
     if pointwise and (input_shape is not None or flatten_order != "chw"):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    network = model if model is not None else _pickled_module(checkpoint, trust_pickle)
-    if network is not None:
+    source = open_source(checkpoint, trust_pickle=trust_pickle)  # read once, then branch on what it holds
+    if model is not None or source.module is not None:
         if pointwise or layers is not None or flatten_order != "chw":
             raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
-        from fc2conv import models
+        from fc2conv.jobs.model import convert_model_source
 
-        result = models.convert_model_file(
-            checkpoint, output, model=network, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
-            export=export_path, onnx=onnx_path, overwrite=force, trust_pickle=trust_pickle,
+        result = convert_model_source(
+            source, output, model=model, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
+            export=export_path, onnx=onnx_path, overwrite=force,
         )  # fmt: skip
         _emit(result, as_json, "convert")
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED
     if export_path or onnx_path or fold_batchnorm:
         raise click.UsageError("--export, --onnx and --fold-batchnorm need --model (the network to rebuild)")
+    from fc2conv.jobs.convert import convert_source
+
     with _progress_bar(as_json) as progress:
-        result = jobs.convert_file(
-            checkpoint,
-            output,
-            input_shape=input_shape,
-            flatten_order=flatten_order,
-            layers=layers,
-            pointwise=pointwise,
-            overwrite=force,
-            strict=strict,
-            trust_pickle=trust_pickle,
-            progress=progress,
-        )
-    _warn(payloads.warnings_for(result.checks))
+        result = convert_source(
+            source, output, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
+            pointwise=pointwise, overwrite=force, strict=strict, progress=progress,
+        )  # fmt: skip
+    _warn(warnings_for(result.checks))
     _emit(result, as_json, "convert")
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
 
@@ -317,7 +316,7 @@ def convert(
 def inspect(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
-    flatten_order: str,
+    flatten_order: FlattenOrder,
     layers: str | None,
     trust_pickle: bool,
     as_json: bool,
@@ -326,10 +325,10 @@ def inspect(
 
     For .safetensors (single, or sharded: an index or a folder of shards) only the headers are read.
     """
-    from fc2conv import jobs
+    from fc2conv.jobs.inspect import inspect_file
 
     _trust_warning(trust_pickle, checkpoint)
-    result = jobs.inspect_file(
+    result = inspect_file(
         checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers, trust_pickle=trust_pickle
     )
     _emit(result, as_json, "inspect")
@@ -366,7 +365,7 @@ def verify(
     original: Path,
     converted: Path,
     input_shape: ShapeSpec | None,
-    flatten_order: str | None,
+    flatten_order: FlattenOrder | None,
     atol: float | None,
     rtol: float | None,
     model: str | None,
@@ -379,29 +378,25 @@ def verify(
     Converted layers are checked numerically (traced size and sliding window); every other tensor
     must be bit-for-bit identical. Either side may be a sharded checkpoint (index or folder).
     """
-    from fc2conv import jobs, payloads
+    from fc2conv.formats import open_source
+    from fc2conv.report_json import warnings_for
 
     _trust_warning(trust_pickle, original, converted)
-    network = model if model is not None else _pickled_module(original, trust_pickle)
-    if network is not None:
-        from fc2conv import models
+    original_source = open_source(original, trust_pickle=trust_pickle)
+    converted_source = open_source(converted, trust_pickle=trust_pickle)
+    if model is not None or original_source.module is not None:
+        from fc2conv.jobs.model import verify_model_sources
 
-        result = models.verify_model_files(
-            original, converted, model=network, input_shape=input_shape, trust_pickle=trust_pickle
-        )
+        result = verify_model_sources(original_source, converted_source, model=model, input_shape=input_shape)
         _emit(result, as_json, "verify")
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED
-    result = jobs.verify_files(
-        original,
-        converted,
-        input_shape=input_shape,
-        flatten_order=flatten_order,
-        atol=atol,
-        rtol=rtol,
-        strict=strict,
-        trust_pickle=trust_pickle,
-    )
-    _warn(payloads.warnings_for(result.checks))
+    from fc2conv.jobs.verify import verify_sources
+
+    result = verify_sources(
+        original_source, converted_source, input_shape=input_shape, flatten_order=flatten_order, atol=atol,
+        rtol=rtol, strict=strict,
+    )  # fmt: skip
+    _warn(warnings_for(result.checks))
     _emit(result, as_json, "verify")
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
 

@@ -6,21 +6,13 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from fc2conv.errors import PlanError
-from fc2conv.plan import LayerChange, Plan, TensorInfo, plan_conversion
-from fc2conv.shapes import InputShape, ShapeSpec
+from fc2conv.plan import LayerChange, Plan, plan_conversion
+from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo, tensor_infos
 
 if TYPE_CHECKING:
     import torch
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``: the dtype spelling used across fc2conv."""
-    return str(dtype).removeprefix("torch.")
-
-
-def tensor_infos(state_dict: Mapping[str, torch.Tensor]) -> list[TensorInfo]:
-    """Names, shapes and dtypes of a state dict, in its order (what :func:`plan_conversion` reads)."""
-    return [TensorInfo(name, tuple(t.shape), dtype_name(t.dtype)) for name, t in state_dict.items()]
+__all__ = ["apply_plan", "convert_state_dict", "converted_info", "converted_tensor", "fc_to_conv_weight"]
 
 
 def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor:
@@ -50,14 +42,15 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
     return kernel.contiguous()
 
 
-def iter_converted(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every tensor, converted where the plan says, one at a time.
-
-    Nothing is materialised beyond the tensor being yielded, so a writer can stream a checkpoint
-    larger than memory from a memory-mapped source.
-    """
+def _iter_converted(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     for name in tensors:
         yield name, converted_tensor(plan, name, tensors[name])
+
+
+def converted_info(plan: Plan, info: TensorInfo) -> TensorInfo:
+    """``info`` as the plan writes it: a conv kernel's shape if it is a planned FC weight."""
+    change = plan.change_for(info.name)
+    return TensorInfo(info.name, change.new_shape, info.dtype) if change else info
 
 
 def converted_tensor(plan: Plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -75,13 +68,13 @@ def apply_plan(plan: Plan, state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     missing = [c.weight for c in plan.layers if c.weight not in state_dict]
     if missing:
         raise PlanError(f"the state dict has no {', '.join(missing)}, which the plan converts")
-    return dict(iter_converted(plan, state_dict))
+    return dict(_iter_converted(plan, state_dict))
 
 
 def convert_state_dict(
     state_dict: Mapping[str, torch.Tensor],
-    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
-    flatten_order: str = "chw",
+    input_shape: ShapeLike | None = None,
+    flatten_order: FlattenOrder = "chw",
     layers: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rewrite the FC chain of a state dict as convolution kernels.

@@ -2,41 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 from fc2conv.errors import PlanError, ShapeError
-from fc2conv.shapes import (
-    FLATTEN_ORDERS,
-    InputShape,
-    ShapeSpec,
-    as_spec,
-    resolve_shape,
-    square_map,
-)
+from fc2conv.shapes import as_spec, resolve_shape, square_map
+from fc2conv.types import FLATTEN_ORDERS, FLOAT_DTYPES, FlattenOrder, InputShape, ShapeLike, ShapeSpec, TensorInfo
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+__all__ = [
+    "Layer",
+    "LayerChange",
+    "LayerKind",
+    "Plan",
+    "PlanMode",
+    "fc_candidates",
+    "group_layers",
+    "plan_conversion",
+    "plan_pointwise",
+]
+
+LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm", "Embedding", "other"]
+PlanMode = Literal["chain", "pointwise"]
 
 _EMBEDDING_NAME = re.compile(r"embed|(^|\.)(wte|wpe|tok_embeddings)(\.|$)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Name, shape and dtype of one tensor: all that planning and ``inspect`` need."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # torch's name without the prefix: "float32", "bfloat16", "int8", ...
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
 
 
 @dataclass(frozen=True)
@@ -44,7 +35,7 @@ class Layer:
     """The tensors that share a module prefix (``fc1.weight`` + ``fc1.bias`` -> ``fc1``) and a guessed kind."""
 
     name: str
-    kind: str  # "Linear", "Conv2d", "Conv1d", "Conv3d", "BatchNorm", "Embedding", "other"
+    kind: LayerKind
     tensors: tuple[TensorInfo, ...]
 
     @property
@@ -70,7 +61,7 @@ class LayerChange:
     dtype: str
     old_shape: tuple[int, int]
     in_map: InputShape
-    flatten_order: str
+    flatten_order: FlattenOrder
     pointwise: bool = False  # a projection turned 1x1 conv (--pointwise), not part of a flatten chain
 
     @property
@@ -99,11 +90,11 @@ class Plan:
     """
 
     input_shape: InputShape | None
-    flatten_order: str
+    flatten_order: FlattenOrder
     layers: tuple[LayerChange, ...]
     untouched: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
-    mode: str = "chain"
+    mode: PlanMode = "chain"
 
     def change_for(self, tensor_name: str) -> LayerChange | None:
         """The change whose weight is ``tensor_name``, if any (biases are never reshaped)."""
@@ -132,7 +123,7 @@ def group_layers(infos: Sequence[TensorInfo]) -> list[Layer]:
     return [Layer(prefix, _guess_kind(prefix, members), tuple(members)) for prefix, members in groups.items()]
 
 
-def _guess_kind(prefix: str, members: Sequence[TensorInfo]) -> str:
+def _guess_kind(prefix: str, members: Sequence[TensorInfo]) -> LayerKind:
     leaves = {_split(t.name)[1]: t for t in members}
     weight = leaves.get("weight")
     if weight is None:
@@ -142,8 +133,10 @@ def _guess_kind(prefix: str, members: Sequence[TensorInfo]) -> str:
     ndim = len(weight.shape)
     if ndim == 4:
         return "Conv2d"
-    if ndim in (3, 5):
-        return f"Conv{ndim - 2}d"
+    if ndim == 3:
+        return "Conv1d"
+    if ndim == 5:
+        return "Conv3d"
     if ndim == 2:
         return "Embedding" if _EMBEDDING_NAME.search(prefix) else "Linear"
     return "other"
@@ -170,8 +163,8 @@ def fc_candidates(infos: Sequence[TensorInfo], layers: str | None = None) -> lis
 
 def plan_conversion(
     infos: Iterable[TensorInfo],
-    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
-    flatten_order: str = "chw",
+    input_shape: ShapeLike | None = None,
+    flatten_order: FlattenOrder = "chw",
     layers: str | None = None,
 ) -> Plan:
     """Decide which FC layers become convolutions, and how.
@@ -209,11 +202,8 @@ def plan_conversion(
         raise PlanError("the checkpoint holds no tensors")
     candidates = fc_candidates(infos, layers)
     if not candidates:
-        where = f" matching --layers {layers!r}" if layers else ""
-        raise PlanError(
-            f"no fully connected layer{where} found (a 2-D '<name>.weight' tensor); "
-            "run 'fc2conv inspect' to see what the checkpoint holds"
-        )
+        where = f" whose name matches {layers!r}" if layers else ""
+        raise PlanError(f"no fully connected layer{where} found (a 2-D '<name>.weight' tensor)", remedy="inspect")
 
     notes: list[str] = []
     if spec is None:
@@ -287,11 +277,8 @@ def plan_pointwise(infos: Iterable[TensorInfo], layers: str | None = None) -> Pl
         raise PlanError("the checkpoint holds no tensors")
     selected = fc_candidates(infos, layers)
     if not selected:
-        where = f" matching --layers {layers!r}" if layers else ""
-        raise PlanError(
-            f"no Linear layer{where} found (a 2-D '<name>.weight' tensor); "
-            "run 'fc2conv inspect' to see what the checkpoint holds"
-        )
+        where = f" whose name matches {layers!r}" if layers else ""
+        raise PlanError(f"no Linear layer{where} found (a 2-D '<name>.weight' tensor)", remedy="inspect")
     _require_float(selected)
     changes = []
     for layer in selected:
@@ -321,7 +308,7 @@ def _check_regex(layers: str | None) -> None:
         try:
             re.compile(layers)
         except re.error as exc:
-            raise PlanError(f"--layers {layers!r} is not a valid regular expression: {exc}") from exc
+            raise PlanError(f"layer pattern {layers!r} is not a valid regular expression: {exc}") from exc
 
 
 def _in_features(layer: Layer) -> int:
@@ -354,8 +341,8 @@ def _infer_geometry(infos: list[TensorInfo], candidates: list[Layer], notes: lis
     convs = [(i, t) for i, t in enumerate(infos) if len(t.shape) == 4 and t.name.endswith("weight")]
     if not convs:
         raise PlanError(
-            f"cannot infer the input shape: there is no conv layer before {first.name} "
-            f"({in_features} inputs); pass --input-shape CxHxW"
+            f"cannot infer the input shape: there is no conv layer before {first.name} ({in_features} inputs)",
+            remedy="input_shape",
         )
     before = [t for i, t in convs if i < first_index]
     conv = before[-1] if before else convs[-1][1]
@@ -366,7 +353,9 @@ def _infer_geometry(infos: list[TensorInfo], candidates: list[Layer], notes: lis
     except ShapeError as exc:
         fits = sorted({str(s) for s in _square_candidates(convs, in_features, first.name)})
         hint = f"; maps that would fit: {', '.join(fits)}" if fits else ""
-        raise PlanError(f"cannot infer the input shape from {conv.name} (C = {channels}): {exc}{hint}") from exc
+        raise PlanError(
+            f"cannot infer the input shape from {conv.name} (C = {channels}): {exc}{hint}", remedy="input_shape"
+        ) from exc
     notes.append(
         f"input shape {shape} inferred: C = {channels} from {conv.name} ({position} {first.name}), "
         f"square map assumed ({in_features} = {channels} x {shape.height} x {shape.width})"
@@ -397,67 +386,3 @@ def _between_notes(infos: list[TensorInfo], chain: list[Layer]) -> list[str]:
                 "its tensors are valid for BatchNorm2d"
             )
     return notes
-
-
-# --- the record of a conversion, stored in the output file's safetensors metadata ---------------
-
-METADATA_PREFIX = "fc2conv."
-
-
-def plan_to_metadata(plan: Plan, version: str, source: str | None = None) -> dict[str, str]:
-    """The string metadata that lets ``verify`` (and people) see what a conversion did."""
-    layers = [
-        {
-            "name": c.name,
-            "weight": c.weight,
-            "bias": c.bias,
-            "became": c.became,
-            "old_shape": list(c.old_shape),
-            "new_shape": list(c.new_shape),
-            "flatten_order": c.flatten_order,
-            "pointwise": c.pointwise,
-        }
-        for c in plan.layers
-    ]
-    metadata = {
-        "format": "pt",
-        f"{METADATA_PREFIX}version": version,
-        f"{METADATA_PREFIX}mode": plan.mode,
-        f"{METADATA_PREFIX}input_shape": str(plan.input_shape) if plan.input_shape else "none",
-        f"{METADATA_PREFIX}flatten_order": plan.flatten_order,
-        f"{METADATA_PREFIX}layers": json.dumps(layers, separators=(",", ":")),
-    }
-    if source:
-        metadata[f"{METADATA_PREFIX}source"] = source
-    return metadata
-
-
-def changes_from_metadata(metadata: dict[str, str]) -> list[LayerChange] | None:
-    """The layer changes recorded by :func:`plan_to_metadata`, or ``None`` if there is no record.
-
-    Raises:
-        PlanError: the record is present but malformed.
-    """
-    raw = metadata.get(f"{METADATA_PREFIX}layers")
-    if raw is None:
-        return None
-    try:
-        entries = json.loads(raw)
-        changes = []
-        for entry in entries:
-            out, channels, height, width = (int(v) for v in entry["new_shape"])
-            changes.append(
-                LayerChange(
-                    name=str(entry["name"]),
-                    weight=str(entry["weight"]),
-                    bias=entry.get("bias"),
-                    dtype="",
-                    old_shape=(int(entry["old_shape"][0]), int(entry["old_shape"][1])),
-                    in_map=InputShape(channels, height, width),
-                    flatten_order=str(entry.get("flatten_order", "chw")),
-                    pointwise=bool(entry.get("pointwise", False)),
-                )
-            )
-        return changes
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise PlanError(f"the {METADATA_PREFIX}layers metadata is malformed ({exc})") from exc

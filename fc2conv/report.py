@@ -7,7 +7,7 @@ import os
 import sys
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -20,10 +20,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fc2conv.check import LayerCheck
-from fc2conv.jobs import ConvertResult, InspectResult, VerifyResult
-from fc2conv.module import ModuleCheck
-from fc2conv.shapes import InputShape
+from fc2conv.results import ConvertResult, InspectResult, LayerCheck, ModuleCheck, VerifyResult
+from fc2conv.types import InputShape
+
+__all__ = ["PROGRESS_MIN_BYTES", "ByteProgress", "make_console", "render_convert", "render_inspect", "render_verify"]
 
 # Width used when stdout is not a terminal and COLUMNS is unset: wide enough for the tables.
 _PIPE_WIDTH = 132
@@ -33,10 +33,9 @@ def make_console(stderr: bool = False) -> Console:
     """One console for all output: plain when not a terminal, and no escape codes at all with NO_COLOR."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH
-    plain = bool(os.environ.get("NO_COLOR"))  # rich alone would still emit bold and italics
-    return Console(
-        file=stream, width=width, highlight=False, soft_wrap=False, **({"color_system": None} if plain else {})
-    )
+    if os.environ.get("NO_COLOR"):  # rich alone would still emit bold and italics
+        return Console(file=stream, width=width, highlight=False, soft_wrap=False, color_system=None)
+    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:
@@ -133,7 +132,7 @@ def convert_table(result: ConvertResult) -> Table:
             f"{_grid_text(result.checks)}; rel = abs / max|output|"
         ),
     )
-    for header, justify in [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("Layer", "left"),
         ("Became", "left"),
         ("Old shape", "right"),
@@ -142,8 +141,9 @@ def convert_table(result: ConvertResult) -> Table:
         ("Max abs err", "right"),
         ("Max rel err", "right"),
         ("Check", "left"),
-    ]:
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    ]
+    for header, justify in columns:
+        table.add_column(header, justify=justify)
     for check in result.checks:
         table.add_row(*_check_row(check))
     if result.end_to_end is not None:
@@ -200,15 +200,16 @@ def inspect_table(result: InspectResult) -> Table:
     """The layers of a checkpoint, with their guessed kind and what convert would make of them."""
     became = {c.name: c.became for c in result.plan.layers} if result.plan else {}
     table = Table(title=f"fc2conv inspect: {escape(result.path.name)}", box=box.SIMPLE_HEAVY)
-    for header, justify in [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("Layer", "left"),
         ("Kind", "left"),
         ("Shapes", "left"),
         ("Dtype", "left"),
         ("Params", "right"),
         ("Convert", "left"),
-    ]:
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    ]
+    for header, justify in columns:
+        table.add_column(header, justify=justify)
     for layer in result.layers:
         shapes = ", ".join(f"{t.name.rpartition('.')[2]} {_shape(t.shape)}" for t in layer.tensors)
         dtypes = ", ".join(sorted({t.dtype for t in layer.tensors}))
@@ -254,7 +255,7 @@ def verify_table(result: VerifyResult) -> Table:
         box=box.SIMPLE_HEAVY,
         caption=f"{_grid_text(result.checks)}; pass: abs <= atol + rtol * max|output|",
     )
-    for header, justify in [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("Layer", "left"),
         ("Became", "left"),
         ("Dtype", "left"),
@@ -263,8 +264,9 @@ def verify_table(result: VerifyResult) -> Table:
         ("atol / rtol", "right"),
         ("Bit-exact", "left"),
         ("Check", "left"),
-    ]:
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    ]
+    for header, justify in columns:
+        table.add_column(header, justify=justify)
     if result.end_to_end is not None:
         e2e = result.end_to_end
         table.add_row(

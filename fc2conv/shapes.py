@@ -4,56 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 from fc2conv.errors import ShapeError
+from fc2conv.types import InputShape, ShapeLike, ShapeSpec
 
-FLATTEN_ORDERS = ("chw", "hwc")
+__all__ = ["as_spec", "parse_shape", "resolve_shape", "square_map"]
 
 _SEPARATORS = re.compile(r"\s*[xX,×*]\s*|\s+")
-
-
-@dataclass(frozen=True)
-class InputShape:
-    """A feature map of ``channels`` x ``height`` x ``width`` (one sample, no batch dimension)."""
-
-    channels: int
-    height: int
-    width: int
-
-    @property
-    def features(self) -> int:
-        """Number of values the map flattens to: ``C * H * W``."""
-        return self.channels * self.height * self.width
-
-    def __str__(self) -> str:
-        return f"{self.channels}x{self.height}x{self.width}"
-
-    def as_list(self) -> list[int]:
-        return [self.channels, self.height, self.width]
-
-
-@dataclass(frozen=True)
-class ShapeSpec:
-    """What the user gave on the command line; missing parts are ``None`` until resolved.
-
-    ``256x4x4`` is complete, ``4x4`` leaves channels open, ``256`` leaves a square map open.
-    """
-
-    channels: int | None = None
-    height: int | None = None
-    width: int | None = None
-    text: str = ""
-
-    def __str__(self) -> str:
-        return self.text or "x".join("?" if v is None else str(v) for v in self.parts())
-
-    def parts(self) -> tuple[int | None, int | None, int | None]:
-        return (self.channels, self.height, self.width)
-
-    @property
-    def is_complete(self) -> bool:
-        return None not in self.parts()
 
 
 def parse_shape(text: str) -> ShapeSpec:
@@ -142,7 +99,8 @@ def square_map(channels: int, in_features: int, layer: str) -> InputShape:
         options = " or ".join(f"{channels}x{h}x{area // h}" for h in _near_square_factors(area))
         raise ShapeError(
             f"{layer} takes {in_features} inputs = {channels} x {area}, and H*W = {area} is not a square; "
-            f"give the map as CxHxW (--input-shape {options})"
+            f"maps that fit: {options}",
+            remedy="input_shape",
         )
     return InputShape(channels, side, side)
 
@@ -153,7 +111,7 @@ def _near_square_factors(area: int, count: int = 2) -> list[int]:
     return sorted(heights, key=lambda h: (abs(h - area // h), h))[:count]
 
 
-def as_spec(value: ShapeSpec | InputShape | tuple[int, int, int] | str | None) -> ShapeSpec | None:
+def as_spec(value: ShapeLike | None) -> ShapeSpec | None:
     """Accept the forms the public API takes for an input shape: text, tuple, InputShape or spec."""
     if value is None or isinstance(value, ShapeSpec):
         return value

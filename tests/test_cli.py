@@ -127,7 +127,7 @@ def test_hwc_sample_needs_shape_and_order(tmp_path, samples):
         (["--input-shape", "0x4x4"], "at least 1"),
         (["--input-shape", "32x4x5"], "classifier.1 takes 512 inputs; 32x4x5 = 640"),
         (["--flatten-order", "whc"], "'whc' is not one of"),
-        (["--layers", "nothing"], "no fully connected layer matching --layers 'nothing'"),
+        (["--layers", "nothing"], "no fully connected layer whose name matches 'nothing'"),
         (["--bogus"], "No such option '--bogus' (see 'fc2conv convert --help')"),
     ],
 )

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from fc2conv.cli import cli
-from fc2conv.module import convert_module
+from fc2conv.graph import convert_module
 from tests.architectures import LeNetStyle, MLPHeadBN, build
 
 
@@ -123,7 +123,7 @@ def test_weights_that_do_not_fit_are_listed(tmp_path):
         (["--model", "nowhere.module:f", "--input-shape", "1x28x28"], "cannot import nowhere.module"),
         (["--model", "tests.architectures:Missing", "--input-shape", "1x28x28"], "has no callable Missing"),
         (["--model", "tests.architectures", "--input-shape", "1x28x28"], "expected package.module:factory"),
-        (["--model", "tests.architectures:LeNetStyle"], "--model needs --input-shape"),
+        (["--model", "tests.architectures:LeNetStyle"], "the network's input shape CxHxW (e.g. 3x224x224) is needed"),
         (["--model", "tests.architectures:LeNetStyle", "--input-shape", "3x28x28"], "does not run on a 3x28x28"),
         (["--export", "x.pt2"], "--export, --onnx and --fold-batchnorm need --model"),
     ],

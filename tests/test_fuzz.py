@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fc2conv import convert_file, load_checkpoint
+from fc2conv import convert_file, open_source, read_listing
 from fc2conv.errors import Fc2ConvError, PlanError, ShapeError
-from fc2conv.io import read_tensor_infos
-from fc2conv.plan import FLOAT_DTYPES, TensorInfo, plan_conversion
+from fc2conv.plan import plan_conversion
 from fc2conv.shapes import parse_shape
+from fc2conv.types import FLOAT_DTYPES, TensorInfo
 from tests.conftest import SAMPLES
 
 EXAMPLES = int(os.environ.get("FC2CONV_FUZZ_EXAMPLES", "150"))
@@ -48,7 +48,7 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes
 
 def _load_everything(path: Path) -> None:
     """Load, then touch every tensor (what convert does); only fc2conv errors may escape."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = open_source(path)
     for name in checkpoint.tensors:
         tensor = checkpoint.tensors[name]
         tensor.reshape(-1)[:1].tolist()
@@ -76,7 +76,7 @@ def test_mutated_safetensors(tmp_path_factory, edits, cut):
     path = tmp_path_factory.mktemp("st") / "m.safetensors"
     path.write_bytes(_mutate(REAL_ST, edits, cut))
     try:
-        read_tensor_infos(path)
+        read_listing(path)
         _load_everything(path)
     except Fc2ConvError:
         pass
@@ -148,4 +148,4 @@ def test_degenerate_safetensors(tmp_path, mode):
     path.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}" if mode == "empty" else REAL_ST[: 8 + 16])
     with pytest.raises(Fc2ConvError):
         _load_everything(path)
-        plan_conversion(load_checkpoint(path).infos)
+        plan_conversion(open_source(path).infos)

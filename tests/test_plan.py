@@ -7,15 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fc2conv.errors import PlanError, ShapeError
-from fc2conv.plan import (
-    TensorInfo,
-    changes_from_metadata,
-    fc_candidates,
-    group_layers,
-    plan_conversion,
-    plan_to_metadata,
-)
-from fc2conv.shapes import InputShape
+from fc2conv.plan import fc_candidates, group_layers, plan_conversion
+from fc2conv.record import changes_from_metadata, plan_to_metadata
+from fc2conv.types import InputShape, TensorInfo
 
 
 def T(name, *shape, dtype="float32"):
@@ -98,8 +92,9 @@ def test_inference_lists_other_convs_that_would_fit():
 
 
 def test_no_conv_means_input_shape_needed():
-    with pytest.raises(PlanError, match="no conv layer before fc1 \\(784 inputs\\); pass --input-shape"):
+    with pytest.raises(PlanError, match="no conv layer before fc1 \\(784 inputs\\)") as info:
         plan_conversion([T("fc1.weight", 100, 784)])
+    assert info.value.remedy == "input_shape"
     plan = plan_conversion([T("fc1.weight", 100, 784), T("fc2.weight", 10, 100)], "784")
     assert [c.became for c in plan.layers] == ["Conv 1x1", "Conv 1x1"]
 
@@ -127,7 +122,7 @@ def test_layers_regex_restricts_candidates():
     infos = [T("head.fc1.weight", 64, 72), T("head.fc2.weight", 10, 64)]
     plan = plan_conversion(infos, "8x3x3", layers=r"fc1$")
     assert [c.name for c in plan.layers] == ["head.fc1"]
-    with pytest.raises(PlanError, match="matching --layers 'nothing'"):
+    with pytest.raises(PlanError, match="whose name matches 'nothing'"):
         plan_conversion(infos, "8x3x3", layers="nothing")
     with pytest.raises(PlanError, match="not a valid regular expression"):
         plan_conversion(infos, "8x3x3", layers="(")
@@ -173,12 +168,13 @@ def test_non_float_fc_weights_are_refused_with_dtype(dtype):
     [
         ([], "no tensors"),
         ([T("conv.weight", 8, 3, 3, 3)], "no fully connected layer"),
-        ([T("bn.weight", 8)], "run 'fc2conv inspect'"),
+        ([T("bn.weight", 8)], "no fully connected layer found"),
     ],
 )
 def test_nothing_to_convert(infos, fragment):
-    with pytest.raises(PlanError, match=fragment):
+    with pytest.raises(PlanError, match=fragment) as info:
         plan_conversion(infos, "8x3x3")
+    assert info.value.remedy == (None if fragment == "no tensors" else "inspect")
 
 
 def test_group_layers_guesses_kinds():

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fc2conv.errors import ShapeError
-from fc2conv.shapes import InputShape, ShapeSpec, as_spec, parse_shape, resolve_shape, square_map
+from fc2conv.shapes import as_spec, parse_shape, resolve_shape, square_map
+from fc2conv.types import InputShape, ShapeSpec
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,7 @@ def test_pointwise_plan_selects_by_regex_and_leaves_embeddings():
     assert all(c.became == "Conv 1x1" and c.pointwise for c in plan.layers)
     assert "embeddings.word_embeddings.weight" in plan.untouched
     assert len(plan_pointwise(tensor_infos(sd)).layers) == 12  # every Linear; the embedding is not one
-    with pytest.raises(PlanError, match="no Linear layer matching"):
+    with pytest.raises(PlanError, match="no Linear layer whose name matches"):
         plan_pointwise(tensor_infos(sd), "nothing")
 
 

@@ -1,36 +1,23 @@
-"""Convert an nn.Module, not only its weights: a torch.fx pass that makes the head fully convolutional."""
+"""The torch.fx pass that makes a module's FC head fully convolutional (``convert_module``)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import operator
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from fc2conv.convert import fc_to_conv_weight
 from fc2conv.errors import PlanError
 from fc2conv.plan import LayerChange
-from fc2conv.shapes import InputShape, ShapeSpec, as_spec
+from fc2conv.results import ModuleConversion
+from fc2conv.shapes import as_spec
+from fc2conv.types import InputShape, ShapeLike, dtype_name
 
 if TYPE_CHECKING:
     import torch
     from torch import fx, nn
 
-
-@dataclass(frozen=True)
-class ModuleConversion:
-    """What :func:`convert_module` changed: the flatten it removed and each Linear it replaced."""
-
-    input_shape: InputShape  # one network input (C, H, W) the model was traced at
-    feature_shape: InputShape  # the map that was flattened (C, H, W) at the traced input size
-    feature_node: str  # the graph node whose output is that map (the head reads it)
-    changes: tuple[LayerChange, ...]
-    folded: tuple[str, ...]  # Linear layers whose following BatchNorm was folded into them
-    removed: tuple[str, ...]  # nodes removed: the flatten, identity adaptive pools, folded BatchNorms
-    notes: tuple[str, ...]
-
+__all__ = ["CONVERSION_KEY", "conversion_of", "convert_module", "param_dtype"]
 
 # The converted GraphModule carries the record of its conversion in its ``meta`` dict under this key
 # (GraphModule copies ``meta`` on deepcopy, unlike ad-hoc attributes).
@@ -47,7 +34,7 @@ def conversion_of(module: nn.Module) -> ModuleConversion:
 
 def convert_module(
     model: nn.Module,
-    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str,
+    input_shape: ShapeLike,
     *,
     fold_batchnorm: bool = False,
     squeeze_output: bool = False,
@@ -80,32 +67,15 @@ def convert_module(
         >>> converted(torch.randn(1, 3, 448, 448)).shape  # doctest: +SKIP
         torch.Size([1, 1000, 8, 8])
     """
-    import copy
-
-    import torch
-    from torch import fx
-    from torch.fx.passes.shape_prop import ShapeProp
-
     spec = as_spec(input_shape)
-    if spec is None or not spec.is_complete:
-        raise PlanError(f"convert_module needs the full network input shape CxHxW, got {input_shape!r}")
-    try:
-        gm = fx.symbolic_trace(copy.deepcopy(model))
-    except Exception as exc:  # torch.fx raises TraceError and others for data-dependent code
-        raise PlanError(f"cannot trace {type(model).__name__} with torch.fx: {_first_line(exc)}") from exc
-    example = torch.zeros(2, spec.channels, spec.height, spec.width, dtype=_param_dtype(model))
-    modes = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()  # shapes only: a training-mode forward would update BatchNorm statistics
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example)
-    except Exception as exc:
-        raise PlanError(f"{type(model).__name__} does not run on a {spec} input: {_first_line(exc)}") from exc
-    finally:
-        for name, m in gm.named_modules():
-            m.training = modes[name]
-    rewriter = _Rewriter(gm, fold_batchnorm)
-    record = rewriter.run(InputShape(spec.channels, spec.height, spec.width))
+    if spec is None or spec.channels is None or spec.height is None or spec.width is None:
+        raise PlanError(
+            f"convert_module needs the full network input shape CxHxW, got {input_shape!r}",
+            remedy="model_input_shape",
+        )
+    shape = InputShape(spec.channels, spec.height, spec.width)
+    gm = _trace_with_shapes(model, shape)
+    record = _Rewriter(gm, fold_batchnorm).run(shape)
     if squeeze_output:
         _squeeze_output(gm)
     gm.graph.eliminate_dead_code()
@@ -113,6 +83,32 @@ def convert_module(
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.meta[CONVERSION_KEY] = record
+    return gm
+
+
+def _trace_with_shapes(model: nn.Module, shape: InputShape) -> fx.GraphModule:
+    """A traced copy of ``model`` whose nodes carry their output shapes at a batch of 2 ``shape`` inputs."""
+    import copy
+
+    import torch
+    from torch import fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as exc:  # torch.fx raises TraceError and others for data-dependent code
+        raise PlanError(f"cannot trace {type(model).__name__} with torch.fx: {_first_line(exc)}") from exc
+    example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=param_dtype(model))
+    modes = {name: m.training for name, m in gm.named_modules()}
+    gm.eval()  # shapes only: a training-mode forward would update BatchNorm statistics
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:
+        raise PlanError(f"{type(model).__name__} does not run on a {shape} input: {_first_line(exc)}") from exc
+    finally:
+        for name, m in gm.named_modules():
+            m.training = modes[name]
     return gm
 
 
@@ -124,7 +120,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _param_dtype(model: nn.Module) -> torch.dtype:
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (float32 if it has none)."""
     import torch
 
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -133,6 +130,22 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _known_shape(node: fx.Node) -> tuple[int, ...]:
+    shape = _shape(node)
+    if shape is None:
+        raise PlanError(f"node {node.name} ({node.op} {node.target}) has no known tensor shape")
+    return shape
+
+
+def _first_input(node: fx.Node) -> fx.Node:
+    """The tensor a node reads first (a head node's producer)."""
+    from torch import fx
+
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        raise PlanError(f"node {node.name} ({node.op} {node.target}) does not read a tensor first")
+    return node.args[0]
 
 
 # Modules and functions that act on each value (or each channel, for a 4-D input) the same way
@@ -229,17 +242,16 @@ class _Rewriter:
             names = ", ".join(n.name for n in flattens)
             raise PlanError(f"the model flattens more than one map ({names}); fc2conv converts one head")
         flatten = flattens[0]
-        source = flatten.args[0]
-        _, channels, height, width = _shape(source)  # type: ignore[misc]
+        _, channels, height, width = _known_shape(_first_input(flatten))
         feature_shape = InputShape(channels, height, width)
-        self._drop_identity_pools(source)
+        self._drop_identity_pools(_first_input(flatten))
         self._rewrite_head(flatten, feature_shape)
-        feature_node = flatten.args[0]
-        flatten.replace_all_uses_with(feature_node)  # type: ignore[arg-type]
+        feature_node = _first_input(flatten)
+        flatten.replace_all_uses_with(feature_node)
         graph.erase_node(flatten)
         self.removed.append(flatten.name)
         return ModuleConversion(
-            input_shape, feature_shape, feature_node.name, tuple(self.changes), tuple(self.folded),  # type: ignore[union-attr]
+            input_shape, feature_shape, feature_node.name, tuple(self.changes), tuple(self.folded),
             tuple(self.removed), tuple(self.notes),
         )  # fmt: skip
 
@@ -254,22 +266,22 @@ class _Rewriter:
                 node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
             )
             if is_pool:
-                before, after = _shape(node.args[0]), _shape(node)  # type: ignore[arg-type]
+                previous = _first_input(node)
+                before, after = _known_shape(previous), _known_shape(node)
                 if before != after:
                     self.notes.append(
-                        f"{node.name} pools {before[2]}x{before[3]} to {after[2]}x{after[3]} and stays: "  # type: ignore[index]
+                        f"{node.name} pools {before[2]}x{before[3]} to {after[2]}x{after[3]} and stays: "
                         "larger inputs are pooled to the same map (a global pool gives a 1x1 head)"
                     )
                     return
                 self.notes.append(f"{node.name} is the identity at the traced size: removed for dense output")
-                node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
-                previous = node.args[0]
+                node.replace_all_uses_with(previous)
                 self.gm.graph.erase_node(node)
                 self.removed.append(node.name)
-                node = previous  # type: ignore[assignment]
+                node = previous
                 continue
             if self._is_elementwise(node) and len(node.users) == 1:
-                node = node.args[0]  # type: ignore[assignment]
+                node = _first_input(node)
                 continue
             return
 
@@ -323,8 +335,6 @@ class _Rewriter:
         import torch
         from torch import nn
 
-        from fc2conv.convert import dtype_name, fc_to_conv_weight
-
         if linear.in_features != in_map.features:
             raise PlanError(
                 f"{node.target} takes {linear.in_features} inputs; the map before it is {in_map} = {in_map.features}"
@@ -344,7 +354,7 @@ class _Rewriter:
         )  # fmt: skip
         with torch.no_grad():
             conv.weight.copy_(fc_to_conv_weight(linear.weight.detach(), change))
-            if linear.bias is not None:
+            if linear.bias is not None and conv.bias is not None:
                 conv.bias.copy_(linear.bias.detach())
         conv.train(linear.training)
         self._set_module(str(node.target), conv)
@@ -352,34 +362,18 @@ class _Rewriter:
 
     def _replace_batchnorm(self, node: fx.Node, bn: nn.BatchNorm1d) -> fx.Node:
         """BatchNorm1d -> BatchNorm2d, or folded into the conv before it; returns the node that remains."""
-        import torch
         from torch import nn
 
-        producer = node.args[0]
-        conv = self.modules.get(str(producer.target)) if getattr(producer, "op", None) == "call_module" else None
-        if self.fold_batchnorm and isinstance(conv, nn.Conv2d) and len(producer.users) == 1:  # type: ignore[union-attr]
-            if bn.training or bn.running_mean is None:
-                raise PlanError(f"{node.target}: folding a BatchNorm needs eval mode and running statistics")
-            with torch.no_grad():
-                scale = (
-                    bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                    if bn.affine
-                    else 1 / torch.sqrt(bn.running_var + bn.eps)
-                )
-                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-                new_bias = (bias - bn.running_mean) * scale + shift
-                if conv.bias is None:
-                    conv.bias = nn.Parameter(new_bias)
-                else:
-                    conv.bias.copy_(new_bias)
-            node.replace_all_uses_with(producer)  # type: ignore[arg-type]
+        producer = _first_input(node)
+        conv = self._module(producer)
+        if self.fold_batchnorm and isinstance(conv, nn.Conv2d) and len(producer.users) == 1:
+            _fold_into(conv, bn, str(node.target))
+            node.replace_all_uses_with(producer)
             self.gm.graph.erase_node(node)
             self.removed.append(node.name)
-            self.folded.append(str(producer.target))  # type: ignore[union-attr]
-            self.notes.append(f"{node.target} folded into {producer.target}")  # type: ignore[union-attr]
-            return producer  # type: ignore[return-value]
+            self.folded.append(str(producer.target))
+            self.notes.append(f"{node.target} folded into {producer.target}")
+            return producer
         bn2d = nn.BatchNorm2d(
             bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
             device=bn.running_mean.device if bn.running_mean is not None else None,
@@ -398,6 +392,28 @@ class _Rewriter:
         self.modules[target] = module
 
 
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm1d, name: str) -> None:
+    """Fold an eval-mode BatchNorm into the conv before it: ``w * g / sqrt(var + eps)``, shifted bias."""
+    import torch
+    from torch import nn
+
+    mean, var = bn.running_mean, bn.running_var
+    if bn.training or mean is None or var is None:
+        raise PlanError(f"{name}: folding a BatchNorm needs eval mode and running statistics")
+    with torch.no_grad():
+        scale = 1 / torch.sqrt(var + bn.eps)
+        shift = torch.zeros_like(mean)
+        if bn.affine:
+            scale, shift = bn.weight * scale, bn.bias
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        new_bias = (bias - mean) * scale + shift
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+
+
 def _squeeze_output(gm: fx.GraphModule) -> None:
     """(N, K, 1, 1) -> (N, K) at the traced size; a larger map is returned as it is."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -406,257 +422,3 @@ def _squeeze_output(gm: fx.GraphModule) -> None:
         squeezed = gm.graph.call_method("squeeze", (result, -1))
         squeezed = gm.graph.call_method("squeeze", (squeezed, -1))
     output.args = (squeezed,)
-
-
-# --- end-to-end check ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModuleCheck:
-    """Original model vs converted model, both as float64 copies, on the same seeded inputs.
-
-    ``max_abs_error`` is at the traced input size (the converted output is (N, K, 1, 1));
-    ``dense_max_abs_error`` is on a larger input, where each output position must equal the
-    original head on its window of the feature map.
-    """
-
-    max_abs_error: float
-    max_rel_error: float
-    dense_max_abs_error: float
-    dense_max_rel_error: float
-    dense_grid: tuple[int, int]
-    positions_checked: int
-    tolerance: float  # on the relative errors (relative to the largest output)
-
-    @property
-    def ok(self) -> bool:
-        return max(self.max_rel_error, self.dense_max_rel_error) <= self.tolerance
-
-
-MAX_POSITIONS = 16
-
-
-def check_module(original: nn.Module, converted: nn.Module, *, seed: int = 0, samples: int = 2) -> ModuleCheck:
-    """Run both models end to end: at the traced size, and densely on an input twice as large.
-
-    The dense check reads the converted model's feature map of the large input, and runs the
-    *original* model's head (the traced original graph, with the window injected where the
-    feature map is) on every window of it (at most :data:`MAX_POSITIONS`, seeded, corners included).
-    """
-    import copy
-
-    import torch
-    from torch import fx
-
-    from fc2conv.check import tolerance_for
-    from fc2conv.convert import dtype_name
-
-    record = conversion_of(converted)
-    # float64 copies of both models: an exact rewrite differs by summation order only (~1e-16); a
-    # folded BatchNorm carries the model dtype's rounding, so the dtype's rtol is the bar.
-    tolerance = tolerance_for(dtype_name(_param_dtype(original))).rtol
-    generator = torch.Generator().manual_seed(seed)
-    reference = copy.deepcopy(original).double().eval()
-    candidate = copy.deepcopy(converted).double().eval()
-    shape = record.input_shape
-    x = torch.randn(samples, shape.channels, shape.height, shape.width, generator=generator, dtype=torch.float64)
-    with torch.no_grad():
-        expected = reference(x)
-        got = candidate(x)
-    got = got.reshape(expected.shape)
-    scale = float(expected.abs().max())
-    abs_error = float((got - expected).abs().max())
-
-    big = torch.randn(1, shape.channels, 2 * shape.height, 2 * shape.width, generator=generator, dtype=torch.float64)
-    with torch.no_grad():
-        feature_map, dense = _capture(candidate, record.feature_node, big)
-    if dense.dim() == 2:  # squeezed output of a 1x1 map
-        dense = dense[:, :, None, None]
-    grid = (dense.shape[2], dense.shape[3])
-    fh, fw = record.feature_shape.height, record.feature_shape.width
-    positions = _positions(grid, generator)
-    head = _HeadRunner(fx.symbolic_trace(reference), record.feature_node)
-    dense_abs, dense_scale = 0.0, 0.0
-    with torch.no_grad():
-        for i, j in positions:
-            window = feature_map[:, :, i : i + fh, j : j + fw].contiguous()  # view() needs it
-            expected_here = head(window, shape)
-            dense_abs = max(dense_abs, float((dense[:, :, i, j] - expected_here.reshape(1, -1)).abs().max()))
-            dense_scale = max(dense_scale, float(expected_here.abs().max()))
-    return ModuleCheck(
-        max_abs_error=abs_error,
-        max_rel_error=abs_error / scale if scale else abs_error,
-        dense_max_abs_error=dense_abs,
-        dense_max_rel_error=dense_abs / dense_scale if dense_scale else dense_abs,
-        dense_grid=grid,
-        positions_checked=len(positions),
-        tolerance=tolerance,
-    )
-
-
-def _positions(grid: tuple[int, int], generator: torch.Generator) -> list[tuple[int, int]]:
-    import torch
-
-    every = [(i, j) for i in range(grid[0]) for j in range(grid[1])]
-    if len(every) <= MAX_POSITIONS:
-        return every
-    corners = {(0, 0), (0, grid[1] - 1), (grid[0] - 1, 0), (grid[0] - 1, grid[1] - 1)}
-    order = torch.randperm(len(every), generator=generator).tolist()
-    chosen = list(corners) + [every[k] for k in order if every[k] not in corners]
-    return sorted(chosen[:MAX_POSITIONS])
-
-
-def _capture(module: nn.Module, node_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The value of one graph node, and the output, of a GraphModule run on ``x``."""
-    from torch import fx
-
-    captured: dict[str, Any] = {}
-
-    class Capture(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            value = super().run_node(n)
-            if n.name == node_name:
-                captured["value"] = value
-            return value
-
-    output = Capture(module).run(x)
-    return captured["value"], output
-
-
-class _HeadRunner:
-    """Runs a traced original model with a given tensor standing in for one node (the feature map)."""
-
-    def __init__(self, traced: fx.GraphModule, node_name: str) -> None:
-        from torch import fx
-
-        self.traced = traced
-        self.node_name = node_name
-        needed = set()
-        target = next(n for n in traced.graph.nodes if n.name == node_name)
-        stack = [n for n in traced.graph.nodes if n.op == "output"]
-        while stack:  # the nodes the output depends on, not going past the injected node
-            node = stack.pop()
-            if node in needed:
-                continue
-            needed.add(node)
-            if node is not target:
-                stack.extend(a for a in node.all_input_nodes)
-        self.needed = needed
-        self.interpreter_cls = fx.Interpreter
-
-    def __call__(self, window: torch.Tensor, shape: InputShape) -> torch.Tensor:
-        import torch
-
-        node_name, needed = self.node_name, self.needed
-
-        class Inject(self.interpreter_cls):  # type: ignore[name-defined,misc]
-            def run_node(self, n: Any) -> Any:
-                if n.name == node_name:
-                    return window
-                if n not in needed:
-                    return None
-                return super().run_node(n)
-
-        dummy = torch.zeros(1, shape.channels, shape.height, shape.width, dtype=window.dtype)
-        return Inject(self.traced).run(dummy)
-
-
-# --- export -------------------------------------------------------------------------------------
-
-
-def _dynamic_shapes(record: ModuleConversion) -> tuple[dict[int, Any], ...]:
-    from torch.export import Dim
-
-    shape = record.input_shape
-    return (
-        {
-            0: Dim("batch", min=1, max=4096),
-            2: Dim("height", min=shape.height, max=max(16384, shape.height)),
-            3: Dim("width", min=shape.width, max=max(16384, shape.width)),
-        },
-    )
-
-
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """torch.export and the ONNX exporter print warnings and log lines on success; keep stderr clean."""
-    import logging
-    import warnings
-
-    onnx_logger = logging.getLogger("torch.onnx")
-    level = onnx_logger.level
-    onnx_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            with _size_oblivious():
-                yield
-    finally:
-        onnx_logger.setLevel(level)
-
-
-def _size_oblivious() -> Any:
-    """Let one exported program cover the traced size (a 1x1 head map) and every larger size.
-
-    Without it, torch.export specialises intermediate sizes of 1 and refuses the range. The switch
-    is torch-internal; where it is missing, export falls back to the default behaviour.
-    """
-    try:
-        import torch.fx.experimental._config as fx_config
-
-        return fx_config.patch(backed_size_oblivious=True)
-    except (ImportError, AttributeError, KeyError):  # pragma: no cover - older or newer torch
-        return contextlib.nullcontext()
-
-
-def export_program(converted: nn.Module, path: str | Path) -> None:
-    """Save a ``torch.export`` program of the converted model with dynamic batch, height and width."""
-    import torch
-
-    record = conversion_of(converted)
-    shape = record.input_shape
-    example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=_param_dtype(converted))
-    with _quiet_export():
-        program = torch.export.export(converted.eval(), (example,), dynamic_shapes=_dynamic_shapes(record))
-        torch.export.save(program, str(path))
-
-
-def export_onnx(converted: nn.Module, path: str | Path) -> None:
-    """Save an ONNX model (input ``image``, output ``scores``) with dynamic batch, height and width.
-
-    Needs the ``onnx`` extra (``pip install fc2conv[onnx]``).
-    """
-    import torch
-
-    record = conversion_of(converted)
-    shape = record.input_shape
-    example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=_param_dtype(converted))
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise PlanError("--onnx needs the onnx extra: pip install 'fc2conv[onnx]'") from exc
-    with _quiet_export():
-        torch.onnx.export(
-            converted.eval(), (example,), str(path), input_names=["image"], output_names=["scores"],
-            dynamic_shapes=_dynamic_shapes(record), dynamo=True, verbose=False,
-        )  # fmt: skip
-
-
-def onnx_error(path: str | Path, converted: nn.Module, *, seed: int = 0) -> float | None:
-    """Max abs difference of onnxruntime vs torch on a larger input, or None without onnxruntime."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    import torch
-
-    shape = conversion_of(converted).input_shape
-    generator = torch.Generator().manual_seed(seed)
-    dtype = _param_dtype(converted)
-    x = torch.randn(2, shape.channels, shape.height + 5, shape.width + 3, generator=generator).to(dtype)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (scores,) = session.run(None, {"image": x.numpy()})
-    with torch.no_grad():
-        expected = converted.eval()(x).numpy()
-    return float(abs(scores - expected).max())

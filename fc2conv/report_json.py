@@ -6,10 +6,10 @@ import math
 from typing import Any
 
 from fc2conv._version import __version__
-from fc2conv.check import LayerCheck
-from fc2conv.jobs import ConvertResult, InspectResult, VerifyResult
-from fc2conv.module import ModuleCheck
 from fc2conv.plan import Plan
+from fc2conv.results import ConvertResult, InspectResult, LayerCheck, ModuleCheck, VerifyResult
+
+__all__ = ["convert_json", "inspect_json", "verify_json", "warnings_for"]
 
 
 def _json_float(value: float) -> float | None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from fc2conv import convert_state_dict
 from fc2conv.errors import PlanError
-from fc2conv.module import check_module, conversion_of, convert_module, export_onnx, export_program, onnx_error
+from fc2conv.graph import check_module, conversion_of, convert_module, export_onnx, export_program, onnx_error
 from tests.architectures import ARCHITECTURES, LeNetStyle, MLPHeadBN, ResNetStyle, VGGStyle, build
 
 

@@ -1,0 +1,58 @@
+"""Reading checkpoints: one module per file format, chosen here and only here.
+
+Each format module defines a :class:`~fc2conv.formats.base.Reader`; :data:`READERS` lists them in
+the order they are asked, and the first that claims a path reads it. A new input format is a new
+module plus one line in that tuple. Importing this package imports no heavy library: readers import
+torch, safetensors (and so on) when they read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fc2conv.formats import hf_shards, safetensors, torch_pickle
+from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source
+
+__all__ = [
+    "READERS",
+    "Listing",
+    "ReadOptions",
+    "Reader",
+    "ShardLayout",
+    "Source",
+    "open_source",
+    "read_listing",
+    "reader_for",
+]
+
+READERS: tuple[Reader, ...] = (
+    hf_shards.READER,  # an index file or a folder of shards
+    safetensors.READER,  # *.safetensors
+    torch_pickle.READER,  # everything else: .pt, .pth, .bin, .ckpt, ...
+)
+
+
+def reader_for(path: str | os.PathLike[str]) -> Reader:
+    """The reader for ``path``: the first in :data:`READERS` that claims it."""
+    return next(reader for reader in READERS if reader.claims(Path(path)))
+
+
+def read_listing(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Listing:
+    """Names, shapes and dtypes of a checkpoint's tensors, its metadata and loading notes.
+
+    For safetensors (single or sharded) only the headers are read, and torch is not imported.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
+    """
+    return reader_for(path).listing(Path(path), ReadOptions(trust_pickle=trust_pickle))
+
+
+def open_source(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Source:
+    """Open a checkpoint without running code from it (unless ``trust_pickle``); tensors are lazy.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
+    """
+    return reader_for(path).open(Path(path), ReadOptions(trust_pickle=trust_pickle))

@@ -1,0 +1,104 @@
+"""What every reader returns, and the small interface a file format implements to join fc2conv."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fc2conv.errors import CheckpointError
+from fc2conv.types import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Listing", "ReadOptions", "Reader", "ShardLayout", "Source", "check_readable", "natural_key"]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a checkpoint, whatever its format.
+
+    ``trust_pickle`` unpickles arbitrary objects (``torch.load(weights_only=False)``): it runs any code
+    the file holds, so it is for files the caller trusts.
+    """
+
+    trust_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """The files of a sharded checkpoint: which shard holds which tensors, and its index (if any)."""
+
+    folder: Path
+    index: Path | None  # None: a folder of shards without an index
+    files: tuple[str, ...]
+    tensors_by_file: Mapping[str, tuple[str, ...]]
+    index_metadata: Mapping[str, Any]
+
+
+@dataclass
+class Listing:
+    """Names, shapes and dtypes of a checkpoint's tensors, its metadata, and what was found on the way.
+
+    All that planning and ``inspect`` need; for safetensors it comes from the headers alone.
+    """
+
+    path: Path
+    format: str  # "torch", "safetensors", "sharded safetensors", ...
+    infos: list[TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Source(Listing):
+    """A checkpoint opened for reading: its listing plus a way to fetch each tensor.
+
+    Tensors are fetched on demand (memory-mapped where the file allows), so holding a Source costs
+    little memory even for multi-gigabyte files.
+    """
+
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    shards: ShardLayout | None = None  # a sharded checkpoint: its files
+    module: Any = None  # a whole nn.Module, unpickled because the caller trusted the file
+
+
+class Reader(Protocol):
+    """A file format: which paths it reads, their listing (cheaply) and their tensors.
+
+    A new format is a module in ``fc2conv/formats/`` defining a reader, plus one line in
+    :data:`fc2conv.formats.READERS`.
+    """
+
+    format: str
+
+    def claims(self, path: Path) -> bool:
+        """Whether this reader is the one for ``path`` (by name or kind; never by reading much)."""
+        ...
+
+    def listing(self, path: Path, options: ReadOptions) -> Listing:
+        """Names, shapes and dtypes, reading as little as the format allows."""
+        ...
+
+    def open(self, path: Path, options: ReadOptions) -> Source:
+        """The listing plus lazy access to every tensor."""
+        ...
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key comparing the numbers in names as numbers: ``layer.2`` before ``layer.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def check_readable(path: Path) -> None:
+    """Refuse a path that is missing, a folder or unreadable, with the reason in the message."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: permission denied (cannot read the file)")

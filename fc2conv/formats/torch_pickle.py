@@ -1,0 +1,288 @@
+"""PyTorch pickles (.pt, .pth, .bin, .ckpt): weights-only loading, refusal forensics, the state dict inside."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fc2conv.errors import CheckpointError
+from fc2conv.formats.base import Listing, ReadOptions, Source, check_readable
+from fc2conv.types import tensor_infos
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["READER", "SUFFIXES", "WRAPPER_KEYS", "WRAPPER_PREFIXES", "find_state_dict", "open_torch_checkpoint"]
+
+SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+# Keys under which training scripts nest the state dict, most specific first.
+WRAPPER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "state_dict_ema",
+    "model_ema",
+    "model",
+    "net",
+    "network",
+    "module",
+    "weights",
+    "params",
+)
+# Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Source:
+    """Load a PyTorch checkpoint without running code from it, and find its state dict.
+
+    The file goes through ``torch.load(weights_only=True, mmap=True)`` (a plain weights-only load for
+    the legacy, non-zip format); then the state dict is found inside common wrappers (``state_dict``,
+    ``model``, ...) and a ``module.`` / ``_orig_mod.`` prefix shared by every key is stripped.
+    With ``options.trust_pickle`` arbitrary objects are unpickled (this runs the file's code); a whole
+    ``nn.Module`` is then kept in :attr:`Source.module` and stands for its ``state_dict()``.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a checkpoint, or needs pickled code.
+    """
+    check_readable(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes)")
+    obj = _torch_load(path, options is not None and options.trust_pickle)
+    notes: list[str] = []
+    module = obj if _is_module(obj) else None
+    state_dict = find_state_dict(obj, path, notes)
+    _check_storage_sizes(state_dict, path)
+    state_dict = _strip_wrapper_prefix(state_dict, notes)
+    return Source(path, "torch", tensor_infos(state_dict), {}, notes, tensors=state_dict, module=module)
+
+
+class _TorchPickleReader:
+    """Reader for PyTorch checkpoints; it takes every path no other reader claims."""
+
+    format = "torch"
+
+    def claims(self, path: Path) -> bool:
+        return True
+
+    def listing(self, path: Path, options: ReadOptions) -> Listing:
+        return open_torch_checkpoint(path, options)  # memory-mapped: the listing costs little
+
+    def open(self, path: Path, options: ReadOptions) -> Source:
+        return open_torch_checkpoint(path, options)
+
+
+READER = _TorchPickleReader()
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _is_module(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _torch_load_quietly(path: Path, weights_only: bool) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        # Legacy (pre-zip) format: cannot be memory-mapped; load it plainly (same weights_only).
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error says enough
+            warnings.simplefilter("ignore")
+            return _torch_load_quietly(path, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(exc))
+        foreign = [found.group(1) or found.group(2)] if found else _foreign_globals(path)
+        if not foreign or trust_pickle:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(exc) + "\n")
+            reason = detail.group(1).strip() if detail else "corrupt pickle data"
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from exc
+        what = f" ({', '.join(dict.fromkeys(foreign))})"
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds pickled Python objects{what} beyond tensors, and "
+            "unpickling them could run code from the file. Save the weights alone, e.g. "
+            "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_file(...), "
+            "and convert that",
+            remedy="trust_pickle",
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_sentence(exc)})") from exc
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """A short cause for a one-line message: the exception's first sentence, with its type if terse."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) > 12 else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+# --- naming what a refused file would have imported -----------------------------------------------
+
+# Modules whose globals a weights-only checkpoint may name (tensors, storages, containers).
+_CHECKPOINT_MODULES = ("torch", "collections", "_codecs", "numpy", "builtins.set", "builtins.frozenset")
+_SCAN_BYTES = 16 * 2**20
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """Globals a pickle in the file would import, other than a checkpoint's own; read, never executed.
+
+    Only for the message of a refused file (torch's weights-only unpickler has already refused it):
+    it names what the file would have run, e.g. ``posix.system``.
+    """
+    try:
+        streams = _pickle_streams(path)
+    except Exception:  # noqa: BLE001 - a damaged archive: nothing to name, the refusal stands
+        return []
+    found: list[str] = []
+    for data in streams:
+        found.extend(_globals_in(data))
+    return [g for g in found if not g.startswith(_CHECKPOINT_MODULES)]
+
+
+def _pickle_streams(path: Path) -> list[bytes]:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return [
+                archive.read(i)
+                for i in archive.infolist()  # no zip bomb: small pickles only
+                if i.filename.endswith(".pkl") and i.file_size <= _SCAN_BYTES
+            ]
+    with open(path, "rb") as f:
+        return [f.read(_SCAN_BYTES)]
+
+
+def _globals_in(data: bytes) -> list[str]:
+    """The GLOBAL / STACK_GLOBAL names of the pickles in ``data`` (the legacy format holds several)."""
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(8):
+        strings: list[str] = []
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # noqa: BLE001 - junk after the pickles: stop scanning
+            break
+        if stream.tell() >= len(data):
+            break
+    return found
+
+
+# --- the state dict inside ------------------------------------------------------------------------
+
+
+def find_state_dict(obj: Any, path: str | Path, notes: list[str]) -> dict[str, torch.Tensor]:
+    """The name -> tensor mapping inside a loaded checkpoint object.
+
+    Accepts a plain state dict, or one nested under a known key (:data:`WRAPPER_KEYS`, up to two
+    levels), or the only dict of tensors in the object. Non-tensor entries are dropped and reported.
+
+    Raises:
+        CheckpointError: if no tensors are found.
+    """
+    import torch
+
+    where: list[str] = []
+    current = _module_state(obj, notes)
+    for _ in range(3):
+        key = _wrapper_key(current)
+        if key is None:
+            break
+        where.append(str(key))
+        current = _module_state(current[key], notes)
+    if not isinstance(current, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(current).__name__}, not a state dict of tensors")
+    tensors = {str(k): v for k, v in current.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(map(str, list(current)[:8])) or "none"
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys})")
+    if where:
+        notes.append(f"state dict found under checkpoint{''.join(f'[{k!r}]' for k in where)}")
+    dropped = [str(k) for k, v in current.items() if not isinstance(v, torch.Tensor)]
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        notes.append(f"ignored {len(dropped)} non-tensor entries ({shown})")
+    return tensors
+
+
+def _wrapper_key(current: Any) -> Any:
+    """The key to descend into from a wrapper dict, or None when ``current`` is the state dict itself."""
+    import torch
+
+    if not isinstance(current, Mapping) or (current and all(isinstance(v, torch.Tensor) for v in current.values())):
+        return None
+    key = next((k for k in WRAPPER_KEYS if isinstance(current.get(k), (Mapping, torch.nn.Module))), None)
+    if key is not None:
+        return key
+    nested = [k for k, v in current.items() if isinstance(v, Mapping) and _has_tensors(v)]
+    if len(nested) == 1 and not any(isinstance(v, torch.Tensor) for v in current.values()):
+        return nested[0]
+    return None
+
+
+def _module_state(obj: Any, notes: list[str]) -> Any:
+    """A whole ``nn.Module`` (only loadable with trust_pickle) stands for its ``state_dict()``."""
+    if _is_module(obj):
+        notes.append(f"unpickled a whole {type(obj).__name__} module; using its state_dict()")
+        return obj.state_dict()
+    return obj
+
+
+def _has_tensors(mapping: Mapping[Any, Any], depth: int = 2) -> bool:
+    import torch
+
+    return any(
+        isinstance(v, torch.Tensor) or (depth > 1 and isinstance(v, Mapping) and _has_tensors(v, depth - 1))
+        for v in mapping.values()
+    )
+
+
+def _check_storage_sizes(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that declare more data than their storage holds (stride-0 expanded views).
+
+    Such a tensor is a few bytes in the file but would be materialised at its full declared size
+    when written: a checkpoint must not make fc2conv allocate what it does not contain.
+    """
+    import torch
+
+    for name, tensor in state_dict.items():
+        if tensor.layout is not torch.strided or tensor.is_quantized:
+            continue
+        declared = tensor.numel() * tensor.element_size()
+        stored = tensor.untyped_storage().nbytes()
+        if declared > stored:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares shape {tuple(tensor.shape)} ({declared} bytes) but its "
+                f"storage holds {stored} bytes (an expanded view); refusing to materialise it"
+            )
+
+
+def _strip_wrapper_prefix(state_dict: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) when every key has it."""
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            notes.append(f"stripped the {prefix!r} prefix shared by every key")
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict

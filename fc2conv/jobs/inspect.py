@@ -1,0 +1,52 @@
+"""``inspect`` as a library call: what a checkpoint holds and what ``convert`` would make of it, from shapes."""
+
+from __future__ import annotations
+
+import os
+
+from fc2conv.errors import PlanError
+from fc2conv.formats import read_listing
+from fc2conv.plan import Plan, group_layers, plan_conversion
+from fc2conv.record import changes_from_metadata
+from fc2conv.results import InspectResult
+from fc2conv.types import FlattenOrder, ShapeLike
+
+__all__ = ["inspect_file"]
+
+
+def inspect_file(
+    path: str | os.PathLike[str],
+    *,
+    input_shape: ShapeLike | None = None,
+    flatten_order: FlattenOrder = "chw",
+    layers: str | None = None,
+    trust_pickle: bool = False,
+) -> InspectResult:
+    """List a checkpoint's layers and the conversion plan, reading only shapes.
+
+    A safetensors file's header is all that is read. When no plan can be made without an input shape,
+    the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises
+    :class:`~fc2conv.errors.ShapeError`.
+    """
+    listing = read_listing(path, trust_pickle=trust_pickle)
+    notes = list(listing.notes)
+    recorded = changes_from_metadata(listing.metadata)
+    if recorded is not None:
+        version = listing.metadata.get("fc2conv.version", "?")
+        notes.append(f"converted by fc2conv {version}: " + ", ".join(f"{c.name} -> {c.became}" for c in recorded))
+    plan: Plan | None = None
+    problem: str | None = None
+    try:
+        plan = plan_conversion(listing.infos, input_shape, flatten_order, layers)
+    except PlanError as exc:  # a ShapeError (a given shape that does not fit) is the caller's error
+        problem = str(exc)
+    return InspectResult(
+        path=listing.path,
+        format=listing.format,
+        layers=tuple(group_layers(listing.infos)),
+        infos=tuple(listing.infos),
+        notes=tuple(notes),
+        metadata=listing.metadata,
+        plan=plan,
+        plan_problem=problem,
+    )

@@ -1,0 +1,191 @@
+"""What the commands and proofs return: plain frozen dataclasses, shared by the library and the renderers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fc2conv.plan import Layer, LayerChange, Plan
+from fc2conv.types import FlattenOrder, InputShape, TensorInfo, dtype_itemsize
+
+__all__ = [
+    "ConvertResult",
+    "Export",
+    "InspectResult",
+    "LayerCheck",
+    "ModuleCheck",
+    "ModuleConversion",
+    "TensorMismatch",
+    "Tolerance",
+    "VerifyResult",
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A layer passes when ``max_abs_error <= atol + rtol * max|reference|``."""
+
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """The measured difference between an FC layer and its conv, on the same seeded inputs.
+
+    ``max_abs_error`` covers both the traced-size maps and the sliding-window map;
+    ``max_rel_error`` is it divided by the largest reference output (the output's scale).
+    """
+
+    name: str
+    became: str
+    dtype: str
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    parameters: int
+    max_abs_error: float
+    max_rel_error: float
+    window_max_abs_error: float
+    window_grid: tuple[int, int]
+    reference_scale: float
+    tolerance: Tolerance
+    rows_checked: int = 0
+    nonfinite: bool = False
+    exact: bool | None = None
+    problem: str | None = None
+    strict: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Within tolerance. Non-finite outputs pass where FC and conv agree on them, unless ``strict``."""
+        if self.problem is not None or (self.strict and self.nonfinite):
+            return False
+        return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
+
+
+@dataclass(frozen=True)
+class ModuleConversion:
+    """What :func:`fc2conv.convert_module` changed: the flatten it removed and each Linear it replaced."""
+
+    input_shape: InputShape  # one network input (C, H, W) the model was traced at
+    feature_shape: InputShape  # the map that was flattened (C, H, W) at the traced input size
+    feature_node: str  # the graph node whose output is that map (the head reads it)
+    changes: tuple[LayerChange, ...]
+    folded: tuple[str, ...]  # Linear layers whose following BatchNorm was folded into them
+    removed: tuple[str, ...]  # nodes removed: the flatten, identity adaptive pools, folded BatchNorms
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModuleCheck:
+    """Original model vs converted model, both as float64 copies, on the same seeded inputs.
+
+    ``max_abs_error`` is at the traced input size (the converted output is (N, K, 1, 1));
+    ``dense_max_abs_error`` is on a larger input, where each output position must equal the
+    original head on its window of the feature map.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    dense_max_abs_error: float
+    dense_max_rel_error: float
+    dense_grid: tuple[int, int]
+    positions_checked: int
+    tolerance: float  # on the relative errors (relative to the largest output)
+
+    @property
+    def ok(self) -> bool:
+        return max(self.max_rel_error, self.dense_max_rel_error) <= self.tolerance
+
+
+ExportKind = Literal["torch.export", "onnx"]
+
+
+@dataclass(frozen=True)
+class Export:
+    """A model file written by an export (torch.export or ONNX), with its measured error if it was run."""
+
+    kind: ExportKind
+    path: Path
+    max_abs_error: float | None  # vs the converted torch model on a larger input; None if not run
+    tolerance: float = 1e-4
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_error is None or self.max_abs_error <= self.tolerance
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``convert`` did: the plan, the measured checks, and where the output went."""
+
+    input: Path
+    output: Path
+    plan: Plan
+    checks: tuple[LayerCheck, ...]
+    load_notes: tuple[str, ...]
+    output_bytes: int
+    written: bool
+    seconds: float
+    shards: int = 0  # number of shard files written (0: a single file)
+    end_to_end: ModuleCheck | None = None  # with a model: original model vs converted model
+    exports: tuple[Export, ...] = ()  # exported programs / ONNX files written
+    model_input_shape: InputShape | None = None  # with a model: the network input it was traced at
+
+    @property
+    def ok(self) -> bool:
+        checks_ok = all(c.ok for c in self.checks) and (self.end_to_end is None or self.end_to_end.ok)
+        return self.written and checks_ok and all(e.ok for e in self.exports)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """What a checkpoint holds, and what ``convert`` would do with it."""
+
+    path: Path
+    format: str
+    layers: tuple[Layer, ...]
+    infos: tuple[TensorInfo, ...]
+    notes: tuple[str, ...]
+    metadata: dict[str, str]
+    plan: Plan | None
+    plan_problem: str | None
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.infos)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel * dtype_itemsize(t.dtype) for t in self.infos)
+
+
+@dataclass(frozen=True)
+class TensorMismatch:
+    """A tensor that should be identical in both files but is not, or is only in one."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Per-layer numeric checks plus the bit-for-bit comparison of every other tensor."""
+
+    original: Path
+    converted: Path
+    input_shape: InputShape | None
+    flatten_order: FlattenOrder
+    checks: tuple[LayerCheck, ...]
+    identical: int
+    mismatches: tuple[TensorMismatch, ...]
+    notes: tuple[str, ...] = field(default=())
+    end_to_end: ModuleCheck | None = None  # with a model: original model vs converted model
+
+    @property
+    def ok(self) -> bool:
+        if self.end_to_end is not None and not self.checks and not self.mismatches:
+            return self.end_to_end.ok  # checked end to end only (see notes)
+        end_to_end_ok = self.end_to_end is None or self.end_to_end.ok
+        return bool(self.checks) and not self.mismatches and all(c.ok for c in self.checks) and end_to_end_ok
