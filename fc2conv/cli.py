@@ -133,12 +133,12 @@ def _fail(message: str, code: int, argv: list[str]) -> int:
 def _emit(result: Any, as_json: bool, command: str) -> None:
     """Print ``result`` as one JSON object, or as the command's rich table (rich is imported only then)."""
     if as_json:
-        from fc2conv import report_json
+        import fc2conv.report_json as report_json
 
         to_json: Callable[[Any], dict[str, Any]] = getattr(report_json, f"{command}_json")
         click.echo(json.dumps(to_json(result), indent=2))
         return
-    from fc2conv import report
+    import fc2conv.report as report
 
     render: Callable[[Any, Any], None] = getattr(report, f"render_{command}")
     render(report.make_console(), result)
@@ -148,7 +148,7 @@ def _progress_bar(as_json: bool) -> Any:
     """A progress bar for the terminal (it shows itself only for large jobs); none with --json."""
     if as_json:
         return nullcontext()
-    from fc2conv import report
+    import fc2conv.report as report
 
     return report.ByteProgress(report.make_console())
 

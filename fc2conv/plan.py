@@ -216,25 +216,9 @@ def plan_conversion(
     for candidate in candidates[start + 1 :]:
         if _in_features(candidate) == _out_features(chain[-1]):
             chain.append(candidate)
-
     _require_float(chain)
-
-    changes = []
-    for index, layer in enumerate(chain):
-        weight = layer.weight
-        assert weight is not None
-        in_map = shape if index == 0 else InputShape(weight.shape[1], 1, 1)
-        changes.append(
-            LayerChange(
-                name=layer.name,
-                weight=weight.name,
-                bias=_bias_of(layer),
-                dtype=weight.dtype,
-                old_shape=(weight.shape[0], weight.shape[1]),
-                in_map=in_map,
-                flatten_order=flatten_order if index == 0 else "chw",
-            )
-        )
+    changes = [_change(chain[0], shape, flatten_order)]
+    changes += [_change(layer, InputShape(_in_features(layer), 1, 1), "chw") for layer in chain[1:]]
     notes.extend(_between_notes(infos, chain))
     converted = {c.weight for c in changes}
     untouched = tuple(info.name for info in infos if info.name not in converted)
@@ -250,6 +234,22 @@ def _require_float(layers: Sequence[Layer]) -> None:
                 f"{weight.name} is {weight.dtype}; only floating-point FC weights "
                 f"({', '.join(FLOAT_DTYPES)}) can be converted (dequantize it first)"
             )
+
+
+def _change(layer: Layer, in_map: InputShape, flatten_order: FlattenOrder, pointwise: bool = False) -> LayerChange:
+    """What one FC layer becomes: a conv reading ``in_map`` (flattened in ``flatten_order``)."""
+    weight = layer.weight
+    assert weight is not None
+    return LayerChange(
+        name=layer.name,
+        weight=weight.name,
+        bias=_bias_of(layer),
+        dtype=weight.dtype,
+        old_shape=(weight.shape[0], weight.shape[1]),
+        in_map=in_map,
+        flatten_order=flatten_order,
+        pointwise=pointwise,
+    )
 
 
 def _bias_of(layer: Layer) -> str | None:
@@ -280,22 +280,7 @@ def plan_pointwise(infos: Iterable[TensorInfo], layers: str | None = None) -> Pl
         where = f" whose name matches {layers!r}" if layers else ""
         raise PlanError(f"no Linear layer{where} found (a 2-D '<name>.weight' tensor)", remedy="inspect")
     _require_float(selected)
-    changes = []
-    for layer in selected:
-        weight = layer.weight
-        assert weight is not None
-        changes.append(
-            LayerChange(
-                name=layer.name,
-                weight=weight.name,
-                bias=_bias_of(layer),
-                dtype=weight.dtype,
-                old_shape=(weight.shape[0], weight.shape[1]),
-                in_map=InputShape(weight.shape[1], 1, 1),
-                flatten_order="chw",
-                pointwise=True,
-            )
-        )
+    changes = [_change(layer, InputShape(_in_features(layer), 1, 1), "chw", pointwise=True) for layer in selected]
     converted = {c.weight for c in changes}
     untouched = tuple(info.name for info in infos if info.name not in converted)
     where = f" matching {layers!r}" if layers else ""

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import struct
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
+
+from fc2conv.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
@@ -24,6 +31,44 @@ def _load_samples_module():
 
 
 make_samples = _load_samples_module()
+
+
+# --- running the command line ---------------------------------------------------------------------
+
+
+def run(*args: object) -> Result:
+    """The CLI in process (CliRunner), exceptions not caught: a bug fails the test with its traceback."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def run_process(*args: object, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``python -m fc2conv ARGS`` in a new process (no activated venv needed), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "fc2conv", *map(str, args)], capture_output=True, text=True, check=False, **kwargs
+    )
+
+
+def error_line(result: Result) -> str:
+    """The one ``Error:`` line a failed command prints on stderr (and nothing else, no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# --- safetensors bytes built by hand (for headers that no writer would produce) --------------------
+
+
+def st_entry(dtype: str = "F32", shape: tuple[int, ...] = (2,), offsets: tuple[int, int] = (0, 8)) -> dict[str, Any]:
+    """One header entry of a safetensors file."""
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def st_bytes(header: dict[str, Any] | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    """A safetensors file: the 8-byte header length (``length`` if given, to lie), the header, the data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
 
 
 def head_state_dict(

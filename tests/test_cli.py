@@ -10,29 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fc2conv.convert
 from fc2conv import __version__
-from fc2conv.cli import cli
-from tests.conftest import SAMPLES, head_state_dict
+from tests.conftest import SAMPLES, error_line, head_state_dict, run
 
 SMALL_CNN = SAMPLES / "small_cnn.pt"
-
-
-def run(*args: str):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result
-
-
-def error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_convert_sample_prints_table_and_writes_safetensors(tmp_path):
@@ -290,6 +275,7 @@ def test_version_and_help():
         assert option in help_text
 
 
+@pytest.mark.slow
 def test_installed_script_and_python_m(tmp_path):
     script = str(Path(sys.executable).parent / "fc2conv")  # installed beside the interpreter, venv active or not
     assert Path(script).is_file(), "the fc2conv console script is not installed"
@@ -313,6 +299,7 @@ def test_installed_script_and_python_m(tmp_path):
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("Error: ")
 
 
+@pytest.mark.slow
 def test_inspect_of_safetensors_does_not_import_torch():
     code = (
         "import sys\n"
@@ -353,6 +340,7 @@ def test_input_file_is_never_modified(tmp_path):
     assert source.stat().st_mtime_ns == stat.st_mtime_ns
 
 
+@pytest.mark.slow
 def test_help_does_not_import_torch():
     code = (
         "import sys\nfrom fc2conv.cli import cli\n"

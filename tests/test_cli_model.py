@@ -6,16 +6,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from fc2conv.cli import cli
 from fc2conv.graph import convert_module
 from tests.architectures import LeNetStyle, MLPHeadBN, build
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from tests.conftest import run
 
 
 @pytest.fixture
@@ -24,6 +19,7 @@ def lenet_pt(tmp_path):
     return tmp_path / "lenet.pt"
 
 
+@pytest.mark.slow
 def test_convert_model_writes_weights_export_and_reports_end_to_end(tmp_path, lenet_pt):
     result = run(
         "convert",
@@ -66,6 +62,7 @@ def test_convert_model_writes_weights_export_and_reports_end_to_end(tmp_path, le
     assert "(end to end)" in table.stdout and "map 8x8" in table.stdout
 
 
+@pytest.mark.slow
 def test_convert_model_onnx(tmp_path, lenet_pt):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

@@ -23,6 +23,7 @@ def test_trained_digits_model_recognises_the_shipped_examples():
     assert float((predicted == examples["labels"]).float().mean()) >= 0.95
 
 
+@pytest.mark.slow
 def test_training_script_reproduces_the_committed_model(tmp_path):
     """Retrained here, the model is the committed one up to this CPU's rounding: same accuracy, same
     predictions, weights within a few percent (bytes differ from CPU to CPU, so they are not compared)."""
@@ -48,6 +49,7 @@ def test_training_script_reproduces_the_committed_model(tmp_path):
     assert torch.equal(examples["labels"], shipped["labels"]) and torch.equal(examples["images"], shipped["images"])
 
 
+@pytest.mark.slow
 def test_digits_model_converts_from_the_cli_with_its_factory(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     result = CliRunner().invoke(cli, ["convert", str(SAMPLES / "digits_cnn.pt"), "--model",
@@ -61,6 +63,7 @@ def test_digits_model_converts_from_the_cli_with_its_factory(tmp_path, monkeypat
     assert program(torch.zeros(1, 1, 22, 72)).shape == (1, 10, 15, 65)
 
 
+@pytest.mark.slow
 def test_dense_demo_gives_the_per_crop_scores_and_a_png(tmp_path):
     spec = importlib.util.spec_from_file_location("dense_digits", ROOT / "examples" / "dense_digits.py")
     demo = importlib.util.module_from_spec(spec)

@@ -168,6 +168,7 @@ def test_wrong_input_shape_is_a_clear_error():
         convert_module(build(LeNetStyle), "28x28")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
 def test_exported_program_runs_at_new_sizes(tmp_path, cls):
     model = build(cls)
@@ -181,6 +182,7 @@ def test_exported_program_runs_at_new_sizes(tmp_path, cls):
             torch.testing.assert_close(program(x), converted(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
 def test_onnx_export_runs_at_new_sizes(tmp_path, cls):
     pytest.importorskip("onnx")

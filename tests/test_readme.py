@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, SAMPLES
 
 
@@ -49,6 +51,7 @@ def _run(cwd: Path, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_main_job_and_verify_print_what_the_readme_shows(tmp_path):
     readme = (ROOT / "README.md").read_text()
     (tmp_path / "sample_models").mkdir()

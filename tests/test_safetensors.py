@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 
 import pytest
@@ -13,11 +12,7 @@ from fc2conv.errors import CheckpointError, OutputError
 from fc2conv.formats import read_listing
 from fc2conv.formats.safetensors import read_safetensors_header, write_safetensors
 from fc2conv.types import TensorInfo
-
-
-def _safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + data
+from tests.conftest import st_bytes
 
 
 @pytest.mark.parametrize(
@@ -27,17 +22,17 @@ def _safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
         (struct.pack("<Q", 10**9) + b"{}", "past the end"),
         (struct.pack("<Q", 4) + b"nope", "not valid JSON"),
         (
-            _safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8),
+            st_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8),
             "outside the 8-byte data section",
         ),
-        (_safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8), "needs 8 bytes"),
-        (_safetensors_bytes({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype"),
+        (st_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8), "needs 8 bytes"),
+        (st_bytes({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype"),
         (
-            _safetensors_bytes({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, b"\0" * 8),
+            st_bytes({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, b"\0" * 8),
             "needs",
         ),
         (
-            _safetensors_bytes(
+            st_bytes(
                 {
                     "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},

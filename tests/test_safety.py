@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from fc2conv.cli import cli
-from tests.conftest import ROOT, SAMPLES, head_state_dict
+from tests.conftest import ROOT, SAMPLES, head_state_dict, st_bytes, st_entry
 
 # --- payloads that run code when unpickled: each would create the file MARKER -------------------
 
@@ -140,15 +139,6 @@ def _junk_data_pkl(tmp: Path) -> str:
     return str(path)
 
 
-def _st(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
-
-
-def _entry(dtype="F32", shape=(2,), offsets=(0, 8)):
-    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
-
-
 def _float_head(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     sd = head_state_dict(c=8, h=3, w=3, widths=(5,))
     if dtype == torch.qint8:
@@ -199,36 +189,39 @@ CASES = [
     Case("missing-path", lambda tmp: _convert(str(tmp / "absent.pt")), 2, "no such file"),
     Case(
         "st-header-past-end",
-        lambda tmp: _convert(_bytes(tmp, _st(b"{}", length=10**6), "a.safetensors")),
+        lambda tmp: _convert(_bytes(tmp, st_bytes(b"{}", length=10**6), "a.safetensors")),
         2,
         "past the end",
     ),
     Case(
-        "st-header-not-json", lambda tmp: _convert(_bytes(tmp, _st(b"not json"), "a.safetensors")), 2, "not valid JSON"
+        "st-header-not-json",
+        lambda tmp: _convert(_bytes(tmp, st_bytes(b"not json"), "a.safetensors")),
+        2,
+        "not valid JSON",
     ),
     Case(
         "st-offsets-past-data",
-        lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(offsets=(0, 64))}, b"\0" * 8), "a.safetensors")),
+        lambda tmp: _convert(_bytes(tmp, st_bytes({"w": st_entry(offsets=(0, 64))}, b"\0" * 8), "a.safetensors")),
         2,
         "outside the 8-byte data section",
     ),
     Case(
         "st-overlapping-offsets",
         lambda tmp: _convert(
-            _bytes(tmp, _st({"a": _entry(), "b": _entry(offsets=(4, 12))}, b"\0" * 12), "a.safetensors")
+            _bytes(tmp, st_bytes({"a": st_entry(), "b": st_entry(offsets=(4, 12))}, b"\0" * 12), "a.safetensors")
         ),
         2,
         "overlap",
     ),
     Case(
         "st-unknown-dtype",
-        lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(dtype="F13")}, b"\0" * 8), "a.safetensors")),
+        lambda tmp: _convert(_bytes(tmp, st_bytes({"w": st_entry(dtype="F13")}, b"\0" * 8), "a.safetensors")),
         2,
         "unknown dtype 'F13'",
     ),
     Case(
         "st-absurd-shape",
-        lambda tmp: _convert(_bytes(tmp, _st({"w": _entry(shape=(2**40, 2**40))}, b"\0" * 8), "a.safetensors")),
+        lambda tmp: _convert(_bytes(tmp, st_bytes({"w": st_entry(shape=(2**40, 2**40))}, b"\0" * 8), "a.safetensors")),
         2,
         "needs 4835703278458516698824704 bytes",
     ),
@@ -237,11 +230,11 @@ CASES = [
         lambda tmp: _convert(
             _bytes(
                 tmp,
-                _st(
+                st_bytes(
                     b'{"w":'
-                    + json.dumps(_entry()).encode()
+                    + json.dumps(st_entry()).encode()
                     + b',"w":'
-                    + json.dumps(_entry(offsets=(8, 16))).encode()
+                    + json.dumps(st_entry(offsets=(8, 16))).encode()
                     + b"}",
                     b"\0" * 16,
                 ),
@@ -465,6 +458,7 @@ def test_read_only_folder(tmp_path, tmpfs):
     assert list(read_only.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_a_clean_write_failure(tmp_path):
     """Like a full disk, on any machine: RLIMIT_FSIZE makes writes past 64 KB fail with EFBIG."""
     source = _pt(tmp_path, head_state_dict(c=16, h=8, w=8, widths=(256, 10)))
@@ -510,6 +504,7 @@ def _writing(pid: int, folder: Path) -> bool:
     return any(t.startswith(str(folder) + "/") and not t.endswith("big.pt") for t in targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, expected_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_signal_during_write_leaves_no_output_and_no_litter(tmp_path, sig, expected_code):
     source = _big_checkpoint(tmp_path)

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fc2conv.convert
 from fc2conv import convert_file, plan_pointwise, tensor_infos
-from fc2conv.cli import cli
 from fc2conv.errors import PlanError
 from fc2conv.report import PROGRESS_MIN_BYTES, ByteProgress
+from tests.conftest import run
 
 SHARDS = {
     "model-00001-of-00003.safetensors": ["features.0.weight", "features.0.bias"],
@@ -53,10 +52,6 @@ def write_sharded(folder: Path, sd: dict[str, torch.Tensor], index: bool = True)
     return folder
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.mark.parametrize("given", ["index", "folder", "folder-without-index"])
 def test_sharded_conversion_writes_same_shards_and_a_new_index(tmp_path, given):
     sd = vgg_like()
@@ -86,6 +81,7 @@ def test_sharded_conversion_writes_same_shards_and_a_new_index(tmp_path, given):
     assert json.loads(verified.stdout)["identical_tensors"] == 4
 
 
+@pytest.mark.slow
 def test_sharded_inspect_reads_headers_only_without_torch(tmp_path):
     source = write_sharded(tmp_path / "in", vgg_like())
     code = (
