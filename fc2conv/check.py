@@ -26,6 +26,8 @@ __all__ = [
     "check_changes",
     "check_layer",
     "coarser_dtype",
+    "first_difference",
+    "kernel_difference",
     "kernel_is_exact",
     "tensors_identical",
     "tolerance_for",
@@ -272,37 +274,76 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
 
 def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (so NaNs compare equal to themselves), read a chunk at a time."""
-    import torch
-
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    if a.numel() == 0:
-        return True
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    step = max(1, _CHUNK_BYTES // max(1, a.element_size()))
-    for start in range(0, flat_a.numel(), step):
-        chunk_a = flat_a[start : start + step].contiguous()
-        chunk_b = flat_b[start : start + step].contiguous()
+    return first_difference(a, b) is None
+
+
+def first_difference(expected: torch.Tensor, got: torch.Tensor) -> tuple[int, ...] | None:
+    """The index of the first element whose bytes differ (same shape and dtype assumed), or None.
+
+    Both tensors are read a chunk at a time (memory-mapped ones stay on disk); bytes are compared, so
+    a NaN equals itself and -0.0 differs from 0.0.
+    """
+    import torch
+
+    if expected.numel() == 0:
+        return None
+    flat_e, flat_g = expected.reshape(-1), got.reshape(-1)
+    step = max(1, _CHUNK_BYTES // max(1, expected.element_size()))
+    for start in range(0, flat_e.numel(), step):
+        chunk_e = flat_e[start : start + step].contiguous()
+        chunk_g = flat_g[start : start + step].contiguous()
         try:
-            same = torch.equal(chunk_a.view(torch.uint8), chunk_b.view(torch.uint8))
+            bytes_e, bytes_g = chunk_e.view(torch.uint8), chunk_g.view(torch.uint8)
         except RuntimeError:  # dtypes without a byte view (quantized): value equality
-            same = torch.equal(chunk_a, chunk_b)
-        if not same:
-            return False
-    return True
+            if torch.equal(chunk_e, chunk_g):
+                continue
+            return _unravel(start + int((chunk_e != chunk_g).nonzero()[0, 0]), tuple(expected.shape))
+        if torch.equal(bytes_e, bytes_g):
+            continue
+        differs = (bytes_e != bytes_g).reshape(-1, expected.element_size()).any(dim=1)
+        return _unravel(start + int(differs.nonzero()[0, 0]), tuple(expected.shape))
+    return None
 
 
-def kernel_is_exact(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> bool:
-    """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` that fc2conv would write."""
-    if tuple(kernel.shape) != change.new_shape or kernel.dtype != weight.dtype:
-        return False
+def _unravel(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major index of the ``flat_index``-th element of a tensor of ``shape``."""
+    index = []
+    for size in reversed(shape):
+        flat_index, position = divmod(flat_index, size)
+        index.append(position)
+    return tuple(reversed(index))
+
+
+def kernel_difference(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> str | None:
+    """Why ``kernel`` is not bit for bit the rearrangement of ``weight`` fc2conv writes, or None if it is.
+
+    Every byte is compared, a block of rows at a time (the expected kernel of a ``chw`` reshape or a
+    1x1 is a view of the weight: nothing is copied). The reason names the first differing index of
+    the kernel. Only for an unchanged dtype: a dtype change has no exact form (the numeric check
+    judges it).
+    """
+    if tuple(kernel.shape) != change.new_shape:
+        return f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}"
     rows = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
     for start in range(0, weight.shape[0], rows):
         part = weight[start : start + rows]
         expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1])))
-        if not tensors_identical(expected, kernel[start : start + rows]):
-            return False
-    return True
+        found = first_difference(expected, kernel[start : start + rows])
+        if found is not None:
+            where = [start + found[0], *found[1:]]
+            return (
+                f"kernel differs from the exact rearrangement of {change.weight} at index {where} (every byte compared)"
+            )
+    return None
+
+
+def kernel_is_exact(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> bool:
+    """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` that fc2conv would write."""
+    if kernel.dtype != weight.dtype:
+        return False
+    return kernel_difference(change, weight, kernel) is None
 
 
 def check_changes(
@@ -322,7 +363,9 @@ def check_changes(
         original: Tensors of the source checkpoint (FC weights).
         converted: Tensors of the converted checkpoint (conv kernels).
         atol, rtol: Override the per-dtype defaults.
-        exact: Also record whether each kernel is bit for bit the expected rearrangement.
+        exact: Also compare every byte of each kernel with the exact rearrangement of its weight
+            (where the dtype is unchanged): a difference is the layer's ``problem`` (it fails),
+            naming the first differing index.
         strict: Fail layers whose weights or outputs are not finite (NaN/Inf).
     """
     results = []
@@ -334,6 +377,16 @@ def check_changes(
         result = check_layer(change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol))
         result = replace(result, strict=strict)
         if exact:
-            result = replace(result, exact=kernel_is_exact(change, weight, kernel))
+            result = _with_byte_proof(result, change, weight, kernel)
         results.append(result)
     return results
+
+
+def _with_byte_proof(result: LayerCheck, change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> LayerCheck:
+    """``result`` with ``exact`` set and, for an unchanged dtype, any byte difference as its problem."""
+    if kernel.dtype != weight.dtype:
+        return replace(result, exact=False)  # a dtype change: only the numeric check can judge it
+    if result.problem is not None and tuple(kernel.shape) != change.new_shape:
+        return replace(result, exact=False)
+    difference = kernel_difference(change, weight, kernel)
+    return replace(result, exact=difference is None, problem=result.problem or difference)

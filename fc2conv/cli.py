@@ -158,6 +158,15 @@ def _warn(lines: list[str]) -> None:
         click.echo(f"Warning: {line}", err=True)
 
 
+def _report_failure(checks: Any) -> None:
+    """A failed check (exit 1) says why on stderr, in one line naming the layer."""
+    from fc2conv.report_json import failure_line
+
+    line = failure_line(tuple(checks))
+    if line is not None:
+        click.echo(f"Error: {line}", err=True)
+
+
 @click.group(name="fc2conv", cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="fc2conv")
 @click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports).")
@@ -303,6 +312,7 @@ def convert(
         )  # fmt: skip
     _warn(warnings_for(result.checks))
     _emit(result, as_json, "convert")
+    _report_failure(result.checks)
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
 
 
@@ -398,6 +408,7 @@ def verify(
     )  # fmt: skip
     _warn(warnings_for(result.checks))
     _emit(result, as_json, "verify")
+    _report_failure(result.checks)
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED
 
 

@@ -172,6 +172,7 @@ def _grid_text(checks: tuple[LayerCheck, ...]) -> str:
 def render_convert(console: Console, result: ConvertResult) -> None:
     plan = result.plan
     console.print(convert_table(result))
+    _print_problems(console, result.checks)
     for note in (*result.load_notes, *plan.notes):
         console.print(f"  {escape(note)}")
     if result.end_to_end is not None:
@@ -187,9 +188,7 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         shards = f", {result.shards} shards + index" if result.shards else ""
         console.print(f"  output: {escape(str(result.output))} ({_bytes(result.output_bytes)}{shards})")
     else:
-        console.print(
-            f"  [bold red]output not written[/]: a numeric check failed; {escape(str(result.output))} is unchanged"
-        )
+        console.print(f"  [bold red]output not written[/]: a check failed; {escape(str(result.output))} is unchanged")
     console.print(f"  untouched: {len(plan.untouched)} tensors copied bit for bit; time: {result.seconds:.2f} s")
 
 
@@ -287,8 +286,16 @@ def verify_table(result: VerifyResult) -> Table:
     return table
 
 
+def _print_problems(console: Console, checks: tuple[LayerCheck, ...]) -> None:
+    """Each failed layer's reason in full, below the table (a table cell would cut it)."""
+    for check in checks:
+        if check.problem is not None:
+            console.print(f"  [red]{escape(check.name)}[/]: {escape(check.problem)}", soft_wrap=True)
+
+
 def render_verify(console: Console, result: VerifyResult) -> None:
     console.print(verify_table(result))
+    _print_problems(console, result.checks)
     for note in result.notes:
         console.print(f"  {escape(note)}")
     if result.input_shape is not None:

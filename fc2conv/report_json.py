@@ -9,7 +9,7 @@ from fc2conv._version import __version__
 from fc2conv.plan import Plan
 from fc2conv.results import ConvertResult, InspectResult, LayerCheck, ModuleCheck, VerifyResult
 
-__all__ = ["convert_json", "inspect_json", "verify_json", "warnings_for"]
+__all__ = ["convert_json", "failure_line", "inspect_json", "verify_json", "warnings_for"]
 
 
 def _json_float(value: float) -> float | None:
@@ -91,6 +91,15 @@ def warnings_for(checks: tuple[LayerCheck, ...]) -> list[str]:
     return [
         f"{c.name} has non-finite (NaN/Inf) weights or outputs; converted as they are" for c in checks if c.nonfinite
     ]
+
+
+def failure_line(checks: tuple[LayerCheck, ...]) -> str | None:
+    """One stderr line naming the first layer that failed for a stated reason (its ``problem``), if any."""
+    failed = [c for c in checks if c.problem is not None]
+    if not failed:
+        return None
+    more = f" (and {len(failed) - 1} more layers)" if len(failed) > 1 else ""
+    return f"{failed[0].name}: {failed[0].problem}{more}"
 
 
 def inspect_json(result: InspectResult) -> dict[str, Any]:

@@ -223,7 +223,7 @@ def write_checked(
             # The disk flush (I/O) and the check of the written file (CPU) overlap.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 synced = pool.submit(fsync_file, tmp)
-                checks = check_changes(changes, original, open_safetensors(tmp).tensors, strict=strict)
+                checks = check_changes(changes, original, open_safetensors(tmp).tensors, exact=True, strict=strict)
                 synced.result()
             if not all(c.ok for c in checks):
                 raise _CheckFailed
