@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from fc2conv.convert import fc_to_conv_weight
+from fc2conv.diskio import ByteSpan, first_differing_byte, mapped
 from fc2conv.plan import LayerChange
 from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import FlattenOrder, dtype_name
@@ -26,6 +27,7 @@ __all__ = [
     "check_changes",
     "check_layer",
     "coarser_dtype",
+    "compare_spans",
     "first_difference",
     "kernel_difference",
     "kernel_is_exact",
@@ -332,10 +334,7 @@ def kernel_difference(change: LayerChange, weight: torch.Tensor, kernel: torch.T
         expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1])))
         found = first_difference(expected, kernel[start : start + rows])
         if found is not None:
-            where = [start + found[0], *found[1:]]
-            return (
-                f"kernel differs from the exact rearrangement of {change.weight} at index {where} (every byte compared)"
-            )
+            return _difference_text(change, [start + found[0], *found[1:]])
     return None
 
 
@@ -355,6 +354,7 @@ def check_changes(
     rtol: float | None = None,
     exact: bool = False,
     strict: bool = False,
+    compared: Mapping[str, int | None] | None = None,
 ) -> list[LayerCheck]:
     """Run :func:`check_layer` for each change, reading weights and biases from the two mappings.
 
@@ -367,6 +367,10 @@ def check_changes(
             (where the dtype is unchanged): a difference is the layer's ``problem`` (it fails),
             naming the first differing index.
         strict: Fail layers whose weights or outputs are not finite (NaN/Inf).
+        compared: Weight name -> the first differing byte between the weight's and the kernel's spans
+            in their files (:func:`compare_spans`; None: equal). Used for the byte proof of a layer
+            whose rearrangement leaves the bytes as they are (checked here, against the rule itself);
+            every other layer is compared through torch.
     """
     results = []
     for change in changes:
@@ -377,16 +381,55 @@ def check_changes(
         result = check_layer(change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol))
         result = replace(result, strict=strict)
         if exact:
-            result = _with_byte_proof(result, change, weight, kernel)
+            result = _with_byte_proof(result, change, weight, kernel, (compared or {}).get(change.weight, -1))
         results.append(result)
     return results
 
 
-def _with_byte_proof(result: LayerCheck, change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> LayerCheck:
-    """``result`` with ``exact`` set and, for an unchanged dtype, any byte difference as its problem."""
+def _with_byte_proof(
+    result: LayerCheck, change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor, compared: int | None
+) -> LayerCheck:
+    """``result`` with ``exact`` set and, for an unchanged dtype, any byte difference as its problem.
+
+    ``compared`` is the first differing byte of the weight's and kernel's spans (None: equal; -1: not
+    compared), which proves the kernel when the rule keeps the weight's bytes as they are.
+    """
     if kernel.dtype != weight.dtype:
         return replace(result, exact=False)  # a dtype change: only the numeric check can judge it
     if result.problem is not None and tuple(kernel.shape) != change.new_shape:
         return replace(result, exact=False)
-    difference = kernel_difference(change, weight, kernel)
+    if compared != -1 and _rule_keeps_bytes(change, weight):
+        where = None if compared is None else list(_unravel(compared // weight.element_size(), change.new_shape))
+        difference = None if where is None else _difference_text(change, where)
+    else:
+        difference = kernel_difference(change, weight, kernel)
     return replace(result, exact=difference is None, problem=result.problem or difference)
+
+
+def _rule_keeps_bytes(change: LayerChange, weight: torch.Tensor) -> bool:
+    """Whether the rule's kernel is the weight's own memory (so the weight's bytes are the kernel's)."""
+    if not weight.is_contiguous():
+        return False
+    expected = fc_to_conv_weight(weight, change)
+    return expected.is_contiguous() and expected.data_ptr() == weight.data_ptr()
+
+
+def _difference_text(change: LayerChange, where: list[int]) -> str:
+    return f"kernel differs from the exact rearrangement of {change.weight} at index {where} (every byte compared)"
+
+
+def compare_spans(pairs: Mapping[str, tuple[ByteSpan, ByteSpan]]) -> dict[str, int | None]:
+    """For each name, the offset of the first byte that differs between its two spans (None: equal).
+
+    Every byte is compared (``memcmp`` over the mapped files, no torch); spans of different lengths
+    differ at the end of the shorter one.
+    """
+    paths = [path for first, second in pairs.values() for path in (first.path, second.path)]
+    found: dict[str, int | None] = {}
+    with mapped(*paths) as maps:
+        for name, (first, second) in pairs.items():
+            length = min(first.nbytes, second.nbytes)
+            a, b = replace(first, nbytes=length), replace(second, nbytes=length)
+            differs = first_differing_byte(maps[first.path], a, maps[second.path], b)
+            found[name] = length if differs is None and first.nbytes != second.nbytes else differs
+    return found

@@ -116,6 +116,8 @@ class Fc2ConvGroup(click.Group):
         finally:
             for signum, handler in previous.items():  # in-process callers (tests) get theirs back
                 signal.signal(signum, handler)
+            if "fc2conv.preload" in sys.modules:  # no exit while torch is half imported on another thread
+                sys.modules["fc2conv.preload"].wait_for_torch()
         code = code if isinstance(code, int) else EXIT_OK
         if standalone_mode:
             sys.exit(code)
@@ -284,8 +286,10 @@ def convert(
     before it is published; a failed check leaves no output and exits 1.
     """
     from fc2conv.formats import open_source
+    from fc2conv.preload import preload_torch
     from fc2conv.report_json import warnings_for
 
+    preload_torch()  # torch's import overlaps reading the input and copying its bytes
     if pointwise and (input_shape is not None or flatten_order != "chw"):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
@@ -389,8 +393,10 @@ def verify(
     must be bit-for-bit identical. Either side may be a sharded checkpoint (index or folder).
     """
     from fc2conv.formats import open_source
+    from fc2conv.preload import preload_torch
     from fc2conv.report_json import warnings_for
 
+    preload_torch()  # torch's import overlaps reading headers and comparing bytes
     _trust_warning(trust_pickle, original, converted)
     original_source = open_source(original, trust_pickle=trust_pickle)
     converted_source = open_source(converted, trust_pickle=trust_pickle)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError
 from fc2conv.types import TensorInfo
 
@@ -63,6 +64,9 @@ class Source(Listing):
     """
 
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # Where each tensor's bytes lie in the file(s), for those stored contiguous and little-endian: the
+    # writer copies them in the kernel and the byte proof compares them mapped, without torch.
+    spans: Mapping[str, ByteSpan] = field(default_factory=dict)
     shards: ShardLayout | None = None  # a sharded checkpoint: its files
     module: Any = None  # a whole nn.Module, unpickled because the caller trusted the file
 

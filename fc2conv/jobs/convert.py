@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
-from fc2conv.check import check_changes
-from fc2conv.convert import converted_info, converted_tensor
+from fc2conv.check import check_changes, compare_spans, tensors_identical
+from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
+from fc2conv.diskio import ByteSpan
+from fc2conv.errors import OutputError
 from fc2conv.formats import Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
+from fc2conv.preload import preload_torch
 from fc2conv.publish import atomic_folder, atomic_output, fsync_file
 from fc2conv.record import METADATA_PREFIX, plan_to_metadata
 from fc2conv.results import ConvertResult, LayerCheck
@@ -75,6 +78,7 @@ def convert_file(
         CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted,
             or the output cannot be written.
     """
+    preload_torch()  # the import overlaps reading the input and copying its bytes
     return convert_source(
         open_source(input_path, trust_pickle=trust_pickle), output_path, input_shape=input_shape,
         flatten_order=flatten_order, layers=layers, pointwise=pointwise, overwrite=overwrite, strict=strict,
@@ -137,6 +141,13 @@ class _Writer:
         self.out_infos = {info.name: converted_info(plan, info) for info in source.infos}
         self.total = sum(i.nbytes for i in self.out_infos.values())
         self.progress = progress
+        # Tensors written as they lie in the input (untouched ones, and kernels whose rearrangement keeps
+        # the bytes): copied from the input file by the kernel, then compared with it byte for byte.
+        self.spans = {
+            name: span
+            for name, span in source.spans.items()
+            if (change := plan.change_for(name)) is None or keeps_bytes(change)
+        }
         self.size = 0  # bytes of the files written so far
         self.done = 0  # bytes of tensor data written so far
         self.checks: list[LayerCheck] = []
@@ -165,6 +176,8 @@ class _Writer:
             protect=protect,
             strict=self.strict,
             on_tensor=self._written,
+            spans=self.spans,
+            untouched=self.source.tensors,
         )
         self.checks.extend(checks)
         self.size += size
@@ -210,8 +223,15 @@ def write_checked(
     protect: Sequence[Path] = (),
     strict: bool = False,
     on_tensor: Callable[[TensorInfo], None] | None = None,
+    spans: Mapping[str, ByteSpan] | None = None,
+    untouched: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
-    """Write a safetensors file atomically, check its converted layers from the file, then publish it.
+    """Write a safetensors file atomically, check every byte of it and its converted layers, then publish it.
+
+    Tensors in ``spans`` are copied from the input file by the kernel. The written file is then
+    checked while it is flushed to the disk: each converted kernel byte for byte against the exact
+    rearrangement of its weight and numerically against the FC; each other tensor, when ``untouched``
+    (the input's tensors) is given, byte for byte against the input (a difference is a write failure).
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
     nothing is left at ``target``).
@@ -219,14 +239,43 @@ def write_checked(
     checks: list[LayerCheck] = []
     try:
         with atomic_output(target, overwrite=overwrite, protect=protect) as tmp:
-            size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor)
-            # The disk flush (I/O) and the check of the written file (CPU) overlap.
+            size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor, spans=spans)
+            # The disk flush (I/O) and the checks of the written file (memory and CPU) overlap.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 synced = pool.submit(fsync_file, tmp)
-                checks = check_changes(changes, original, open_safetensors(tmp).tensors, exact=True, strict=strict)
+                checks = _check_written(tmp, out_infos, changes, original, spans or {}, untouched, strict)
                 synced.result()
             if not all(c.ok for c in checks):
                 raise _CheckFailed
     except _CheckFailed:
         return checks, 0, False
     return checks, size, True
+
+
+def _check_written(
+    path: Path,
+    out_infos: Sequence[TensorInfo],
+    changes: Sequence[LayerChange],
+    original: Mapping[str, torch.Tensor],
+    spans: Mapping[str, ByteSpan],
+    untouched: Mapping[str, torch.Tensor] | None,
+    strict: bool,
+) -> list[LayerCheck]:
+    """Every byte of the written file against the input; the numeric check of every converted layer."""
+    written = open_safetensors(path)
+    # Spans first: memcmp over the mapped files needs no torch (which may still be importing).
+    compared = compare_spans({n: (span, written.spans[n]) for n, span in spans.items() if n in written.spans})
+    converted = {c.weight for c in changes}
+    if untouched is not None:
+        for info in out_infos:
+            if info.name in converted:
+                continue
+            if info.name in compared:
+                same = compared[info.name] is None
+            else:
+                same = tensors_identical(untouched[info.name], written.tensors[info.name])
+            if not same:
+                raise OutputError(
+                    f"{path}: the written tensor {info.name!r} differs from the input; nothing was published"
+                )
+    return check_changes(changes, original, written.tensors, exact=True, strict=strict, compared=compared)
