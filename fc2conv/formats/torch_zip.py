@@ -71,8 +71,8 @@ def check_pickle_size(path: Path, info: zipfile.ZipInfo) -> None:
     """Refuse a pickle record whose declared size is beyond :data:`MAX_PICKLE_BYTES` (a zip bomb, say)."""
     if info.file_size > MAX_PICKLE_BYTES:
         raise Refused(
-            f"its pickle {info.filename} declares {info.file_size} bytes ({info.compress_size} in the file); "
-            f"a checkpoint's pickle holds names and shapes, and more than {MAX_PICKLE_BYTES} bytes is refused"
+            f"has a pickle {info.filename} that declares {info.file_size} bytes ({info.compress_size} in the "
+            f"file); a checkpoint's pickle holds names and shapes, and more than {MAX_PICKLE_BYTES} bytes is refused"
         )
 
 
@@ -149,13 +149,14 @@ def _check_storage(ref: StorageRef, records: dict[str, zipfile.ZipInfo], offsets
         raise Refused(f"names storage {ref.key!r}, which the file does not hold")
     if offsets.get(ref.key) is None:
         raise Refused(
-            f"its storage {info.filename} is compressed or lies outside the file; torch.save stores tensor "
-            "data uncompressed, and a tensor must be backed by bytes of the file"
+            f"has a storage record {info.filename} that is compressed or lies outside the file; torch.save "
+            "stores tensor data uncompressed, and a tensor must be backed by bytes of the file"
         )
     itemsize = dtype_itemsize(ref.dtype) or 1
     if ref.numel * itemsize > info.file_size:
         raise Refused(
-            f"its storage {ref.key!r} declares {ref.numel * itemsize} bytes, but the file holds {info.file_size}"
+            f"has a storage {ref.key!r} that declares {ref.numel * itemsize} bytes, but its record holds "
+            f"{info.file_size}"
         )
 
 
@@ -174,7 +175,9 @@ def scan_legacy_pickles(path: Path) -> None:
     def check(ref: StorageRef) -> None:
         nbytes = ref.numel * (dtype_itemsize(ref.dtype) or 1)
         if nbytes > size:
-            raise Refused(f"its storage {ref.key!r} declares {nbytes} bytes in a {size}-byte file")
+            raise Refused(
+                f"has a storage {ref.key!r} that declares {nbytes} bytes, more than the whole {size}-byte file"
+            )
 
     with open(path, "rb") as raw:
         stream = BoundedReader(raw, size)
