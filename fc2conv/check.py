@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from fc2conv.convert import fc_to_conv_weight
 from fc2conv.diskio import ByteSpan, first_differing_byte, mapped
 from fc2conv.plan import LayerChange
+from fc2conv.preload import wait_for_torch
 from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import FlattenOrder, dtype_name
 
@@ -376,6 +377,7 @@ def check_changes(
             whose rearrangement leaves the bytes as they are (checked here, against the rule itself);
             every other layer is compared through torch.
     """
+    wait_for_torch()  # a background import of torch: waited for here, not inside an import lock
     with _one_thread():
         return [_check_one(c, original, converted, atol, rtol, exact, strict, compared or {}) for c in changes]
 

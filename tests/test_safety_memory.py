@@ -31,8 +31,10 @@ import os, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
 from fc2conv.cli import cli
 code = cli.main(sys.argv[3:], prog_name="fc2conv", standalone_mode=False)
+# VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork and exec.
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 with open(sys.argv[2], "w") as report:
-    report.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
+    report.write(str(int(peak.split()[1]) // 1024))
 sys.exit(code)
 """
 
@@ -118,6 +120,7 @@ def _many_big_pickles(tmp: Path) -> Path:
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
     deflated = packer.compress(zeros) + packer.flush()
     entries = [("archive/data.pkl", evil, evil, 0), ("archive/byteorder", b"little", b"little", 0)]
+    entries += [("archive/version", b"3\n", b"3\n", 0)]
     entries += [(f"archive/extra{i}.pkl", deflated, zeros, 8) for i in range(150)]
     path = tmp / "many.pt"
     path.write_bytes(_zip_by_hand(entries))
@@ -150,6 +153,7 @@ def _compressed_storage(tmp: Path) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", data)
         archive.writestr("archive/byteorder", b"little")
+        archive.writestr("archive/version", b"3\n")
         archive.writestr("archive/data/0", b"\0" * 2**20, zipfile.ZIP_DEFLATED)
     return path
 
