@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from fc2conv.convert import fc_to_conv_weight
+from fc2conv.convert import fc_to_conv_weight, fc_weight
 from fc2conv.plan import LayerChange
 from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import FlattenOrder, dtype_name
@@ -293,13 +293,13 @@ def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def kernel_is_exact(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> bool:
-    """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` that fc2conv would write."""
+    """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` (``(out, in)``) that fc2conv would write."""
     if tuple(kernel.shape) != change.new_shape or kernel.dtype != weight.dtype:
         return False
     rows = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
     for start in range(0, weight.shape[0], rows):
         part = weight[start : start + rows]
-        expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1])))
+        expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1]), layout="out_in"))
         if not tensors_identical(expected, kernel[start : start + rows]):
             return False
     return True
@@ -327,7 +327,7 @@ def check_changes(
     """
     results = []
     for change in changes:
-        weight, kernel = original[change.weight], converted[change.weight]
+        weight, kernel = fc_weight(change, original[change.weight]), converted[change.weight]
         bias = original[change.bias] if change.bias else None
         kernel_bias = converted.get(change.bias) if change.bias else None
         dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))

@@ -20,6 +20,7 @@ import click
 
 from fc2conv._version import __version__
 from fc2conv.errors import Fc2ConvError, Remedy
+from fc2conv.layouts import LayoutChoice
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
 
@@ -34,6 +35,8 @@ REMEDIES: dict[Remedy, str] = {
     "trust_pickle": "or, for a file you trust, pass --trust-pickle",
     "model": "pass --model package.module:factory",
     "inspect": "run 'fc2conv inspect' to see what the checkpoint holds",
+    "weight_layout": "pass --weight-layout out-in (PyTorch's Linear) or in-out (GPT-2 Conv1D, Keras Dense)",
+    "trust_shape": "if the map really is not that layer's output (a concatenation, ...), pass --trust-shape",
 }
 
 
@@ -196,6 +199,21 @@ _model_option = click.option(
 
 
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
+_LAYOUTS: dict[str, LayoutChoice] = {"auto": "auto", "out-in": "out_in", "in-out": "in_out"}
+_layout_option = click.option(
+    "--weight-layout",
+    type=click.Choice(list(_LAYOUTS)),
+    default="auto",
+    show_default=True,
+    help="How FC weights are stored: out-in (PyTorch's Linear), in-out (GPT-2's Conv1D, Keras's Dense), or auto: "
+    "out-in unless a bias or a config.json beside the file shows in-out.",
+)
+_trust_shape_option = click.option(
+    "--trust-shape",
+    is_flag=True,
+    help="Use --input-shape even where the checkpoint shows another channel count (the last conv or "
+    "BatchNorm before the first FC): for maps that are not that layer's output, such as a concatenation.",
+)
 
 
 def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
@@ -248,6 +266,8 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     is_flag=True,
     help="With --model: fold an eval-mode BatchNorm1d that follows a Linear into the conv.",
 )
+@_layout_option
+@_trust_shape_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -263,6 +283,8 @@ def convert(
     export_path: Path | None,
     onnx_path: Path | None,
     fold_batchnorm: bool,
+    weight_layout: str,
+    trust_shape: bool,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -299,7 +321,8 @@ def convert(
     with _progress_bar(as_json) as progress:
         result = convert_source(
             source, output, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
-            pointwise=pointwise, overwrite=force, strict=strict, progress=progress,
+            pointwise=pointwise, weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, overwrite=force,
+            strict=strict, progress=progress,
         )  # fmt: skip
     _warn(warnings_for(result.checks))
     _emit(result, as_json, "convert")
@@ -311,6 +334,8 @@ def convert(
 @_shape_option
 @click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
+@_layout_option
+@_trust_shape_option
 @_trust_option
 @_json_option
 def inspect(
@@ -318,6 +343,8 @@ def inspect(
     input_shape: ShapeSpec | None,
     flatten_order: FlattenOrder,
     layers: str | None,
+    weight_layout: str,
+    trust_shape: bool,
     trust_pickle: bool,
     as_json: bool,
 ) -> int:
@@ -329,8 +356,9 @@ def inspect(
 
     _trust_warning(trust_pickle, checkpoint)
     result = inspect_file(
-        checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers, trust_pickle=trust_pickle
-    )
+        checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
+        weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, trust_pickle=trust_pickle,
+    )  # fmt: skip
     _emit(result, as_json, "inspect")
     return EXIT_OK
 

@@ -12,7 +12,18 @@ from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo, tensor_infos
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["apply_plan", "convert_state_dict", "converted_info", "converted_tensor", "fc_to_conv_weight"]
+__all__ = ["apply_plan", "convert_state_dict", "converted_info", "converted_tensor", "fc_to_conv_weight", "fc_weight"]
+
+
+def fc_weight(change: LayerChange, stored: torch.Tensor) -> torch.Tensor:
+    """The FC weight as PyTorch's ``(out, in)``: the stored tensor, or a transposed view of an ``(in, out)`` one.
+
+    Raises:
+        PlanError: if ``stored`` does not have the shape the plan was made for.
+    """
+    if tuple(stored.shape) != change.stored_shape:
+        raise PlanError(f"{change.weight} has shape {tuple(stored.shape)}, but the plan expects {change.stored_shape}")
+    return stored.t() if change.layout == "in_out" else stored
 
 
 def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor:
@@ -20,11 +31,12 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
 
     ``chw`` (PyTorch's flatten of an NCHW map) is a plain reshape. ``hwc`` (Keras/TensorFlow flatten
     of an NHWC map) reads the inputs as ``(H, W, C)``, so the kernel is reshaped that way and its axes
-    permuted to ``(C, H, W)``. The result is contiguous; for ``chw`` it is a view of ``weight``.
+    permuted to ``(C, H, W)``. A weight stored ``(in, out)`` (``change.layout == "in_out"``) is
+    transposed first. The result is contiguous; for ``chw`` from ``(out, in)`` it is a view of ``weight``.
 
     Args:
-        weight: The FC weight, in PyTorch's ``(out_features, in_features)`` layout.
-        change: The planned change for this layer (geometry and flatten order).
+        weight: The FC weight as stored: ``(out_features, in_features)``, or the reverse for ``in_out``.
+        change: The planned change for this layer (geometry, flatten order, layout).
 
     Returns:
         The conv kernel, same dtype.
@@ -32,8 +44,7 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
     Raises:
         PlanError: if ``weight`` does not have the shape the plan was made for.
     """
-    if tuple(weight.shape) != change.old_shape:
-        raise PlanError(f"{change.weight} has shape {tuple(weight.shape)}, but the plan expects {change.old_shape}")
+    weight = fc_weight(change, weight)
     out, m = change.out_features, change.in_map
     if change.flatten_order == "hwc":
         kernel = weight.reshape(out, m.height, m.width, m.channels).permute(0, 3, 1, 2)

@@ -28,6 +28,8 @@ Remedy = Literal[
     "trust_pickle",  # the file holds pickled objects: unpickle them only if the file is trusted
     "model",  # the model's code is needed (a factory building it)
     "inspect",  # look at what the checkpoint holds
+    "weight_layout",  # an FC weight's layout, (out, in) or (in, out), cannot be told from the file
+    "trust_shape",  # the given shape contradicts the channel count the checkpoint shows
 ]
 
 

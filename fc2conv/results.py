@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fc2conv.plan import Layer, LayerChange, Plan
+from fc2conv.layers import Layer
+from fc2conv.plan import LayerChange, Plan
 from fc2conv.types import FlattenOrder, InputShape, TensorInfo, dtype_itemsize
 
 __all__ = [

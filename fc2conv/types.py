@@ -18,6 +18,7 @@ __all__ = [
     "ShapeLike",
     "ShapeSpec",
     "TensorInfo",
+    "WeightLayout",
     "dtype_itemsize",
     "dtype_name",
     "tensor_infos",
@@ -25,6 +26,9 @@ __all__ = [
 
 FlattenOrder = Literal["chw", "hwc"]
 FLATTEN_ORDERS: tuple[FlattenOrder, ...] = ("chw", "hwc")
+
+# How an FC weight is stored: PyTorch's Linear (out, in), or transposed (GPT-2's Conv1D, Keras's Dense).
+WeightLayout = Literal["out_in", "in_out"]
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 

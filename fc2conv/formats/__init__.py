@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fc2conv.formats import hf_shards, safetensors, torch_pickle
 from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source
+from fc2conv.formats.hf_config import add_layout_hints
 
 __all__ = [
     "READERS",
@@ -46,7 +47,7 @@ def read_listing(path: str | os.PathLike[str], *, trust_pickle: bool = False) ->
     Raises:
         CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
     """
-    return reader_for(path).listing(Path(path), ReadOptions(trust_pickle=trust_pickle))
+    return add_layout_hints(reader_for(path).listing(Path(path), ReadOptions(trust_pickle=trust_pickle)))
 
 
 def open_source(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Source:
@@ -55,4 +56,6 @@ def open_source(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
     Raises:
         CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
     """
-    return reader_for(path).open(Path(path), ReadOptions(trust_pickle=trust_pickle))
+    source = reader_for(path).open(Path(path), ReadOptions(trust_pickle=trust_pickle))
+    add_layout_hints(source)
+    return source

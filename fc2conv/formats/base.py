@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fc2conv.errors import CheckpointError
-from fc2conv.types import TensorInfo
+from fc2conv.types import TensorInfo, WeightLayout
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +52,8 @@ class Listing:
     infos: list[TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    module_order: bool = False  # infos come in module order (a PyTorch state dict), not sorted by name
+    layout_hints: dict[str, WeightLayout] = field(default_factory=dict)  # FC layouts known from elsewhere
 
 
 @dataclass

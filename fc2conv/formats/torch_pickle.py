@@ -61,7 +61,9 @@ def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Sou
     state_dict = find_state_dict(obj, path, notes)
     _check_storage_sizes(state_dict, path)
     state_dict = _strip_wrapper_prefix(state_dict, notes)
-    return Source(path, "torch", tensor_infos(state_dict), {}, notes, tensors=state_dict, module=module)
+    return Source(
+        path, "torch", tensor_infos(state_dict), {}, notes, module_order=True, tensors=state_dict, module=module
+    )
 
 
 class _TorchPickleReader:

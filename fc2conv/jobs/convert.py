@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 from fc2conv._version import __version__
 from fc2conv.check import check_changes
 from fc2conv.convert import converted_info, converted_tensor
-from fc2conv.formats import Source, open_source
+from fc2conv.errors import PlanError
+from fc2conv.formats import Listing, Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
+from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
 from fc2conv.publish import atomic_folder, atomic_output, fsync_file
-from fc2conv.record import METADATA_PREFIX, plan_to_metadata
+from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
 from fc2conv.results import ConvertResult, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 
@@ -45,6 +47,8 @@ def convert_file(
     flatten_order: FlattenOrder = "chw",
     layers: str | None = None,
     pointwise: bool = False,
+    weight_layout: LayoutChoice = "auto",
+    trust_shape: bool = False,
     overwrite: bool = False,
     strict: bool = False,
     trust_pickle: bool = False,
@@ -64,7 +68,7 @@ def convert_file(
     Args:
         input_path: ``.pt``/``.pth``/``.bin``/``.ckpt``, ``.safetensors``, an index, or a shard folder.
         output_path: Output file (or folder, for a sharded input).
-        input_shape, flatten_order, layers: As for :func:`fc2conv.plan_conversion`.
+        input_shape, flatten_order, layers, weight_layout, trust_shape: As for :func:`fc2conv.plan_conversion`.
         pointwise: Turn every Linear selected by ``layers`` into a 1x1 conv (:func:`fc2conv.plan_pointwise`).
         overwrite: Replace existing output files.
         strict: Fail layers with non-finite (NaN/Inf) weights too.
@@ -72,13 +76,13 @@ def convert_file(
         progress: Called after each tensor is written.
 
     Raises:
-        CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted,
-            or the output cannot be written.
+        CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted
+            (an fc2conv conversion already is one), or the output cannot be written.
     """
     return convert_source(
         open_source(input_path, trust_pickle=trust_pickle), output_path, input_shape=input_shape,
-        flatten_order=flatten_order, layers=layers, pointwise=pointwise, overwrite=overwrite, strict=strict,
-        progress=progress,
+        flatten_order=flatten_order, layers=layers, pointwise=pointwise, weight_layout=weight_layout,
+        trust_shape=trust_shape, overwrite=overwrite, strict=strict, progress=progress,
     )  # fmt: skip
 
 
@@ -90,16 +94,16 @@ def convert_source(
     flatten_order: FlattenOrder = "chw",
     layers: str | None = None,
     pointwise: bool = False,
+    weight_layout: LayoutChoice = "auto",
+    trust_shape: bool = False,
     overwrite: bool = False,
     strict: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """:func:`convert_file` on a checkpoint already opened (see :func:`fc2conv.formats.open_source`)."""
     started = time.perf_counter()
-    if pointwise:
-        plan = plan_pointwise(source.infos, layers)
-    else:
-        plan = plan_conversion(source.infos, input_shape, flatten_order, layers)
+    _refuse_conversions(source)
+    plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
     writer = _Writer(source, plan, metadata, strict, progress)
@@ -120,6 +124,35 @@ def convert_source(
         seconds=time.perf_counter() - started,
         shards=len(source.shards.files) if source.shards else 0,
     )
+
+
+def plan_for(
+    listing: Listing,
+    input_shape: ShapeLike | None,
+    flatten_order: FlattenOrder,
+    layers: str | None,
+    pointwise: bool,
+    weight_layout: LayoutChoice,
+    trust_shape: bool,
+) -> Plan:
+    """The plan for a checkpoint's listing, with what its reader knows (module order, layout hints)."""
+    if pointwise:
+        return plan_pointwise(listing.infos, layers, weight_layout=weight_layout, layout_hints=listing.layout_hints)
+    return plan_conversion(
+        listing.infos, input_shape, flatten_order, layers, weight_layout=weight_layout,
+        layout_hints=listing.layout_hints, in_module_order=listing.module_order, trust_shape=trust_shape,
+    )  # fmt: skip
+
+
+def _refuse_conversions(source: Source) -> None:
+    """A file fc2conv converted already is refused: converting it again would leave a record verify cannot use."""
+    recorded = changes_from_metadata(source.metadata)
+    if recorded is not None:
+        done = ", ".join(f"{c.name} -> {c.became}" for c in recorded)
+        raise PlanError(
+            f"{source.path}: is already a conversion by fc2conv ({done}); convert the original checkpoint "
+            "(every head is converted in one pass)"
+        )
 
 
 def _default_output_folder(folder: Path) -> Path:

@@ -6,7 +6,10 @@ import os
 
 from fc2conv.errors import PlanError
 from fc2conv.formats import read_listing
-from fc2conv.plan import Plan, group_layers, plan_conversion
+from fc2conv.jobs.convert import plan_for
+from fc2conv.layers import group_layers
+from fc2conv.layouts import LayoutChoice
+from fc2conv.plan import Plan
 from fc2conv.record import changes_from_metadata
 from fc2conv.results import InspectResult
 from fc2conv.types import FlattenOrder, ShapeLike
@@ -20,6 +23,8 @@ def inspect_file(
     input_shape: ShapeLike | None = None,
     flatten_order: FlattenOrder = "chw",
     layers: str | None = None,
+    weight_layout: LayoutChoice = "auto",
+    trust_shape: bool = False,
     trust_pickle: bool = False,
 ) -> InspectResult:
     """List a checkpoint's layers and the conversion plan, reading only shapes.
@@ -37,7 +42,7 @@ def inspect_file(
     plan: Plan | None = None
     problem: str | None = None
     try:
-        plan = plan_conversion(listing.infos, input_shape, flatten_order, layers)
+        plan = plan_for(listing, input_shape, flatten_order, layers, False, weight_layout, trust_shape)
     except PlanError as exc:  # a ShapeError (a given shape that does not fit) is the caller's error
         problem = str(exc)
     return InspectResult(
