@@ -14,15 +14,18 @@ import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from fc2conv._version import __version__
-from fc2conv.errors import Fc2ConvError, Remedy
+from fc2conv.errors import DependencyError, Fc2ConvError, Remedy
 from fc2conv.layouts import LayoutChoice
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
+
+if TYPE_CHECKING:
+    from fc2conv.results import ConvertResult, VerifyResult
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -41,7 +44,9 @@ REMEDIES: dict[Remedy, str] = {
 
 
 def error_message(exc: Fc2ConvError) -> str:
-    """The one line a user reads: the library's message, then what to pass to fix it."""
+    """The one line a user reads: the library's message, then what to pass (or install) to fix it."""
+    if isinstance(exc, DependencyError):  # fc2conv is installed from its folder, not from an index
+        return f'{exc}; install it from fc2conv\'s folder: pip install -e ".[{exc.extra}]"'
     remedy = REMEDIES.get(exc.remedy) if exc.remedy else None
     return f"{exc}; {remedy}" if remedy else str(exc)
 
@@ -154,6 +159,19 @@ def _progress_bar(as_json: bool) -> Any:
     import fc2conv.report as report
 
     return report.ByteProgress(report.make_console())
+
+
+def _finish(result: ConvertResult | VerifyResult, as_json: bool, command: str) -> int:
+    """Print the result; when a check failed, also one ``Error:`` line saying which and why (exit 1)."""
+    _emit(result, as_json, command)
+    if result.ok:
+        return EXIT_OK
+    failures = result.failures
+    shown = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+    what = "check failed" if len(failures) == 1 else f"{len(failures)} checks failed"
+    written = "" if command != "convert" or getattr(result, "written", True) else "; no output was written"
+    click.echo(f"Error: {what}: {shown}{written}".replace("\n", "\\n"), err=True)
+    return EXIT_CHECK_FAILED
 
 
 def _warn(lines: list[str]) -> None:
@@ -312,8 +330,7 @@ def convert(
             source, output, model=model, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
             export=export_path, onnx=onnx_path, overwrite=force,
         )  # fmt: skip
-        _emit(result, as_json, "convert")
-        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+        return _finish(result, as_json, "convert")
     if export_path or onnx_path or fold_batchnorm:
         raise click.UsageError("--export, --onnx and --fold-batchnorm need --model (the network to rebuild)")
     from fc2conv.jobs.convert import convert_source
@@ -325,8 +342,7 @@ def convert(
             strict=strict, progress=progress,
         )  # fmt: skip
     _warn(warnings_for(result.checks))
-    _emit(result, as_json, "convert")
-    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    return _finish(result, as_json, "convert")
 
 
 @cli.command()
@@ -415,9 +431,10 @@ def verify(
     if model is not None or original_source.module is not None:
         from fc2conv.jobs.model import verify_model_sources
 
-        result = verify_model_sources(original_source, converted_source, model=model, input_shape=input_shape)
-        _emit(result, as_json, "verify")
-        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+        result = verify_model_sources(
+            original_source, converted_source, model=model, input_shape=input_shape, atol=atol, rtol=rtol
+        )
+        return _finish(result, as_json, "verify")
     from fc2conv.jobs.verify import verify_sources
 
     result = verify_sources(
@@ -425,8 +442,7 @@ def verify(
         rtol=rtol, strict=strict,
     )  # fmt: skip
     _warn(warnings_for(result.checks))
-    _emit(result, as_json, "verify")
-    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    return _finish(result, as_json, "verify")
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

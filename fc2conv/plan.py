@@ -175,13 +175,15 @@ def plan_conversion(
     pattern = layer_pattern(layers)
     all_layers = _layers_of(infos)
     fcs = resolve_layouts(_fc_layers(all_layers, pattern), weight_layout, layout_hints)
-    roles = structural_roles(fcs, all_layers, in_module_order)
+    spec = as_spec(input_shape)
+    given = spec.channels * spec.height * spec.width if spec and spec.channels and spec.height and spec.width else None
+    roles = structural_roles(fcs, all_layers, in_module_order, given)
     set_aside = {role.fc.name for role in roles}
     candidates = [fc for fc in fcs if fc.name not in set_aside]
     if not candidates:
         raise PlanError(_nothing_found(layers, fcs), remedy="inspect")
     notes: list[str] = []
-    shape = _geometry(all_layers, candidates, as_spec(input_shape), trust_shape, notes)
+    shape = _geometry(all_layers, candidates, spec, trust_shape, notes)
     roles += assign_roles(candidates, shape.features, in_module_order)
     converted = [r for r in roles if r.role in ("head", "later") and _selected(r.fc, pattern)]
     if not converted:
@@ -192,6 +194,7 @@ def plan_conversion(
         for r in sorted(converted, key=lambda r: r.fc.layer.position)
     ]  # fmt: skip
     notes.extend(_batchnorm_notes(all_layers, changes))
+    notes.extend(_layout_notes(fcs, changes))
     skipped = _skipped(all_layers, roles, {c.name for c in changes}, pattern)
     untouched = tuple(info.name for info in infos if info.name not in {c.weight for c in changes})
     return Plan(shape, flatten_order, tuple(changes), untouched, tuple(notes), skipped=skipped)
@@ -313,10 +316,11 @@ def _infer_geometry(layers: Sequence[Layer], candidates: Sequence[FCShape], note
             f"cannot infer the input shape from {evidence.layer.name} (C = {evidence.channels}): {exc}{hint}",
             remedy="input_shape",
         ) from exc
-    where = "the last before" if evidence.strong else "the last in name order; none comes before"
+    kind = "BatchNorm" if evidence.layer.kind == "BatchNorm" else "conv"
+    where = f"the last {kind} before" if evidence.strong else f"the last {kind} in name order; none comes before"
     notes.append(
-        f"input shape {shape} inferred: C = {evidence.channels} from {evidence.source} ({where} {first.name}), "
-        f"square map assumed ({first.in_features} = {shape})"
+        f"input shape {shape} inferred: C = {evidence.channels} from {evidence.layer.name} ({where} "
+        f"{first.name}), square map assumed ({first.in_features} = {shape})"
     )
     return shape
 
@@ -339,6 +343,23 @@ def _batchnorm_notes(layers: Sequence[Layer], changes: Sequence[LayerChange]) ->
         for layer in layers
         if layer.kind == "BatchNorm" and layer.position > first and layer.channels in widths
     ]
+
+
+def _layout_notes(fcs: Sequence[FCShape], changes: Sequence[LayerChange]) -> list[str]:
+    """Say which converted weights are stored (in, out), and how that is known."""
+    converted = {c.name for c in changes if c.layout == "in_out"}
+    by_reason: dict[str, list[str]] = {}
+    for fc in fcs:
+        if fc.name in converted:
+            by_reason.setdefault(fc.why, []).append(fc.name)
+    return [
+        f"{_some(names)} stored (in, out), as GPT-2's Conv1D and Keras's Dense store weights ({why}): transposed"
+        for why, names in by_reason.items()
+    ]
+
+
+def _some(names: Sequence[str]) -> str:
+    return f"{names[0]} is" if len(names) == 1 else f"{names[0]} and {len(names) - 1} more are"
 
 
 def _skipped(
@@ -400,4 +421,5 @@ def plan_pointwise(
     where = f" matching {layers!r}" if layers else ""
     note = f"pointwise: {len(changes)} Linear layers{where} -> 1x1 convolutions (activations laid out N x C x 1 x S)"
     skipped = _skipped(all_layers, [], converted, pattern)
-    return Plan(None, "chw", tuple(changes), untouched, (note,), mode="pointwise", skipped=skipped)
+    notes = (note, *_layout_notes(fcs, changes))
+    return Plan(None, "chw", tuple(changes), untouched, notes, mode="pointwise", skipped=skipped)

@@ -43,7 +43,8 @@ def _check_json(check: LayerCheck) -> dict[str, Any]:
         "rtol": check.tolerance.rtol,
         "nonfinite": check.nonfinite,
         "exact": check.exact,
-        "problem": check.problem,
+        "proves": check.proves,
+        "problem": check.failure,
         "ok": check.ok,
     }
 
@@ -51,6 +52,7 @@ def _check_json(check: LayerCheck) -> dict[str, Any]:
 def convert_json(result: ConvertResult) -> dict[str, Any]:
     return {
         "ok": result.ok,
+        "problem": "; ".join(result.failures) or None,
         "command": "convert",
         "version": __version__,
         "input": str(result.input),
@@ -61,6 +63,7 @@ def convert_json(result: ConvertResult) -> dict[str, Any]:
         **_plan_json(result.plan),
         "load_notes": list(result.load_notes),
         "layers": [_check_json(c) for c in result.checks],
+        "skipped_layers": _skipped_json(result.plan),
         "untouched": list(result.plan.untouched),
         "seconds": round(result.seconds, 4),
         "model_input_shape": result.model_input_shape.as_list() if result.model_input_shape else None,
@@ -69,6 +72,12 @@ def convert_json(result: ConvertResult) -> dict[str, Any]:
             {"kind": e.kind, "path": str(e.path), "max_abs_error": e.max_abs_error, "ok": e.ok} for e in result.exports
         ],
     }
+
+
+def _skipped_json(plan: Plan | None) -> list[dict[str, Any]]:
+    if plan is None:
+        return []
+    return [{"name": s.name, "shape": list(s.shape), "reason": s.reason} for s in plan.skipped]
 
 
 def _module_check_json(check: ModuleCheck | None) -> dict[str, Any] | None:
@@ -81,7 +90,9 @@ def _module_check_json(check: ModuleCheck | None) -> dict[str, Any] | None:
         "dense_max_rel_error": _json_float(check.dense_max_rel_error),
         "dense_grid": list(check.dense_grid),
         "positions_checked": check.positions_checked,
-        "tolerance": check.tolerance,
+        "atol": check.tolerance.atol,
+        "rtol": check.tolerance.rtol,
+        "problem": check.failure,
         "ok": check.ok,
     }
 
@@ -121,6 +132,7 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
         "input_shape": plan.input_shape.as_list() if plan and plan.input_shape else None,
         "flatten_order": plan.flatten_order if plan else None,
         "plan_notes": list(plan.notes) if plan else [],
+        "skipped_layers": _skipped_json(plan),
         "plan_problem": result.plan_problem,
         "totals": {"tensors": len(result.infos), "parameters": result.parameters, "bytes": result.nbytes},
     }
@@ -129,6 +141,7 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
 def verify_json(result: VerifyResult) -> dict[str, Any]:
     return {
         "ok": result.ok,
+        "problem": "; ".join(result.failures) or None,
         "command": "verify",
         "version": __version__,
         "original": str(result.original),
