@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -513,6 +515,24 @@ def test_a_tensor_that_cannot_be_read_names_its_layer(tmp_path: Path) -> None:
         del f["model_weights/conv"]
     with pytest.raises(CheckpointError, match=r"layer conv: cannot read"):
         kf.tensors["conv.weight"]
+
+
+def test_reading_never_imports_keras(tmp_path: Path) -> None:
+    path = save(trunk_model(), tmp_path, "keras")
+    code = (
+        "import sys; from fc2conv.formats.keras import read_keras; kf = read_keras(sys.argv[1]); "
+        "[kf.tensors[n] for n in kf.tensors]; assert 'keras' not in sys.modules, 'keras imported'"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=120)
+
+
+def test_bfloat16_weights(tmp_path: Path) -> None:
+    """Keras stores bfloat16 as 2-byte opaque data with a dtype attribute; read back bit for bit."""
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, dtype="bfloat16", name="fc")])
+    kf = read_keras(save(model, tmp_path, "keras"))
+    assert {i.name: i.dtype for i in kf.infos} == {"fc.weight": "bfloat16", "fc.bias": "bfloat16"}
+    kernel = torch.tensor(keras.ops.convert_to_numpy(keras.ops.cast(model.get_layer("fc").kernel, "float32")))
+    assert torch.equal(kf.tensors["fc.weight"].float(), kernel.t())
 
 
 def test_missing_file(tmp_path: Path) -> None:

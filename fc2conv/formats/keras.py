@@ -205,15 +205,6 @@ class KerasFile:
                 return layer
         raise KeyError(name)
 
-    def keras_variables(self, layer: str) -> dict[str, torch.Tensor]:
-        """A layer's variables in Keras's own layouts, by variable name (``kernel``, ``gamma``, ...)."""
-        return {variable: self._tensors.keras(spec) for variable, spec in self._tensors.of_layer(layer)}
-
-    @property
-    def _tensors(self) -> _LazyTensors:
-        assert isinstance(self.tensors, _LazyTensors)
-        return self.tensors
-
 
 # --- tensors --------------------------------------------------------------------------------------
 
@@ -262,9 +253,6 @@ class _LazyTensors(Mapping[str, "torch.Tensor"]):
 
     def __len__(self) -> int:
         return len(self._specs)
-
-    def of_layer(self, layer: str) -> list[tuple[str, _TensorSpec]]:
-        return [(spec.variable, spec) for spec in self._specs.values() if spec.layer == layer]
 
     def keras(self, spec: _TensorSpec) -> torch.Tensor:
         """The stored array as a tensor, in Keras's layout."""
