@@ -11,13 +11,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fc2conv.check import Tolerance, tolerance_for
-from fc2conv.errors import CheckFailedError, CheckpointError, OutputError, PlanError
+from fc2conv.errors import CheckpointError, OutputError, PlanError
 from fc2conv.formats.keras import KerasFile, KerasHead
+
+try:
+    from fc2conv.errors import DependencyError
+except ImportError:  # pragma: no cover - before fc2conv.errors has it
+    DependencyError = PlanError  # type: ignore[misc,assignment]
 
 if TYPE_CHECKING:
     import torch
@@ -38,9 +43,11 @@ class KerasExport:
     original input size (its 1x1 score maps against the original scores), every output.
     ``dense_max_abs_error``: on maps grown by ``WINDOW_GROWTH`` in H and W, every position of each
     converted head's output against the original head (Flatten and Dense layers) on that window.
+    ``written``: the file is at ``path`` (only when ``ok``; a model that fails the check is not kept).
     """
 
     path: Path
+    written: bool
     heads: tuple[str, ...]
     input_shape: tuple[int | None, ...]
     traced_max_abs_error: float
@@ -63,7 +70,7 @@ def _keras() -> Any:
     try:
         import keras
     except ImportError as exc:
-        raise PlanError(f"writing a Keras model needs the keras package ({exc}); pip install keras h5py") from exc
+        raise DependencyError(f"writing a Keras model needs the keras package ({exc})") from exc
     return keras
 
 
@@ -264,12 +271,13 @@ def export_keras(
         seed: Seed of the check's random inputs.
 
     Returns:
-        The :class:`KerasExport` with the measured errors.
+        The :class:`KerasExport` with the measured errors and the verdict; when it is not ``ok``,
+        nothing was written (``written`` is False) and the caller decides how to report it.
 
     Raises:
         OutputError: ``output`` does not end in ``.keras``, exists (without ``overwrite``), or its
             folder is missing.
-        CheckFailedError: the exported model does not compute what the original does (nothing written).
+        DependencyError: keras is not installed.
         PlanError, CheckpointError: see :func:`build_fully_convolutional`.
     """
     target = Path(output)
@@ -286,13 +294,9 @@ def export_keras(
         model.save(temporary)
         written = keras.saving.load_model(temporary, compile=False, safe_mode=True)
         result = _measure(kf, reference, written, target, seed, converted)
-        if not result.ok:
-            raise CheckFailedError(
-                f"{target}: the Keras export differs from the original by {result.max_abs_error:.3g} "
-                f"(tolerance {result.tolerance.atol:g} + {result.tolerance.rtol:g} x {result.reference_scale:.3g}); "
-                "nothing written"
-            )
-        os.replace(temporary, target)
+        if result.ok:
+            os.replace(temporary, target)
+            result = replace(result, written=True)
         return result
     finally:
         temporary.unlink(missing_ok=True)
@@ -358,6 +362,7 @@ def _measure(
     input_shape = tuple(model.inputs[0].shape[1:])
     return KerasExport(
         path=target,
+        written=False,
         heads=tuple(h.flatten for h in heads),
         input_shape=input_shape,
         traced_max_abs_error=traced,

@@ -6,8 +6,14 @@ from collections.abc import Sequence
 
 from fc2conv.errors import PlanError, ShapeError
 from fc2conv.formats.keras import KerasFile, KerasHead, require_head
-from fc2conv.plan import LayerChange, Plan, TensorInfo
-from fc2conv.shapes import FLATTEN_ORDERS, InputShape, ShapeSpec, as_spec, resolve_shape
+from fc2conv.plan import LayerChange, Plan
+from fc2conv.shapes import as_spec, resolve_shape
+
+try:  # the leaf module of the restructured package
+    from fc2conv.types import FLATTEN_ORDERS, InputShape, ShapeSpec, TensorInfo
+except ImportError:  # pragma: no cover - before fc2conv.types exists
+    from fc2conv.plan import TensorInfo
+    from fc2conv.shapes import FLATTEN_ORDERS, InputShape, ShapeSpec
 
 __all__ = ["head_changes", "plan_keras"]
 

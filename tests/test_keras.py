@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ from fc2conv.errors import CheckpointError, PlanError  # noqa: E402
 from fc2conv.formats.keras import KerasFile, read_keras  # noqa: E402
 from fc2conv.keras_export import export_keras  # noqa: E402
 from fc2conv.keras_plan import head_changes, plan_keras  # noqa: E402
-from fc2conv.plan import LayerChange  # noqa: E402
 from fc2conv.shapes import InputShape  # noqa: E402
 
 L = keras.layers
@@ -324,7 +324,7 @@ def test_wrong_flatten_order_is_caught(tmp_path: Path) -> None:
     kf = read_keras(save(model, tmp_path, "keras"))
     tensors = converted_tensors(kf)
     change = head_changes(kf.heads[0], kf.infos)[0]
-    wrong = LayerChange(**{**change.__dict__, "flatten_order": "chw"})
+    wrong = replace(change, flatten_order="chw")
     tensors[change.weight] = fc_to_conv_weight(kf.tensors[change.weight], wrong)
     x = np.random.default_rng(2).standard_normal((3, 4, 4, 16)).astype("float32")
     error = np.max(np.abs(torch_forward(model, kf, tensors, x) - keras_outputs(model, x)))
@@ -559,7 +559,7 @@ def test_export_tutorial_8x8_gives_5x5(tmp_path: Path) -> None:
     model = tutorial(units=256)  # 4x4x256 map; a narrower Dense(1024) keeps the test fast
     kf = read_keras(save(model, tmp_path, "keras"))
     result = export_keras(kf, apply_plan(plan_keras(kf), kf.tensors), tmp_path / "tutorial_conv.keras")
-    assert result.ok and result.input_shape == (None, None, 256)
+    assert result.ok and result.written and result.input_shape == (None, None, 256)
     exported = keras.saving.load_model(result.path)
     assert [type(layer).__name__ for layer in exported.layers] == ["InputLayer", "Conv2D", "Conv2D"]
     rng = np.random.default_rng(6)
@@ -568,6 +568,18 @@ def test_export_tutorial_8x8_gives_5x5(tmp_path: Path) -> None:
     x_big = rng.standard_normal((2, 8, 8, 256)).astype("float32")
     assert exported.predict(x_big, verbose=0).shape == (2, 5, 5, 10)
     _windows_match(model, exported, x_big, window=4, stride=1)
+
+
+def test_export_that_fails_its_check_writes_nothing(tmp_path: Path) -> None:
+    """Kernels made with PyTorch's chw order for a channels-last head: the export measures it and keeps nothing."""
+    kf = read_keras(save(trunk_model(), tmp_path, "keras"))
+    tensors = dict(apply_plan(plan_keras(kf), kf.tensors))
+    change = head_changes(kf.heads[0], kf.infos)[0]
+    tensors[change.weight] = fc_to_conv_weight(kf.tensors[change.weight], replace(change, flatten_order="chw"))
+    result = export_keras(kf, tensors, tmp_path / "wrong.keras")
+    assert not result.ok and not result.written and result.traced_max_abs_error > 1e-3
+    assert not (tmp_path / "wrong.keras").exists()
+    assert [p.name for p in tmp_path.iterdir() if "wrong" in p.name] == []
 
 
 @pytest.mark.parametrize("kind", FORMATS)
