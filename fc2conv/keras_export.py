@@ -187,11 +187,18 @@ def build_fully_convolutional(kf: KerasFile, converted: Mapping[str, torch.Tenso
             tensors[layer.name] = sources[0]
             continue
         original = by_name[layer.name]
-        if layer.name in role:
-            head, index = role[layer.name]
-            tensors[layer.name] = _head_layer(keras, layer.name, original, head, index, sources[0], channels_first)
-            continue
-        tensors[layer.name] = original(sources[0] if len(sources) == 1 else sources)
+        try:
+            if layer.name in role:
+                head, index = role[layer.name]
+                tensors[layer.name] = _head_layer(keras, layer.name, original, head, index, sources[0], channels_first)
+            else:
+                tensors[layer.name] = original(sources[0] if len(sources) == 1 else sources)
+        except (ValueError, TypeError, NotImplementedError) as exc:  # Keras refuses the layer on open-sized maps
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PlanError(
+                f"{kf.path}: layer {layer.name} ({layer.class_name}) does not run on the fully convolutional "
+                f"model's maps ({reason})"
+            ) from exc
     outputs = [tensors[name] for name in _output_layers(kf)]
     model = keras.Model(
         inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0], name=reference.name
@@ -233,14 +240,14 @@ def _head_layer(keras: Any, name: str, original: Any, head: KerasHead, index: in
             out = keras.layers.Softmax(axis=1, name=f"{name}_softmax")(out)
         return out
     cls = type(original).__name__
-    if not channels_first:
-        return original(x)  # the last axis is the channel axis, as it was the feature axis
-    if cls == "BatchNormalization":
-        config = {**original.get_config(), "axis": 1}
+    if cls == "BatchNormalization":  # built for (N, units): a new one over the channel axis of the map
+        config = {**original.get_config(), "axis": 1 if channels_first else -1}
         layer = keras.layers.BatchNormalization.from_config(config)
         out = layer(x)
         layer.set_weights(original.get_weights())
         return out
+    if not channels_first:
+        return original(x)  # the last axis is the channel axis, as it was the feature axis
     if cls == "Softmax" or (cls == "Activation" and original.get_config().get("activation") == "softmax"):
         return keras.layers.Softmax(axis=1, name=name)(x)
     if cls == "Activation" and original.get_config().get("activation") == "log_softmax":

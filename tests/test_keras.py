@@ -596,6 +596,20 @@ def test_export_conv_trunk_runs_at_any_size(tmp_path: Path, kind: str) -> None:
     _windows_match(model, exported, rng.standard_normal((2, 14, 14, 3)).astype("float32"), window=10, stride=2)
 
 
+def test_export_functional_with_batchnorm_and_softmax_in_the_head(tmp_path: Path) -> None:
+    model = functional_model()
+    randomize_batchnorm(model)
+    kf = read_keras(save(model, tmp_path, "keras"))
+    result = export_keras(kf, apply_plan(plan_keras(kf), kf.tensors), tmp_path / "functional_conv.keras")
+    assert result.ok and result.written
+    exported = keras.saving.load_model(result.path)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 6, 6, 2)).astype("float32")
+    assert_close(np.asarray(exported.predict(x, verbose=0), np.float64).reshape(3, 3), keras_outputs(model, x))
+    # 8x8 -> conv 6x6 -> a 3x3 grid; valid convs and per-pixel BatchNorm: each position is the 6x6 crop at (i, j).
+    _windows_match(model, exported, rng.standard_normal((2, 8, 8, 2)).astype("float32"), window=6, stride=1)
+
+
 def test_export_channels_first_softmax_on_channels(tmp_path: Path) -> None:
     model = keras.Sequential(
         [
