@@ -442,6 +442,36 @@ def test_lambda_in_the_head_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def _edit_h5_config(path: Path, edit) -> None:  # noqa: ANN001
+    with h5py.File(path, "a") as f:
+        config = json.loads(f.attrs["model_config"])
+        edit(config["config"]["layers"])
+        f.attrs["model_config"] = json.dumps(config).encode()
+
+
+def test_custom_code_in_the_head_is_refused(tmp_path: Path) -> None:
+    """A custom activation or a custom layer class in a head: data fc2conv never turns into code."""
+    path = save(trunk_model(), tmp_path, "h5")
+
+    def custom_activation(layers: list) -> None:  # noqa: ANN001
+        layers[-3]["config"]["activation"] = {"module": "my_pkg", "class_name": "MyAct", "config": {}}
+
+    _edit_h5_config(path, custom_activation)
+    with pytest.raises(PlanError, match=r"layer dense_1 \(Dense\) has activation .*MyAct.*cannot prove"):
+        plan_keras(read_keras(path))
+
+    (tmp_path / "second").mkdir()
+    path = save(trunk_model(), tmp_path / "second", "h5")
+
+    def custom_layer(layers: list) -> None:  # noqa: ANN001
+        layers[-2].update({"module": "my_pkg.layers", "class_name": "Dropout", "registered_name": "my_pkg>Dropout"})
+
+    _edit_h5_config(path, custom_layer)
+    kf = read_keras(path)
+    assert kf.heads[0].dense == ("dense_1",)  # the chain ends before the custom layer after the first Dense
+    assert not kf.layer("drop_fc").builtin
+
+
 def _corruptions(tmp_path: Path) -> list[tuple[Path, str]]:
     keras_file = save(trunk_model(), tmp_path, "keras")
     h5_file = save(trunk_model(), tmp_path, "h5")

@@ -1088,7 +1088,6 @@ class _HeadFinder:
             for source in node.inputs:
                 if source in self.consumers:
                     self.consumers[source].append(node.name)
-        self._shapes: dict[str, tuple[tuple[int | None, ...] | None, str]] = {}
 
     def find(self) -> tuple[tuple[KerasHead, ...], tuple[RefusedHead, ...]]:
         heads: list[KerasHead] = []
@@ -1124,7 +1123,7 @@ class _HeadFinder:
                 break
             following = self.nodes[consumers[0]]
             activation = following.config.get("activation", "linear")
-            plain = activation in _ELEMENTWISE_ACTIVATIONS or activation in _FEATURE_ACTIVATIONS
+            plain = isinstance(activation, str) and activation in _ELEMENTWISE_ACTIVATIONS | _FEATURE_ACTIVATIONS
             if following.class_name == "Dense" and following.builtin and following.calls == 1 and not plain:
                 if not dense:
                     raise _Refused(
@@ -1228,6 +1227,8 @@ class _HeadFinder:
             return None
         if node.class_name == "Activation":
             activation = node.config.get("activation")
+            if not isinstance(activation, str):
+                return f"{described} with a custom activation, whose code fc2conv does not run,"
             if activation in _ELEMENTWISE_ACTIVATIONS or (after_dense and activation in _FEATURE_ACTIVATIONS):
                 return None
             return f"{described} with activation {activation!r}, which is not elementwise,"
