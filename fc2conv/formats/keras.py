@@ -52,6 +52,7 @@ __all__ = [
     "RefusedHead",
     "is_keras_file",
     "read_keras",
+    "require_head",
 ]
 
 FLAVOURS = ("keras", "h5 (Keras 3)", "h5 (tf.keras 2)")
