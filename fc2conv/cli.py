@@ -198,7 +198,10 @@ _shape_option = click.option(
     "(square map). Default: C from the last conv before the first FC, square map. With --model: the "
     "network's input instead (CxHxW).",
 )
-_order_help = "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last)."
+_order_help = (
+    "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last). Default: what a "
+    "model file says (a Keras config), else chw."
+)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
 _trust_option = click.option(
     "--trust-pickle",
@@ -255,7 +258,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     default=None,
     help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.",
 )
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
 @click.option(
     "--pointwise",
@@ -280,6 +283,13 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
 )
 @click.option(
+    "--keras-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With a Keras model as input: also write the fully convolutional Keras model (FILE.keras; input of any "
+    "size), proven in Keras before it is written. Needs keras (the keras-export extra).",
+)
+@click.option(
     "--fold-batchnorm",
     is_flag=True,
     help="With --model: fold an eval-mode BatchNorm1d that follows a Linear into the conv.",
@@ -293,13 +303,14 @@ def convert(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
     output: Path | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
     pointwise: bool,
     force: bool,
     model: str | None,
     export_path: Path | None,
     onnx_path: Path | None,
+    keras_out: Path | None,
     fold_batchnorm: bool,
     weight_layout: str,
     trust_shape: bool,
@@ -317,12 +328,12 @@ def convert(
     from fc2conv.formats import open_source
     from fc2conv.report_json import warnings_for
 
-    if pointwise and (input_shape is not None or flatten_order != "chw"):
+    if pointwise and (input_shape is not None or flatten_order is not None):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
     source = open_source(checkpoint, trust_pickle=trust_pickle)  # read once, then branch on what it holds
     if model is not None or source.module is not None:
-        if pointwise or layers is not None or flatten_order != "chw":
+        if pointwise or layers is not None or flatten_order is not None:
             raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
         from fc2conv.jobs.model import convert_model_source
 
@@ -339,7 +350,7 @@ def convert(
         result = convert_source(
             source, output, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
             pointwise=pointwise, weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, overwrite=force,
-            strict=strict, progress=progress,
+            strict=strict, progress=progress, keras_out=keras_out,
         )  # fmt: skip
     _warn(warnings_for(result.checks))
     return _finish(result, as_json, "convert")
@@ -348,7 +359,7 @@ def convert(
 @cli.command()
 @click.argument("checkpoint", type=FILE)
 @_shape_option
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
 @_layout_option
 @_trust_shape_option
@@ -357,7 +368,7 @@ def convert(
 def inspect(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
     weight_layout: str,
     trust_shape: bool,

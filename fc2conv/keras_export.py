@@ -15,19 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fc2conv.check import Tolerance, tolerance_for
-from fc2conv.errors import CheckpointError, OutputError, PlanError
+from fc2conv.check import tolerance_for
+from fc2conv.errors import CheckpointError, DependencyError, OutputError, PlanError
 from fc2conv.formats.keras import KerasFile, KerasHead
-
-try:
-    from fc2conv.errors import DependencyError
-except ImportError:  # pragma: no cover - before fc2conv.errors has it
-    DependencyError = PlanError  # type: ignore[misc,assignment]
+from fc2conv.publish import atomic_output
+from fc2conv.results import Tolerance
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["KerasExport", "build_fully_convolutional", "export_keras"]
+__all__ = ["KerasExport", "build_fully_convolutional", "export_keras", "require_keras"]
 
 # Seeded inputs of the end-to-end check, and the larger maps of the position-by-position check.
 SAMPLES = 4
@@ -65,12 +62,17 @@ class KerasExport:
         return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
 
 
+def require_keras() -> None:
+    """Raise :class:`DependencyError` unless keras imports (the ``keras-export`` extra)."""
+    _keras()
+
+
 def _keras() -> Any:
     os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
         import keras
     except ImportError as exc:
-        raise DependencyError(f"writing a Keras model needs the keras package ({exc})") from exc
+        raise DependencyError(f"writing a Keras model needs the keras package ({exc})", extra="keras-export") from exc
     return keras
 
 
@@ -289,24 +291,24 @@ def export_keras(
     """
     target = Path(output)
     if target.suffix != ".keras":
-        raise OutputError(f"{target}: a Keras export is a .keras file")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists")
-    if not target.parent.is_dir():
-        raise OutputError(f"{target}: folder {target.parent} does not exist")
+        raise OutputError(f"{target}: a Keras export is a .keras file", remedy="choose_output")
     model, reference = build_fully_convolutional(kf, converted)
     keras = _keras()
-    temporary = target.with_name(f".{target.stem}.{os.getpid()}.tmp.keras")
     try:
-        model.save(temporary)
-        written = keras.saving.load_model(temporary, compile=False, safe_mode=True)
-        result = _measure(kf, reference, written, target, seed, converted)
-        if result.ok:
-            os.replace(temporary, target)
-            result = replace(result, written=True)
-        return result
-    finally:
-        temporary.unlink(missing_ok=True)
+        # A named temporary file: Keras writes to a path, and one that ends in .keras.
+        with atomic_output(target, overwrite=overwrite, protect=[kf.path], named=True) as temporary:
+            model.save(temporary)
+            written = keras.saving.load_model(temporary, compile=False, safe_mode=True)
+            result = _measure(kf, reference, written, target, seed, converted)
+            if not result.ok:
+                raise _Discard
+    except _Discard:
+        return result  # the model failed its check: nothing was written
+    return replace(result, written=True)
+
+
+class _Discard(Exception):
+    """Raised inside the atomic write to drop an export whose check failed."""
 
 
 def _numpy(keras: Any, value: Any) -> Any:

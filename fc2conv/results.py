@@ -150,7 +150,7 @@ class ModuleCheck:
         return None
 
 
-ExportKind = Literal["torch.export", "onnx"]
+ExportKind = Literal["torch.export", "onnx", "keras"]
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,9 @@ class Export:
 
     kind: ExportKind
     path: Path
-    max_abs_error: float | None  # vs the converted torch model on a larger input; None if not run
+    max_abs_error: float | None  # vs the converted model (or the original, for keras); None if not run
     tolerance: float = 1e-4
+    written: bool = True  # an export that fails its check before it is renamed into place is not written
 
     @property
     def ok(self) -> bool:
@@ -170,8 +171,10 @@ class Export:
     def failure(self) -> str | None:
         if self.ok:
             return None
-        error = f"{self.max_abs_error:.3g} > {self.tolerance:g}"
-        return f"{self.kind} file {self.path.name}: max abs error {error} against torch"
+        error = f"{self.max_abs_error:.3g} > {self.tolerance:.3g}"
+        against = "the original in Keras" if self.kind == "keras" else "torch"
+        kept = "" if self.written else "; not written"
+        return f"{self.kind} file {self.path.name}: max abs error {error} against {against}{kept}"
 
 
 @dataclass(frozen=True)

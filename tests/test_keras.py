@@ -27,11 +27,13 @@ h5py = pytest.importorskip("h5py")
 keras = pytest.importorskip("keras")
 
 from fc2conv.convert import apply_plan, fc_to_conv_weight  # noqa: E402
-from fc2conv.errors import CheckpointError, PlanError  # noqa: E402
-from fc2conv.formats.keras import KerasFile, read_keras  # noqa: E402
+from fc2conv.errors import CheckpointError, PlanError, ShapeError  # noqa: E402
+from fc2conv.formats import read_listing  # noqa: E402
+from fc2conv.formats.keras import KerasFile, KerasHead, read_keras  # noqa: E402
+from fc2conv.jobs.convert import plan_for  # noqa: E402
 from fc2conv.keras_export import export_keras  # noqa: E402
-from fc2conv.keras_plan import head_changes, plan_keras  # noqa: E402
-from fc2conv.shapes import InputShape  # noqa: E402
+from fc2conv.plan import LayerChange, Plan, plan_conversion  # noqa: E402
+from fc2conv.types import FlattenOrder, InputShape  # noqa: E402
 
 L = keras.layers
 # Keras's torch backend converts tensors with np.array(x, copy=False) semantics numpy 2 deprecates.
@@ -43,6 +45,19 @@ RTOL = 1e-5
 
 def setup_module() -> None:
     keras.utils.set_random_seed(0)
+
+
+# --- planning, as convert plans a Keras file ------------------------------------------------------
+
+
+def plan_keras(kf: KerasFile, input_shape: str | None = None, flatten_order: FlattenOrder | None = None) -> Plan:
+    """The plan ``fc2conv convert`` makes of the file (its listing, with the heads its config describes)."""
+    return plan_for(read_listing(kf.path), input_shape, flatten_order, None, False, "auto", False)
+
+
+def head_changes(head: KerasHead, kf: KerasFile) -> tuple[LayerChange, ...]:
+    """The layer changes of one head alone."""
+    return plan_conversion(kf.infos, heads=[head.hint]).layers
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -220,7 +235,7 @@ def converted_tensors(kf: KerasFile) -> dict[str, torch.Tensor]:
     """Every tensor, each head's Dense weights turned into conv kernels by fc2conv's own rule."""
     tensors = {name: kf.tensors[name] for name in kf.tensors}
     for head in kf.heads:
-        for change in head_changes(head, kf.infos):
+        for change in head_changes(head, kf):
             tensors[change.weight] = fc_to_conv_weight(tensors[change.weight], change)
     return tensors
 
@@ -323,7 +338,7 @@ def test_wrong_flatten_order_is_caught(tmp_path: Path) -> None:
     model = tutorial(units=32, channels=16)
     kf = read_keras(save(model, tmp_path, "keras"))
     tensors = converted_tensors(kf)
-    change = head_changes(kf.heads[0], kf.infos)[0]
+    change = head_changes(kf.heads[0], kf)[0]
     wrong = replace(change, flatten_order="chw")
     tensors[change.weight] = fc_to_conv_weight(kf.tensors[change.weight], wrong)
     x = np.random.default_rng(2).standard_normal((3, 4, 4, 16)).astype("float32")
@@ -408,11 +423,11 @@ def test_plan_agrees_with_given_geometry_or_refuses(tmp_path: Path) -> None:
     kf = read_keras(save(trunk_model(), tmp_path, "keras"))
     assert plan_keras(kf, "6x4x4", "hwc").input_shape == InputShape(6, 4, 4)
     assert plan_keras(kf, "4x4").input_shape == InputShape(6, 4, 4)
-    with pytest.raises(PlanError, match=r"config says flat reads a 6x4x4 map.*given shape 24x2x2 disagrees"):
+    with pytest.raises(ShapeError, match=r"reads a 6x4x4 map \(C x H x W\) as the model says.*means 24x2x2"):
         plan_keras(kf, "24x2x2")
-    with pytest.raises(PlanError, match=r"flattens in hwc order.*given order chw disagrees"):
+    with pytest.raises(PlanError, match=r"reads its map flattened hwc, as the model says.*given order is chw"):
         plan_keras(kf, flatten_order="chw")
-    with pytest.raises(PlanError, match="does not fit"):
+    with pytest.raises(ShapeError, match=r"takes 96 inputs; 7x4x4 = 112"):
         plan_keras(kf, "7x4x4")
 
 
@@ -604,7 +619,7 @@ def test_export_that_fails_its_check_writes_nothing(tmp_path: Path) -> None:
     """Kernels made with PyTorch's chw order for a channels-last head: the export measures it and keeps nothing."""
     kf = read_keras(save(trunk_model(), tmp_path, "keras"))
     tensors = dict(apply_plan(plan_keras(kf), kf.tensors))
-    change = head_changes(kf.heads[0], kf.infos)[0]
+    change = head_changes(kf.heads[0], kf)[0]
     tensors[change.weight] = fc_to_conv_weight(kf.tensors[change.weight], replace(change, flatten_order="chw"))
     result = export_keras(kf, tensors, tmp_path / "wrong.keras")
     assert not result.ok and not result.written and result.traced_max_abs_error > 1e-3

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fc2conv.formats import hf_shards, safetensors, torch_pickle
+from fc2conv.formats import hf_shards, keras, safetensors, torch_pickle
 from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source
 from fc2conv.formats.hf_config import add_layout_hints
 
@@ -30,6 +30,7 @@ __all__ = [
 READERS: tuple[Reader, ...] = (
     hf_shards.READER,  # an index file or a folder of shards
     safetensors.READER,  # *.safetensors
+    keras.READER,  # .keras, .h5, .hdf5: Keras models (config and weights read as data, with h5py)
     torch_pickle.READER,  # everything else: .pt, .pth, .bin, .ckpt, ...
 )
 

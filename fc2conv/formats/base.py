@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fc2conv.errors import CheckpointError
-from fc2conv.types import TensorInfo, WeightLayout
+from fc2conv.types import HeadHint, TensorInfo, WeightLayout
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,9 @@ class Listing:
     notes: list[str] = field(default_factory=list)
     module_order: bool = False  # infos come in module order (a PyTorch state dict), not sorted by name
     layout_hints: dict[str, WeightLayout] = field(default_factory=dict)  # FC layouts known from elsewhere
+    # The heads the file itself describes (a model's config: nothing to infer); None for weights alone.
+    heads: tuple[HeadHint, ...] | None = None
+    heads_refused: tuple[str, ...] = ()  # why the file's other heads cannot be converted with proof
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Source(Listing):
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     shards: ShardLayout | None = None  # a sharded checkpoint: its files
     module: Any = None  # a whole nn.Module, unpickled because the caller trusted the file
+    native: Any = None  # the format's own reading of the file (a KerasFile), for writing that format back
 
 
 class Reader(Protocol):

@@ -31,12 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fc2conv.errors import CheckpointError, Fc2ConvError, PlanError
-
-try:  # the leaf module of the restructured package
-    from fc2conv.types import InputShape, TensorInfo
-except ImportError:  # pragma: no cover - before fc2conv.types exists
-    from fc2conv.plan import TensorInfo
-    from fc2conv.shapes import InputShape
+from fc2conv.formats.base import Listing, ReadOptions, Source
+from fc2conv.types import FlattenOrder, HeadHint, InputShape, TensorInfo
 
 if TYPE_CHECKING:
     import h5py
@@ -154,9 +150,14 @@ class KerasHead:
     dense: tuple[str, ...]
     layers: tuple[str, ...]
     feature_map: InputShape
-    flatten_order: str
+    flatten_order: FlattenOrder
     map_format: str
     source: str
+
+    @property
+    def hint(self) -> HeadHint:
+        """What planning needs of this head: its Dense layers, the map and the order."""
+        return HeadHint(self.dense, self.feature_map, self.flatten_order, self.source)
 
     @property
     def between(self) -> tuple[str, ...]:
@@ -612,7 +613,7 @@ class _ModelReader:
         )
 
     def _leaf(self, entry: dict[str, Any], scope: str, inputs: list[str], calls: int, shape: Any) -> _Node:
-        config = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+        config: dict[str, Any] = entry["config"] if isinstance(entry.get("config"), dict) else {}
         short = entry.get("name") or config.get("name")
         if not isinstance(short, str) or not short:
             raise CheckpointError(f"{self.path}: a {entry.get('class_name')} layer in the config has no name")
@@ -648,7 +649,7 @@ class _ModelReader:
         for index, layer in enumerate(layers):
             if not isinstance(layer, dict):
                 raise CheckpointError(f"{self.path}: layer {index} of {name or 'the model'} is not a config entry")
-            layer_config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+            layer_config: dict[str, Any] = layer["config"] if isinstance(layer.get("config"), dict) else {}
             declared = _shape_tuple(layer_config.get("batch_shape")) or _shape_tuple(
                 layer_config.get("batch_input_shape")
             )
@@ -673,7 +674,7 @@ class _ModelReader:
         for index, layer in enumerate(config["layers"]):
             if not isinstance(layer, dict):
                 raise CheckpointError(f"{self.path}: layer {index} of {name or 'the model'} is not a config entry")
-            short = layer.get("name") or (layer.get("config") or {}).get("name")
+            short = str(layer.get("name") or (layer.get("config") or {}).get("name"))
             call_nodes = layer.get("inbound_nodes") or []
             refs = _tensor_refs(call_nodes[0]) if call_nodes else []
             inputs = []
@@ -1185,6 +1186,7 @@ class _HeadFinder:
                 f"flatten layer {flatten.name} has data_format channels_first but reads a {layout} ({evidence}): "
                 "it flattens the map as (W, C, H), an order fc2conv cannot express as a conv"
             )
+        order: FlattenOrder
         if map_format == "channels_first" and flatten_format == "channels_first":
             order, how = "hwc", "it moves channels last, then flattens (H, W, C)"
         elif map_format == "channels_first":
@@ -1380,27 +1382,22 @@ class KerasReader:
     def claims(self, path: Path) -> bool:
         return is_keras_file(path)
 
-    def listing(self, path: Path, options: Any = None) -> Any:
-        """Names, shapes and dtypes (reads the config and the HDF5 headers, no tensor data)."""
-        from fc2conv.formats.base import Listing
+    def listing(self, path: Path, options: ReadOptions) -> Listing:
+        """Names, shapes and dtypes (reads the config and the HDF5 headers, no tensor data), and the heads."""
+        return self.open(path, options)
 
-        kf = read_keras(path)
-        return Listing(path=path, format=kf.flavour, infos=list(kf.infos), notes=list(_listing_notes(kf)))
-
-    def open(self, path: Path, options: Any = None) -> Any:
-        """The listing plus lazy tensors in PyTorch layouts."""
-        from fc2conv.formats.base import Source
-
+    def open(self, path: Path, options: ReadOptions) -> Source:
+        """The listing plus lazy tensors in PyTorch layouts; the heads come from the model's config."""
         kf = read_keras(path)
         return Source(
-            path=path, format=kf.flavour, infos=list(kf.infos), notes=list(_listing_notes(kf)), tensors=kf.tensors
-        )
+            path=path, format=kf.flavour, infos=list(kf.infos), notes=list(_listing_notes(kf)), module_order=True,
+            heads=tuple(head.hint for head in kf.heads), heads_refused=tuple(r.reason for r in kf.refused),
+            tensors=kf.tensors, native=kf,
+        )  # fmt: skip
 
 
 def _listing_notes(kf: KerasFile) -> Iterator[str]:
     yield from kf.notes
-    for head in kf.heads:
-        yield f"head: {head.source}"
     for refused in kf.refused:
         yield f"not converted: {refused.reason}"
 

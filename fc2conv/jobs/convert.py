@@ -20,7 +20,7 @@ from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
 from fc2conv.publish import atomic_folder, atomic_output, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
-from fc2conv.results import ConvertResult, LayerCheck
+from fc2conv.results import ConvertResult, Export, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def convert_file(
     output_path: str | os.PathLike[str] | None = None,
     *,
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     pointwise: bool = False,
     weight_layout: LayoutChoice = "auto",
@@ -91,7 +91,7 @@ def convert_source(
     output_path: str | os.PathLike[str] | None = None,
     *,
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     pointwise: bool = False,
     weight_layout: LayoutChoice = "auto",
@@ -99,10 +99,17 @@ def convert_source(
     overwrite: bool = False,
     strict: bool = False,
     progress: ProgressCallback | None = None,
+    keras_out: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
-    """:func:`convert_file` on a checkpoint already opened (see :func:`fc2conv.formats.open_source`)."""
+    """:func:`convert_file` on a checkpoint already opened (see :func:`fc2conv.formats.open_source`).
+
+    ``keras_out`` (a Keras model as input only) also writes the fully convolutional Keras model there,
+    after the converted weights are published, proven in Keras before it is renamed into place.
+    """
     started = time.perf_counter()
     _refuse_conversions(source)
+    if keras_out is not None:
+        require_keras_model(source)
     plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
@@ -113,6 +120,7 @@ def convert_source(
     else:
         output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
         written = writer.write_shards(output, overwrite=overwrite)
+    exports = [_keras_export(source, plan, keras_out, overwrite)] if keras_out is not None and written else []
     return ConvertResult(
         input=source.path,
         output=output,
@@ -123,13 +131,39 @@ def convert_source(
         written=written,
         seconds=time.perf_counter() - started,
         shards=len(source.shards.files) if source.shards else 0,
+        exports=tuple(exports),
     )
+
+
+def require_keras_model(source: Source) -> None:
+    """A Keras export needs a Keras model as input, and keras installed: checked before any work."""
+    from fc2conv.formats.keras import KerasFile
+    from fc2conv.keras_export import require_keras
+
+    if not isinstance(source.native, KerasFile):
+        raise PlanError(f"{source.path}: a Keras export needs a Keras model (.keras or .h5) as input")
+    require_keras()
+
+
+def _keras_export(source: Source, plan: Plan, target: str | os.PathLike[str], overwrite: bool) -> Export:
+    """Write the fully convolutional Keras model from the converted tensors; its error measured in Keras."""
+    from fc2conv.keras_export import export_keras
+
+    converted = {
+        name: converted_tensor(plan, name, source.tensors[name])
+        for change in plan.layers
+        for name in (change.weight, change.bias)
+        if name is not None
+    }
+    result = export_keras(source.native, converted, target, overwrite=overwrite)
+    bound = result.tolerance.atol + result.tolerance.rtol * result.reference_scale
+    return Export("keras", Path(target), result.max_abs_error, tolerance=bound, written=result.written)
 
 
 def plan_for(
     listing: Listing,
     input_shape: ShapeLike | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
     pointwise: bool,
     weight_layout: LayoutChoice,
@@ -138,9 +172,12 @@ def plan_for(
     """The plan for a checkpoint's listing, with what its reader knows (module order, layout hints)."""
     if pointwise:
         return plan_pointwise(listing.infos, layers, weight_layout=weight_layout, layout_hints=listing.layout_hints)
+    if listing.heads is not None and not listing.heads and listing.heads_refused:
+        raise PlanError(listing.heads_refused[0])  # the model has heads, none of them provable: say why
     return plan_conversion(
         listing.infos, input_shape, flatten_order, layers, weight_layout=weight_layout,
         layout_hints=listing.layout_hints, in_module_order=listing.module_order, trust_shape=trust_shape,
+        heads=listing.heads,
     )  # fmt: skip
 
 

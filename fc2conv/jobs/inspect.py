@@ -21,7 +21,7 @@ def inspect_file(
     path: str | os.PathLike[str],
     *,
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     weight_layout: LayoutChoice = "auto",
     trust_shape: bool = False,
