@@ -360,7 +360,7 @@ def _dims(type_proto: onnx.TypeProto) -> Dims | None:
     return tuple(dims)
 
 
-class _Graph:
+class GraphIndex:
     """Producers, consumers, constants and inferred shapes of one graph: what the head search reads."""
 
     def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
@@ -451,7 +451,7 @@ def _describe(dims: Dims | None) -> str:
 # --- the image input and the traced size --------------------------------------------------------
 
 
-def _image_input(model: onnx.ModelProto, g: _Graph, spec: ShapeSpec | None) -> GraphInput | None:
+def _image_input(model: onnx.ModelProto, g: GraphIndex, spec: ShapeSpec | None) -> GraphInput | None:
     """The graph's 4-D floating input, with the size to trace at (the declared one, or ``spec``)."""
     initializers = set(g.initializers)
     candidates = [i for i in model.graph.input if i.name not in initializers]
@@ -533,7 +533,7 @@ def _is_fc(node: onnx.NodeProto) -> bool:
 
 
 class _HeadFinder:
-    def __init__(self, g: _Graph, image: GraphInput | None, path: Path) -> None:
+    def __init__(self, g: GraphIndex, image: GraphInput | None, path: Path) -> None:
         self.g = g
         self.image = image
         self.path = path
@@ -711,6 +711,10 @@ class _HeadFinder:
             between.extend(pending)
             layers.append(self._layer(following, tensor, layers[-1].out_features))
         tail, outputs, dense_problem = self._tail(layers[-1])
+        if g.opset < 13:
+            softmax = next((s for s in between if s.kind == "softmax"), None)
+            if softmax is not None:
+                dense_problem = f"{softmax.node} ({softmax.op}) in opset {g.opset} normalises over C*H*W of a map"
         return OnnxHead(
             flatten=label, flatten_index=flatten_index, flatten_op=node.op_type, transpose=transpose,
             transpose_index=transpose_index, flatten_order=order, feature_tensor=feature, feature_map=feature_map,
@@ -920,10 +924,10 @@ def read_onnx(
     path = Path(path)
     model = load_onnx_model(path)
     spec = as_spec(input_shape)
-    bare = _Graph(model, model)
+    bare = GraphIndex(model, model)
     image = _image_input(model, bare, spec)
     inferred = _infer(model, image, path)
-    g = _Graph(model, inferred)
+    g = GraphIndex(model, inferred)
     finder = _HeadFinder(g, image, path)
     heads = finder.find()
     notes = list(finder.notes)
