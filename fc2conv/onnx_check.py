@@ -293,7 +293,9 @@ def check_onnx_runtime(original: OnnxFile, converted: onnx.ModelProto, *, seed: 
     abs_error, scale = 0.0, 0.0
     for name in names:
         if name not in got:
-            return RuntimeCheck(shape, names, math.inf, math.inf, 0.0, tolerance, f"the converted model has no {name!r}")
+            return RuntimeCheck(
+                shape, names, math.inf, math.inf, 0.0, tolerance, f"the converted model has no {name!r}"
+            )
         want, have = expected[name], got[name]
         if have.shape != want.shape and have.shape == (*want.shape, 1, 1):
             have = have.reshape(want.shape)  # a dense model at the traced size: (N, K, 1, 1)
@@ -331,11 +333,12 @@ def _with_outputs(model: onnx.ModelProto, original: OnnxFile, names: list[str]) 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
-    types = {v.name: v.type.tensor_type.elem_type for v in list(original.inferred.graph.value_info)}
-    types.update({v.name: v.type.tensor_type.elem_type for v in original.inferred.graph.input})
+    known = {v.name: v.type.tensor_type for v in [*original.inferred.graph.value_info, *original.inferred.graph.input]}
     for name in names:
         if name not in present:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, 1), None))
+            rank = len(known[name].shape.dim) if name in known else 4
+            elem = known[name].elem_type if name in known else onnx.TensorProto.FLOAT
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, [None] * rank))
     return probe
 
 
@@ -346,7 +349,9 @@ def _head_model(original: OnnxFile, head: OnnxHead) -> onnx.ModelProto:
     try:
         return Extractor(original.inferred).extract_model([head.feature_tensor], list(head.outputs))
     except Exception as exc:
-        raise _RuntimeProblem(f"the original head after {head.flatten} cannot be extracted: {_first_line(exc)}") from exc
+        raise _RuntimeProblem(
+            f"the original head after {head.flatten} cannot be extracted: {_first_line(exc)}"
+        ) from exc
 
 
 def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> DenseCheck:
@@ -447,7 +452,16 @@ def convert_onnx(
     """
     source = read_onnx(path, input_shape)
     model = rewrite_onnx(source, dense=dense)
-    return OnnxConversion(source, model, dense, prove_onnx(source, model, seed=seed), source.notes)
+    proof = prove_onnx(source, model, seed=seed)
+    notes = list(source.notes)
+    if proof.dense is not None:
+        for head, grid in zip(source.heads, proof.dense.grids, strict=False):
+            if grid == (1, 1):
+                notes.append(
+                    f"the map {head.flatten} flattens stays {head.feature_map.height}x{head.feature_map.width} on a "
+                    f"larger input (a global or adaptive pool before it?): the dense output has one position"
+                )
+    return OnnxConversion(source, model, dense, proof, tuple(notes))
 
 
 def verify_onnx(

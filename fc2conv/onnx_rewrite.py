@@ -101,9 +101,11 @@ class _Rewriter:
         self.changed: set[str] = set()  # tensors whose shape changes (their value_info goes)
         self.new_initializers: dict[str, onnx.TensorProto] = {}
         graph = model.graph
-        self.taken = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {
-            o for n in graph.node for o in n.output
-        }
+        self.taken = (
+            {t.name for t in graph.initializer}
+            | {i.name for i in graph.input}
+            | {o for n in graph.node for o in n.output}
+        )
         # An initializer may be read from inside a subgraph too: with subgraphs, never reuse a name.
         self.has_subgraphs = any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute)
         self.records: list[dict[str, object]] = []
@@ -121,7 +123,8 @@ class _Rewriter:
     def _store(self, name: str, tensor: torch.Tensor, owners: set[int]) -> str:
         """Store ``tensor`` under ``name`` when only ``owners`` read that initializer, else under a new name."""
         readers = {i for i, _ in self.g.readers(name)}
-        sole = self.g.is_initializer(name) and readers <= owners and not self.has_subgraphs
+        listed = name in self.g.input_names  # IR < 4: the input would keep the old shape
+        sole = self.g.is_initializer(name) and readers <= owners and not self.has_subgraphs and not listed
         target = name if sole else self._fresh(f"{name}_conv")
         self.new_initializers[target] = to_proto(tensor, target)
         return target
@@ -229,6 +232,8 @@ class _Rewriter:
         self._metadata()
 
     def _initializers(self, before_used: set[str]) -> None:
+        import onnx
+
         graph = self.model.graph
         used = _used_names(graph)
         merged = []
@@ -243,6 +248,13 @@ class _Rewriter:
         graph.initializer.extend(merged)
         # IR < 4 lists initializers as graph inputs too: an initializer dropped goes from there as well.
         inputs = [i for i in graph.input if i.name not in dropped]
+        if self.model.ir_version < 4:  # there every initializer is listed as an input too
+            listed = {i.name for i in inputs}
+            inputs += [
+                onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                for t in merged
+                if t.name not in listed
+            ]
         del graph.input[:]
         graph.input.extend(inputs)
         stale = {t.name for t in merged} & {v.name for v in graph.value_info}
@@ -268,7 +280,8 @@ class _Rewriter:
                 shape.dim.add()
                 shape.dim.add()  # (N, K, unknown height, unknown width)
             else:
-                output.type.tensor_type.ClearField("shape")  # may depend on the input size now
+                for dim in shape.dim:
+                    dim.Clear()  # may depend on the input size now (the rank stays: the checker needs a shape)
 
     def _metadata(self) -> None:
         import onnx

@@ -38,6 +38,9 @@ UNARY_OPS = frozenset(
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min"})
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# What a flattened map may pass through on its way to an FC layer and still count as that layer's input
+# (so that a flatten fc2conv cannot convert is refused, naming the node in the way, not skipped).
+_TRANSPARENT_OPS = UNARY_OPS | BINARY_OPS | _SOFTMAX_OPS | {"Dropout", "Concat", "BatchNormalization"}
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,14 @@ def load_onnx_model(path: str | Path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty, not an ONNX model")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable ONNX model (corrupt or truncated): {_first_line(exc)}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable ONNX model (corrupt or truncated): {_first_line(exc)}"
+        ) from exc
     _load_external_data(model, path)
     try:
         onnx.checker.check_model(model)
@@ -301,7 +308,9 @@ class OnnxTensors(Mapping[str, "torch.Tensor"]):
 
 def initializer_infos(model: onnx.ModelProto) -> tuple[TensorInfo, ...]:
     """Every initializer as a :class:`TensorInfo` (names as in the graph)."""
-    return tuple(TensorInfo(t.name, tuple(int(d) for d in t.dims), dtype_name_of(t.data_type)) for t in model.graph.initializer)
+    return tuple(
+        TensorInfo(t.name, tuple(int(d) for d in t.dims), dtype_name_of(t.data_type)) for t in model.graph.initializer
+    )
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -367,6 +376,7 @@ class GraphIndex:
         graph = model.graph
         self.nodes = list(graph.node)
         self.opset = opset_of(model)
+        self.ir_version = model.ir_version
         self.initializers = {t.name: t for t in graph.initializer}
         self.input_names = {i.name for i in graph.input}
         self.outputs = [o.name for o in graph.output]
@@ -399,8 +409,11 @@ class GraphIndex:
         return node_label(self.nodes[index])
 
     def is_initializer(self, name: str) -> bool:
-        """A stored constant: an initializer that is not also a graph input (which a caller could override)."""
-        return name in self.initializers and name not in self.input_names
+        """A stored constant: an initializer that is not also a graph input (which a caller could override).
+
+        Before IR version 4 every initializer had to be listed as an input too: there, they count as stored.
+        """
+        return name in self.initializers and (self.ir_version < 4 or name not in self.input_names)
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or of a Constant node's output; None if computed or an input."""
@@ -445,7 +458,9 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 def _describe(dims: Dims | None) -> str:
     if dims is None:
         return "of unknown shape"
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+    # Symbols shape inference makes up for unknown sizes ("unk__0") say no more than "?".
+    shown = ["?" if d is None or (isinstance(d, str) and d.startswith("unk__")) else str(d) for d in dims]
+    return "(" + ", ".join(shown) + ")"
 
 
 # --- the image input and the traced size --------------------------------------------------------
@@ -637,7 +652,7 @@ class _HeadFinder:
                 node = g.nodes[index]
                 if _is_fc(node):
                     return index, path
-                transparent = node.op_type in UNARY_OPS | BINARY_OPS | {"Dropout", "Concat", "BatchNormalization"}
+                transparent = node.op_type in _TRANSPARENT_OPS
                 if transparent and node.domain in _DEFAULT_DOMAINS and node.output:
                     queue.append((node.output[0], [*path, index]))
         return None
@@ -923,6 +938,11 @@ def read_onnx(
     """
     path = Path(path)
     model = load_onnx_model(path)
+    if model.ByteSize() >= 2**31:
+        raise PlanError(
+            f"{path.name} holds {model.ByteSize() / 2**30:.1f} GB: past protobuf's 2 GB limit, which shape "
+            f"inference and ONNX Runtime need the model to fit in"
+        )
     spec = as_spec(input_shape)
     bare = GraphIndex(model, model)
     image = _image_input(model, bare, spec)
@@ -938,7 +958,8 @@ def read_onnx(
         if _is_fc(node) and index not in used:
             notes.append(f"{g.label(index)} ({node.op_type}) reads no flattened map: left as it is")
     if not heads:
-        raise PlanError(f"{path.name}: no flatten of a 4-D map feeding Gemm/MatMul layers was found")
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise PlanError(f"{path.name}: no flatten of a 4-D map feeding Gemm/MatMul layers was found{why}")
     return OnnxFile(
         path=path,
         model=model,
