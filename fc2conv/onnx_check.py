@@ -33,19 +33,16 @@ DENSE_GROWTH = 2
 SAMPLES = 2
 
 
-@dataclass(frozen=True)
-class RuntimeCheck:
-    """Original vs converted model, both in ONNX Runtime, on the same seeded inputs at the traced size.
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """Largest difference from a reference; passes when ``max_abs_error <= atol + rtol * reference_scale``.
 
-    Every graph output is compared by name; a dense model's (N, K, 1, 1) counts as the original's
-    (N, K). ``max_rel_error`` is relative to the largest output of the original.
+    ``problem`` says why a check could not run or cannot pass (then the errors are infinite).
     """
 
-    input_shape: tuple[int, ...]
-    outputs: tuple[str, ...]
     max_abs_error: float
-    max_rel_error: float
-    reference_scale: float
+    max_rel_error: float  # max_abs_error / reference_scale
+    reference_scale: float  # the largest |reference value|
     tolerance: Tolerance
     problem: str | None = None
 
@@ -56,8 +53,20 @@ class RuntimeCheck:
         return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
 
 
-@dataclass(frozen=True)
-class DenseCheck:
+@dataclass(frozen=True, kw_only=True)
+class RuntimeCheck(Measured):
+    """Original vs converted model, both in ONNX Runtime, on the same seeded inputs at the traced size.
+
+    Every graph output is compared by name; a dense model's (N, K, 1, 1) counts as the original's
+    (N, K). ``max_rel_error`` is relative to the largest output of the original.
+    """
+
+    input_shape: tuple[int, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseCheck(Measured):
     """Each position of the converted model's map of scores on a larger input, against the original.
 
     The reference for position ``(i, j)`` of a head is the *original* graph from the head's feature
@@ -67,19 +76,17 @@ class DenseCheck:
     """
 
     input_shape: tuple[int, ...]
-    grids: tuple[tuple[int, int], ...]  # output positions per head (H' - H + 1, W' - W + 1)
-    positions_checked: int
-    max_abs_error: float
-    max_rel_error: float
-    reference_scale: float
-    tolerance: Tolerance
-    problem: str | None = None
+    grids: tuple[tuple[int, int], ...] = ()  # output positions per head (H' - H + 1, W' - W + 1)
+    positions_checked: int = 0
 
-    @property
-    def ok(self) -> bool:
-        if self.problem is not None:
-            return False
-        return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
+
+def _measured(abs_error: float, scale: float, tolerance: Tolerance) -> dict[str, Any]:
+    rel = abs_error / scale if scale else (0.0 if abs_error == 0 else math.inf)
+    return {"max_abs_error": abs_error, "max_rel_error": rel, "reference_scale": scale, "tolerance": tolerance}
+
+
+def _unmeasured(problem: str, tolerance: Tolerance) -> dict[str, Any]:
+    return {**_measured(math.inf, 0.0, tolerance), "problem": problem}
 
 
 @dataclass(frozen=True)
@@ -247,11 +254,11 @@ def _sample_inputs(original: OnnxFile, generator: np.random.Generator, batch: in
     return feeds
 
 
-def _output_tolerance(original: OnnxFile) -> tuple[str, Tolerance]:
+def _output_tolerance(original: OnnxFile) -> Tolerance:
+    """fc2conv's tolerance for the dtype of the model's first floating output (float32 if none)."""
     elems = [o.type.tensor_type.elem_type for o in original.model.graph.output]
     dtypes = [dtype_name_of(e) for e in elems if dtype_name_of(e) in ("float16", "bfloat16", "float32", "float64")]
-    dtype = dtypes[0] if dtypes else "float32"
-    return dtype, tolerance_for(dtype)
+    return tolerance_for(dtypes[0] if dtypes else "float32")
 
 
 def _compare(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -274,7 +281,7 @@ def check_onnx_runtime(original: OnnxFile, converted: onnx.ModelProto, *, seed: 
     """Run both models in ONNX Runtime at the traced size on the same seeded inputs; compare every output."""
     import numpy as np
 
-    dtype, tolerance = _output_tolerance(original)
+    tolerance = _output_tolerance(original)
     names = tuple(o.name for o in original.model.graph.output)
     image = original.image_input
     shape: tuple[int, ...] = ()
@@ -289,28 +296,26 @@ def check_onnx_runtime(original: OnnxFile, converted: onnx.ModelProto, *, seed: 
         expected = _run(_session(original.model, "original"), feeds, "original")
         got = _run(_session(converted, "converted"), feeds, "converted")
     except _RuntimeProblem as problem:
-        return RuntimeCheck(shape, names, math.inf, math.inf, 0.0, tolerance, problem=str(problem))
+        return RuntimeCheck(input_shape=shape, outputs=names, **_unmeasured(str(problem), tolerance))
+    shape = tuple(int(d) for d in shape)
     abs_error, scale = 0.0, 0.0
     for name in names:
-        if name not in got:
-            return RuntimeCheck(
-                shape, names, math.inf, math.inf, 0.0, tolerance, f"the converted model has no {name!r}"
-            )
-        want, have = expected[name], got[name]
-        if have.shape != want.shape and have.shape == (*want.shape, 1, 1):
+        want, have = expected[name], got.get(name)
+        if have is not None and have.shape != want.shape and have.shape == (*want.shape, 1, 1):
             have = have.reshape(want.shape)  # a dense model at the traced size: (N, K, 1, 1)
-        if have.shape != want.shape:
+        problem = None
+        if have is None:
+            problem = f"the converted model has no output {name!r}"
+        elif have.shape != want.shape:
             problem = f"output {name!r} is {have.shape}, the original's is {want.shape}"
-            return RuntimeCheck(shape, names, math.inf, math.inf, 0.0, tolerance, problem)
-        if want.dtype.kind not in "fc":
-            if not np.array_equal(want, have):
-                problem = f"output {name!r} ({want.dtype}) differs in {int((want != have).sum())} of {want.size} values"
-                return RuntimeCheck(shape, names, math.inf, math.inf, 0.0, tolerance, problem)
-            continue
-        err, ref = _compare(want, have)
-        abs_error, scale = max(abs_error, err), max(scale, ref)
-    rel = abs_error / scale if scale else (0.0 if abs_error == 0 else math.inf)
-    return RuntimeCheck(tuple(int(d) for d in shape), names, abs_error, rel, scale, tolerance)
+        elif want.dtype.kind not in "fc" and not np.array_equal(want, have):
+            problem = f"output {name!r} ({want.dtype}) differs in {int((want != have).sum())} of {want.size} values"
+        if problem is not None:
+            return RuntimeCheck(input_shape=shape, outputs=names, **_unmeasured(problem, tolerance))
+        if want.dtype.kind in "fc":
+            err, ref = _compare(want, have)
+            abs_error, scale = max(abs_error, err), max(scale, ref)
+    return RuntimeCheck(input_shape=shape, outputs=names, **_measured(abs_error, scale, tolerance))
 
 
 # --- dense ----------------------------------------------------------------------------------------
@@ -366,12 +371,12 @@ def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: in
     """
     import numpy as np
 
-    dtype, tolerance = _output_tolerance(original)
+    tolerance = _output_tolerance(original)
     image = original.image_input
     generator = np.random.default_rng(seed)
 
     def failed(problem: str, shape: tuple[int, ...] = ()) -> DenseCheck:
-        return DenseCheck(shape, (), 0, math.inf, math.inf, 0.0, tolerance, problem)
+        return DenseCheck(input_shape=shape, **_unmeasured(problem, tolerance))
 
     if image is None or image.traced is None:
         return failed("the dense check needs the graph's image input at a known size")
@@ -403,8 +408,8 @@ def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: in
                 count += 1
     except _RuntimeProblem as problem:
         return failed(str(problem), shape)
-    rel = abs_error / scale if scale else (0.0 if abs_error == 0 else math.inf)
-    return DenseCheck(shape, tuple(grids), count, abs_error, rel, scale, tolerance)
+    measured = _measured(abs_error, scale, tolerance)
+    return DenseCheck(input_shape=shape, grids=tuple(grids), positions_checked=count, **measured)
 
 
 # --- the whole proof ----------------------------------------------------------------------------
@@ -480,6 +485,7 @@ def verify_onnx(
 
 __all__ = [
     "DenseCheck",
+    "Measured",
     "OnnxConversion",
     "OnnxProof",
     "OnnxVerification",
