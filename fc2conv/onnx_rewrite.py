@@ -292,8 +292,8 @@ class _Rewriter:
             f"{METADATA_PREFIX}layers": json.dumps(self.records, separators=(",", ":")),
         }
         image = self.file.image_input
-        if image is not None and image.traced is not None:
-            entries[f"{METADATA_PREFIX}input_shape"] = "x".join(str(d) for d in image.traced[1:])
+        if image is not None and image.size is not None:
+            entries[f"{METADATA_PREFIX}input_shape"] = str(image.size)
         props = {p.key: p.value for p in self.model.metadata_props}  # the model's own entries stay
         onnx.helper.set_model_props(self.model, {**props, **entries})
 

@@ -149,6 +149,14 @@ class GraphInput:
     def spatial_axes(self) -> tuple[int, int]:
         return (1, 2) if self.layout == "nhwc" else (2, 3)
 
+    @property
+    def size(self) -> InputShape | None:
+        """C x H x W of one input at the traced size, whatever the layout."""
+        if self.traced is None:
+            return None
+        c, h, w = (3, 1, 2) if self.layout == "nhwc" else (1, 2, 3)
+        return InputShape(int(self.traced[c]), int(self.traced[h]), int(self.traced[w]))  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True, eq=False)
 class OnnxFile:
@@ -952,7 +960,7 @@ def read_onnx(
     heads = finder.find()
     notes = list(finder.notes)
     if image is not None and image.given:
-        notes.insert(0, f"input {image.name!r} traced at {'x'.join(str(d) for d in image.traced[1:])} (given)")
+        notes.insert(0, f"input {image.name!r} traced at {image.size} (given)")
     used = {layer.index for head in heads for layer in head.layers}
     for index, node in enumerate(g.nodes):
         if _is_fc(node) and index not in used:
