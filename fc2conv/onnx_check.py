@@ -352,11 +352,15 @@ def _head_model(original: OnnxFile, head: OnnxHead) -> onnx.ModelProto:
     from onnx.utils import Extractor
 
     try:
-        return Extractor(original.inferred).extract_model([head.feature_tensor], list(head.outputs))
+        extracted = Extractor(original.inferred).extract_model([head.feature_tensor], list(head.outputs))
     except Exception as exc:
         raise _RuntimeProblem(
             f"the original head after {head.flatten} cannot be extracted: {_first_line(exc)}"
         ) from exc
+    stored = {t.name: t for t in original.model.graph.initializer}
+    for tensor in extracted.graph.initializer:  # the inferred copy holds the shapes of large tensors only
+        tensor.CopyFrom(stored[tensor.name])
+    return extracted
 
 
 def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> DenseCheck:

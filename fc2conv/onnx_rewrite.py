@@ -178,8 +178,7 @@ class _Rewriter:
         kernel_name = self._store(layer.weight, kernel, owners)
         inputs = [data, kernel_name]
         if layer.bias is not None:
-            stored = self.file.tensors[layer.bias]
-            unchanged = layer.beta == 1.0 and tuple(stored.shape) == (layer.out_features,)
+            unchanged = layer.beta == 1.0 and self.g.shapes[layer.bias] == (layer.out_features,)
             inputs.append(layer.bias if unchanged else self._store(layer.bias, bias, owners))  # type: ignore[arg-type]
         result = layer.output
         if last and not self.dense:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ UNARY_OPS = frozenset(
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min"})
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# Initializers with more values than this have no data in OnnxFile.inferred (their shapes suffice there).
+HOLLOW_ABOVE = 4096
 # What a flattened map may pass through on its way to an FC layer and still count as that layer's input
 # (so that a flatten fc2conv cannot convert is refused, naming the node in the way, not skipped).
 _TRANSPARENT_OPS = UNARY_OPS | BINARY_OPS | _SOFTMAX_OPS | {"Dropout", "Concat", "BatchNormalization"}
@@ -164,7 +167,7 @@ class OnnxFile:
 
     path: Path
     model: onnx.ModelProto  # external data loaded inline; the graph as stored
-    inferred: onnx.ModelProto  # the same with inferred shapes at the traced input size
+    inferred: onnx.ModelProto  # inferred shapes at the traced input size; initializers past HOLLOW_ABOVE have no data
     infos: tuple[TensorInfo, ...]
     tensors: Mapping[str, torch.Tensor]
     heads: tuple[OnnxHead, ...]
@@ -220,7 +223,12 @@ def load_onnx_model(path: str | Path) -> onnx.ModelProto:
         raise CheckpointError(
             f"{path} is not a readable ONNX model (corrupt or truncated): {_first_line(exc)}"
         ) from exc
-    _load_external_data(model, path)
+    total = _load_external_data(model, path)
+    if total >= 2**31:
+        raise PlanError(
+            f"{path.name} holds {total / 2**30:.1f} GB with its external data: past protobuf's 2 GB limit, within "
+            f"which the checker, shape inference and ONNX Runtime need the model"
+        )
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -230,8 +238,10 @@ def load_onnx_model(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, path: Path) -> int:
     """Read external tensors, refusing any side file that does not resolve inside the model's folder.
+
+    Returns the bytes of the model file and its side files (what the model will hold in memory).
 
     The initializers are checked here, with a message naming the file; onnx's own loader checks
     every tensor again (relative path, inside the folder, no symbolic link, a regular file).
@@ -239,6 +249,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     from onnx import external_data_helper
 
     folder = path.resolve().parent
+    side_files: set[Path] = set()
     for tensor in model.graph.initializer:
         if not external_data_helper.uses_external_data(tensor):
             continue
@@ -251,10 +262,15 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             )
         if not target.is_file():
             raise CheckpointError(f"{path.name}: external data of tensor {tensor.name!r}, {target}, is missing")
+        side_files.add(target)
+    total = path.stat().st_size + sum(f.stat().st_size for f in side_files)
+    if total >= 2**31:
+        return total  # not read: the caller refuses a model this large
     try:
         external_data_helper.load_external_data_for_model(model, str(folder))
     except Exception as exc:  # onnx raises ValidationError, ValueError or OSError for bad side files
         raise CheckpointError(f"{path.name}: external data refused: {_first_line(exc)}") from exc
+    return total
 
 
 # --- tensors ------------------------------------------------------------------------------------
@@ -271,14 +287,17 @@ def to_torch(proto: onnx.TensorProto) -> torch.Tensor:
     import torch
     from onnx import numpy_helper
 
-    array = numpy_helper.to_array(proto)
+    array = numpy_helper.to_array(proto)  # a fresh array, read-only when made from the raw bytes
     special = {"bfloat16": (np.uint16, torch.bfloat16), "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn),
                "float8_e5m2": (np.uint8, torch.float8_e5m2)}  # fmt: skip
     if array.dtype.name in special:
         bits, dtype = special[array.dtype.name]
         return torch.from_numpy(np.ascontiguousarray(array).view(bits)).view(dtype)
     try:
-        return torch.from_numpy(np.array(array, copy=True))
+        with warnings.catch_warnings():
+            # Nothing in fc2conv writes to a tensor it reads: no second copy just to make it writable.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(array)
     except TypeError as exc:
         raise PlanError(f"tensor {proto.name!r} ({array.dtype}) cannot be read as a torch tensor") from exc
 
@@ -326,10 +345,13 @@ def initializer_infos(model: onnx.ModelProto) -> tuple[TensorInfo, ...]:
 
 def onnx_bytes(model: onnx.ModelProto) -> bytes:
     """The serialised model, refusing one past protobuf's 2 GB limit (it would need external data)."""
-    size = model.ByteSize()
-    if size >= 2**31:
-        raise OutputError(f"the converted model is {size / 2**30:.1f} GB, past the 2 GB limit of one ONNX file")
-    return model.SerializeToString()
+    try:
+        data = model.SerializeToString()
+    except ValueError as exc:  # protobuf refuses to serialise a message past 2 GB
+        raise OutputError(f"the converted model is past the 2 GB limit of one ONNX file: {_first_line(exc)}") from exc
+    if len(data) >= 2**31:
+        raise OutputError(f"the converted model is {len(data) / 2**30:.1f} GB, past the 2 GB limit of one ONNX file")
+    return data
 
 
 def write_onnx(model: onnx.ModelProto, path: str | Path) -> int:
@@ -541,6 +563,14 @@ def _infer(model: onnx.ModelProto, image: GraphInput | None, path: Path) -> onnx
                 dim.dim_value = size
     # Stale intermediate shapes would be merged with (and could contradict) the pinned input's.
     del pinned.graph.value_info[:]
+    # Inference reads the values of small constants only (shape targets); large ones keep their shapes
+    # and lose their data, so that the inferred copy costs no second copy of the weights.
+    for tensor in pinned.graph.initializer:
+        if math.prod(tensor.dims) > HOLLOW_ABOVE:
+            name, data_type, dims = tensor.name, tensor.data_type, list(tensor.dims)
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, data_type
+            tensor.dims.extend(dims)
     try:
         return shape_inference.infer_shapes(pinned, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:  # onnx raises InferenceError, ValidationError or RuntimeError
@@ -946,11 +976,6 @@ def read_onnx(
     """
     path = Path(path)
     model = load_onnx_model(path)
-    if model.ByteSize() >= 2**31:
-        raise PlanError(
-            f"{path.name} holds {model.ByteSize() / 2**30:.1f} GB: past protobuf's 2 GB limit, which shape "
-            f"inference and ONNX Runtime need the model to fit in"
-        )
     spec = as_spec(input_shape)
     bare = GraphIndex(model, model)
     image = _image_input(model, bare, spec)
