@@ -150,14 +150,12 @@ def check_onnx_layers(
     candidate is the kernel and bias of the Conv node of the same name in ``converted``, run in its
     own dtype. A Conv with strides, padding, dilation or groups fails (the kernel alone would pass).
     """
-    import torch
-
     convs = {n.name: n for n in converted.graph.node if n.op_type == "Conv"}
     tensors = OnnxTensors(converted)
     results = []
     for head in original.heads:
         for layer, change in zip(head.layers, head.changes, strict=True):
-            weight, bias = fc_weight_and_bias(original, layer, torch.float64)
+            weight, bias = fc_weight_and_bias(original, layer, reference=True)
             node = convs.get(layer.node)
             if node is None or node.input[1] not in tensors:
                 what = "no Conv node" if node is None else "a Conv node without a stored kernel"

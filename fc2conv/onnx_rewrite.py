@@ -19,34 +19,41 @@ METADATA_PREFIX = "fc2conv."
 
 
 def fc_weight_and_bias(
-    onnx_file: OnnxFile, layer: OnnxLayer, dtype: torch.dtype | None = None
+    onnx_file: OnnxFile, layer: OnnxLayer, *, reference: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The function a Gemm/MatMul layer computes, as PyTorch's ``Linear``: ``x @ weight.T + bias``.
 
     ``transB`` (and MatMul's ``(in, out)`` storage) is undone, ``alpha`` folded into the weight and
-    ``beta`` into the bias, which is broadcast to ``(out,)``. In float64 the fold is exact (the
-    reference the checks use); in the layer's own dtype it is rounded once, and not done at all when
-    ``alpha`` (``beta``) is 1, so the kernel holds the stored values bit for bit.
+    ``beta`` into the bias, which is broadcast to ``(out,)``. A factor of 1 is not applied at all, so
+    the kernel then holds the stored values bit for bit.
 
     Args:
         onnx_file: The model as read.
         layer: One layer of one of its heads.
-        dtype: Result dtype; ``None`` keeps the layer's own.
+        reference: For the checks: a fold is done in float64, exactly, and the weight is otherwise
+            returned as stored (a transposed view, not a copy: ``check_layer`` widens it a few rows at a
+            time); the bias is float64. Otherwise everything is in the layer's dtype (one rounding
+            per folded value) and contiguous.
 
     Returns:
         ``(weight (out, in), bias (out,) or None)``.
     """
+    import torch
+
     stored = onnx_file.tensors[layer.weight]
-    dtype = dtype or stored.dtype
+    dtype = torch.float64 if reference else stored.dtype
     weight = stored if layer.op == "Gemm" and layer.trans_b else stored.t()
-    weight = (weight.double() * layer.alpha).to(dtype) if layer.alpha != 1.0 else weight.to(dtype)
+    if layer.alpha != 1.0:
+        weight = (weight.double() * layer.alpha).to(dtype)
+    elif not reference:
+        weight = weight.contiguous()
     bias = None
     if layer.bias is not None:
         stored_bias = onnx_file.tensors[layer.bias].reshape(-1)
         stored_bias = stored_bias.expand(layer.out_features) if stored_bias.numel() == 1 else stored_bias
         scaled = stored_bias.double() * layer.beta if layer.beta != 1.0 else stored_bias
         bias = scaled.to(dtype).contiguous()
-    return weight.contiguous(), bias
+    return weight, bias
 
 
 def rewrite_onnx(onnx_file: OnnxFile, *, dense: bool = False) -> onnx.ModelProto:
