@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from fc2conv._version import __version__
 from fc2conv.convert import fc_to_conv_weight
 from fc2conv.errors import PlanError
-from fc2conv.formats.onnx import GraphIndex, OnnxFile, OnnxHead, OnnxLayer, OnnxStep, node_label, to_proto
+from fc2conv.formats.onnx import GraphIndex, OnnxFile, OnnxHead, OnnxLayer, OnnxStep, to_proto
+from fc2conv.plan import LayerChange
 
 if TYPE_CHECKING:
     import onnx
@@ -116,6 +117,8 @@ class _Rewriter:
         # An initializer may be read from inside a subgraph too: with subgraphs, never reuse a name.
         self.has_subgraphs = any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute)
         self.records: list[dict[str, object]] = []
+        # What the graph read before any change: a node the rewrite leaves unread goes, one unread before stays.
+        self.before_used = _used_names(graph)
 
     # Names ------------------------------------------------------------------------------------
 
@@ -148,16 +151,18 @@ class _Rewriter:
         _rename_input(nodes[first_reader], flat, head.feature_tensor)
         self.changed.update(nodes[s.index].output[0] for s in head.pre)
         for step in head.between:
-            self._step(step, head)
+            self._step(step)
         if self.dense:
             for step in head.tail:
-                self._step(step, head)
+                self._step(step)
         for position, (layer, change) in enumerate(zip(head.layers, head.changes, strict=True)):
             last = position == len(head.layers) - 1
             self._layer(head, layer, change, nodes[layer.index].input[0], last)
 
-    def _step(self, step: OnnxStep, head: OnnxHead) -> None:
+    def _step(self, step: OnnxStep) -> None:
+        """Keep a node between or after the layers valid on a map: per-feature constants become (F, 1, 1)."""
         import onnx
+        import torch
 
         node = self.model.graph.node[step.index]
         self.changed.update(o for o in node.output if o)
@@ -166,8 +171,6 @@ class _Rewriter:
             name = node.input[step.constant_slot]
             value = self.g.constant(name)
             assert value is not None
-            import torch
-
             reshaped = torch.from_numpy(value.copy()).reshape(-1, 1, 1)
             node.input[step.constant_slot] = self._store(name, reshaped, {step.index})
         elif step.kind == "softmax":
@@ -176,11 +179,12 @@ class _Rewriter:
             node.attribute.extend(kept)
             node.attribute.append(onnx.helper.make_attribute("axis", 1))
 
-    def _layer(self, head: OnnxHead, layer: OnnxLayer, change: object, data: str, last: bool) -> None:
+    def _layer(self, head: OnnxHead, layer: OnnxLayer, change: LayerChange, data: str, last: bool) -> None:
+        """The Conv that replaces ``layer`` (and its bias Add), reading ``data``; the Flatten after the last."""
         import onnx
 
         weight, bias = fc_weight_and_bias(self.file, layer)
-        kernel = fc_to_conv_weight(weight, change)  # type: ignore[arg-type]
+        kernel = fc_to_conv_weight(weight, change)
         owners = {layer.index} | ({layer.add_index} if layer.add_index is not None else set())
         kernel_name = self._store(layer.weight, kernel, owners)
         inputs = [data, kernel_name]
@@ -212,7 +216,7 @@ class _Rewriter:
                 "weight": kernel_name,
                 "old_shape": list(layer.shape),
                 "new_shape": list(kernel.shape),
-                "flatten_order": change.flatten_order,  # type: ignore[attr-defined]
+                "flatten_order": change.flatten_order,
             }
         )
 
@@ -220,7 +224,7 @@ class _Rewriter:
 
     def finish(self) -> None:
         graph = self.model.graph
-        before_used = _used_names(graph)
+        before_used = self.before_used
         nodes = []
         for index, node in enumerate(graph.node):
             nodes.extend(self.replacements.get(index, [node]))
@@ -252,9 +256,9 @@ class _Rewriter:
         dropped = {t.name for t in graph.initializer} - {t.name for t in merged}
         del graph.initializer[:]
         graph.initializer.extend(merged)
-        # IR < 4 lists initializers as graph inputs too: an initializer dropped goes from there as well.
+        # IR < 4 lists every initializer as a graph input too: dropped ones go from there, new ones come.
         inputs = [i for i in graph.input if i.name not in dropped]
-        if self.model.ir_version < 4:  # there every initializer is listed as an input too
+        if self.model.ir_version < 4:
             listed = {i.name for i in inputs}
             inputs += [
                 onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
@@ -337,4 +341,4 @@ def _drop_new_dead(nodes: list[onnx.NodeProto], graph: onnx.GraphProto, before_u
         nodes = [n for n in nodes if not any(n is d for d in dead)]
 
 
-__all__ = ["METADATA_PREFIX", "fc_weight_and_bias", "node_label", "rewrite_onnx"]
+__all__ = ["METADATA_PREFIX", "fc_weight_and_bias", "rewrite_onnx"]
