@@ -262,8 +262,8 @@ def test_convert_onnx_proof(build, tmp_path):
     path = save(case.model, tmp_path, "model.onnx")
     result = convert_onnx(path, dense=True)
     assert result.ok
-    assert len(result.proof.layers) == 2 and all(c.max_rel_error < 1e-5 for c in result.proof.layers)
-    assert result.proof.runtime.ok and result.proof.runtime.max_rel_error < 1e-5
+    assert len(result.proof.layers) == 2 and all(c.max_rel_error < RTOL for c in result.proof.layers)
+    assert result.proof.runtime.ok and result.proof.runtime.max_rel_error < RTOL
     dense = result.proof.dense
     assert dense is not None and dense.ok and dense.positions_checked >= 4
     # Written, read back, and verified as a file against its original.
