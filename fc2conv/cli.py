@@ -25,6 +25,7 @@ from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
 
 if TYPE_CHECKING:
+    from fc2conv.formats import Source
     from fc2conv.results import ConvertResult, VerifyResult
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -283,6 +284,12 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
 )
 @click.option(
+    "--dense",
+    is_flag=True,
+    help="With an ONNX graph as input: drop the flatten and open the input's height and width, so the model "
+    "returns a map of scores (N, K, H', W') on larger inputs (checked position by position).",
+)
+@click.option(
     "--keras-out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -310,6 +317,7 @@ def convert(
     model: str | None,
     export_path: Path | None,
     onnx_path: Path | None,
+    dense: bool,
     keras_out: Path | None,
     fold_batchnorm: bool,
     weight_layout: str,
@@ -331,7 +339,13 @@ def convert(
     if pointwise and (input_shape is not None or flatten_order is not None):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    source = open_source(checkpoint, trust_pickle=trust_pickle)  # read once, then branch on what it holds
+    # Read once, then branch on what the file holds.
+    source = open_source(checkpoint, trust_pickle=trust_pickle, input_shape=input_shape)
+    if source.format == "onnx":
+        return _convert_onnx(source, output, dense, force, as_json, model, pointwise, layers, flatten_order,
+                             export_path or onnx_path or keras_out or fold_batchnorm)  # fmt: skip
+    if dense:
+        raise click.UsageError("--dense rewrites an ONNX graph: CHECKPOINT must be an .onnx file")
     if model is not None or source.module is not None:
         if pointwise or layers is not None or flatten_order is not None:
             raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
@@ -354,6 +368,18 @@ def convert(
         )  # fmt: skip
     _warn(warnings_for(result.checks))
     return _finish(result, as_json, "convert")
+
+
+def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
+    """``convert model.onnx``: the graph's heads become Conv nodes; the options of checkpoints do not apply."""
+    if any(flags):
+        raise click.UsageError(
+            "an ONNX graph says its own heads, order and layers: no --model, --pointwise, --layers, "
+            "--flatten-order, --export, --onnx, --keras-out or --fold-batchnorm"
+        )
+    from fc2conv.jobs.onnx import convert_onnx_source
+
+    return _finish(convert_onnx_source(source, output, dense=dense, overwrite=force), as_json, "convert")
 
 
 @cli.command()
@@ -437,7 +463,11 @@ def verify(
     from fc2conv.report_json import warnings_for
 
     _trust_warning(trust_pickle, original, converted)
-    original_source = open_source(original, trust_pickle=trust_pickle)
+    original_source = open_source(original, trust_pickle=trust_pickle, input_shape=input_shape)
+    if original_source.format == "onnx":
+        from fc2conv.jobs.onnx import verify_onnx_sources
+
+        return _finish(verify_onnx_sources(original_source, converted), as_json, "verify")
     converted_source = open_source(converted, trust_pickle=trust_pickle)
     if model is not None or original_source.module is not None:
         from fc2conv.jobs.model import verify_model_sources

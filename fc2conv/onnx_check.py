@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fc2conv.check import LayerCheck, Tolerance, check_layer, tolerance_for
-from fc2conv.errors import PlanError
+from fc2conv.check import check_layer, tolerance_for
+from fc2conv.errors import DependencyError
 from fc2conv.formats.onnx import (
     OnnxFile,
     OnnxHead,
@@ -17,9 +17,10 @@ from fc2conv.formats.onnx import (
     load_onnx_model,
     read_onnx,
 )
-from fc2conv.onnx_rewrite import METADATA_PREFIX, fc_weight_and_bias, rewrite_onnx
+from fc2conv.onnx_rewrite import METADATA_PREFIX, fc_weight_and_bias, head_changes, rewrite_onnx
 from fc2conv.plan import LayerChange
-from fc2conv.shapes import InputShape, ShapeSpec
+from fc2conv.results import LayerCheck, Tolerance
+from fc2conv.types import ShapeLike
 
 if TYPE_CHECKING:
     import numpy as np
@@ -154,7 +155,7 @@ def check_onnx_layers(
     tensors = OnnxTensors(converted)
     results = []
     for head in original.heads:
-        for layer, change in zip(head.layers, head.changes, strict=True):
+        for layer, change in zip(head.layers, head_changes(head), strict=True):
             weight, bias = fc_weight_and_bias(original, layer, reference=True)
             node = convs.get(layer.node)
             if node is None or node.input[1] not in tensors:
@@ -199,7 +200,7 @@ def _session(model: onnx.ModelProto, what: str) -> Any:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise PlanError("the end-to-end check needs onnxruntime: pip install 'fc2conv[onnx]'") from exc
+        raise DependencyError(f"the end-to-end check needs onnxruntime ({exc.name} is missing)", extra="onnx") from exc
     from fc2conv.formats.onnx import onnx_bytes
 
     options = onnxruntime.SessionOptions()
@@ -437,7 +438,7 @@ def prove_onnx(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0)
 def convert_onnx(
     path: str | Path,
     *,
-    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
+    input_shape: ShapeLike | None = None,
     dense: bool = False,
     seed: int = 0,
 ) -> OnnxConversion:
@@ -475,7 +476,7 @@ def verify_onnx(
     original_path: str | Path,
     converted_path: str | Path,
     *,
-    input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None,
+    input_shape: ShapeLike | None = None,
     seed: int = 0,
 ) -> OnnxVerification:
     """Measure a converted ONNX file against its original (layers by node name, end to end, dense map)."""

@@ -10,6 +10,7 @@ from fc2conv.convert import fc_to_conv_weight
 from fc2conv.errors import PlanError
 from fc2conv.formats.onnx import GraphIndex, OnnxFile, OnnxHead, OnnxLayer, OnnxStep, to_proto
 from fc2conv.plan import LayerChange
+from fc2conv.types import InputShape
 
 if TYPE_CHECKING:
     import onnx
@@ -17,6 +18,31 @@ if TYPE_CHECKING:
 
 # Keys this module adds to the model's metadata_props (other entries are kept).
 METADATA_PREFIX = "fc2conv."
+
+
+def head_changes(head: OnnxHead) -> tuple[LayerChange, ...]:
+    """One :class:`LayerChange` per layer of a head: the first reads the map, the later ones are 1x1."""
+    changes = []
+    in_map = head.feature_map
+    for position, layer in enumerate(head.layers):
+        changes.append(
+            LayerChange(
+                name=layer.node,
+                weight=layer.weight,
+                bias=layer.bias,
+                dtype=layer.dtype,
+                old_shape=layer.shape,
+                in_map=in_map,
+                flatten_order=head.flatten_order if position == 0 else "chw",
+            )
+        )
+        in_map = InputShape(layer.out_features, 1, 1)
+    return tuple(changes)
+
+
+def onnx_changes(onnx_file: OnnxFile) -> tuple[LayerChange, ...]:
+    """Every layer change of every head of the graph."""
+    return tuple(change for head in onnx_file.heads for change in head_changes(head))
 
 
 def fc_weight_and_bias(
@@ -155,7 +181,7 @@ class _Rewriter:
         if self.dense:
             for step in head.tail:
                 self._step(step)
-        for position, (layer, change) in enumerate(zip(head.layers, head.changes, strict=True)):
+        for position, (layer, change) in enumerate(zip(head.layers, head_changes(head), strict=True)):
             last = position == len(head.layers) - 1
             self._layer(head, layer, change, nodes[layer.index].input[0], last)
 

@@ -128,6 +128,9 @@ class ModuleCheck:
     tolerance: Tolerance
     reference_scale: float = 0.0  # the largest original output at the traced size
     dense_reference_scale: float = 0.0  # the largest original head output on the windows checked
+    problem: str | None = None  # why the check could not run (then it fails)
+    how: str = ""  # what was run against what, in a sentence
+    dtype: str = "float64"  # what the models ran in
 
     @property
     def ok(self) -> bool:
@@ -137,6 +140,8 @@ class ModuleCheck:
     @property
     def failure(self) -> str | None:
         """Why the end-to-end check failed, naming the numbers; None when it passed."""
+        if self.problem is not None:
+            return self.problem
         atol, rtol = self.tolerance.atol, self.tolerance.rtol
         for what, error, scale in (
             ("at the traced size", self.max_abs_error, self.reference_scale),

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fc2conv.errors import CheckpointError, OutputError, PlanError, ShapeError
-from fc2conv.plan import LayerChange, TensorInfo
-from fc2conv.shapes import InputShape, ShapeSpec, as_spec
+from fc2conv.errors import CheckpointError, DependencyError, OutputError, PlanError, ShapeError
+from fc2conv.formats.base import Listing, ReadOptions, Source
+from fc2conv.shapes import as_spec
+from fc2conv.types import FlattenOrder, InputShape, ShapeLike, ShapeSpec, TensorInfo
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,7 +102,7 @@ class OnnxHead:
     flatten_op: str  # "Flatten" or "Reshape"
     transpose: str | None
     transpose_index: int | None
-    flatten_order: str
+    flatten_order: FlattenOrder
     feature_tensor: str
     feature_map: InputShape
     layers: tuple[OnnxLayer, ...]
@@ -115,26 +116,6 @@ class OnnxHead:
     def output(self) -> str:
         """The tensor the last converted layer produces: (N, K) in the original graph."""
         return self.layers[-1].output
-
-    @property
-    def changes(self) -> tuple[LayerChange, ...]:
-        """One :class:`LayerChange` per layer: the first reads the map, the later ones are 1x1."""
-        changes = []
-        in_map = self.feature_map
-        for position, layer in enumerate(self.layers):
-            changes.append(
-                LayerChange(
-                    name=layer.node,
-                    weight=layer.weight,
-                    bias=layer.bias,
-                    dtype=layer.dtype,
-                    old_shape=layer.shape,
-                    in_map=in_map,
-                    flatten_order=self.flatten_order if position == 0 else "chw",
-                )
-            )
-            in_map = InputShape(layer.out_features, 1, 1)
-        return tuple(changes)
 
 
 @dataclass(frozen=True)
@@ -175,10 +156,6 @@ class OnnxFile:
     image_input: GraphInput | None
     notes: tuple[str, ...] = field(default=())
 
-    @property
-    def changes(self) -> tuple[LayerChange, ...]:
-        return tuple(change for head in self.heads for change in head.changes)
-
 
 # --- loading ------------------------------------------------------------------------------------
 
@@ -187,7 +164,7 @@ def _onnx() -> Any:
     try:
         import onnx
     except ImportError as exc:
-        raise PlanError("reading ONNX files needs the onnx extra: pip install 'fc2conv[onnx]'") from exc
+        raise DependencyError(f"reading ONNX files needs the onnx extra ({exc.name} is missing)", extra="onnx") from exc
     return onnx
 
 
@@ -950,9 +927,7 @@ class _HeadFinder:
 # --- the reader ---------------------------------------------------------------------------------
 
 
-def read_onnx(
-    path: str | Path, input_shape: ShapeSpec | InputShape | tuple[int, int, int] | str | None = None
-) -> OnnxFile:
+def read_onnx(path: str | Path, input_shape: ShapeLike | None = None) -> OnnxFile:
     """Read an ONNX model and find every FC head it holds.
 
     A head is a flatten on axis 1 of a 4-D map (``Flatten``, or a ``Reshape`` to ``(N, C*H*W)``),
@@ -1004,3 +979,25 @@ def read_onnx(
         image_input=image,
         notes=tuple(notes),
     )
+
+
+class _OnnxReader:
+    """Reader for ``*.onnx`` graphs: initializers as tensors, and the heads the graph holds."""
+
+    format = "onnx"
+
+    def claims(self, path: Path) -> bool:
+        return path.suffix == ".onnx"
+
+    def listing(self, path: Path, options: ReadOptions) -> Listing:
+        return self.open(path, options)
+
+    def open(self, path: Path, options: ReadOptions) -> Source:
+        onnx_file = read_onnx(path, options.input_shape)
+        return Source(
+            path=path, format="onnx", infos=list(onnx_file.infos), notes=list(onnx_file.notes), module_order=True,
+            tensors=onnx_file.tensors, native=onnx_file,
+        )  # fmt: skip
+
+
+READER = _OnnxReader()
