@@ -43,7 +43,11 @@ def reader_for(path: str | os.PathLike[str]) -> Reader:
 
 
 def read_listing(
-    path: str | os.PathLike[str], *, trust_pickle: bool = False, input_shape: ShapeSpec | None = None
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    input_shape: ShapeSpec | None = None,
+    state_dict_key: str | None = None,
 ) -> Listing:
     """Names, shapes and dtypes of a checkpoint's tensors, its metadata and loading notes.
 
@@ -52,18 +56,23 @@ def read_listing(
     Raises:
         CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
     """
-    options = ReadOptions(trust_pickle=trust_pickle, input_shape=input_shape)
+    options = ReadOptions(trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
     return add_layout_hints(reader_for(path).listing(Path(path), options))
 
 
 def open_source(
-    path: str | os.PathLike[str], *, trust_pickle: bool = False, input_shape: ShapeSpec | None = None
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    input_shape: ShapeSpec | None = None,
+    state_dict_key: str | None = None,
 ) -> Source:
     """Open a checkpoint without running code from it (unless ``trust_pickle``); tensors are lazy.
 
     Raises:
         CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
     """
-    source = reader_for(path).open(Path(path), ReadOptions(trust_pickle=trust_pickle, input_shape=input_shape))
+    options = ReadOptions(trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
+    source = reader_for(path).open(Path(path), options)
     add_layout_hints(source)
     return source

@@ -27,6 +27,7 @@ class ReadOptions:
     """
 
     trust_pickle: bool = False
+    state_dict_key: str | None = None  # where a training checkpoint keeps the weights to read ("model_ema")
     input_shape: ShapeSpec | None = None  # a graph's input size (C x H x W), where an ONNX graph leaves it open
 
 

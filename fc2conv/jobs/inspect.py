@@ -27,6 +27,7 @@ def inspect_file(
     weight_layout: LayoutChoice = "auto",
     trust_shape: bool = False,
     trust_pickle: bool = False,
+    state_dict_key: str | None = None,
 ) -> InspectResult:
     """List a checkpoint's layers and the conversion plan, reading only shapes.
 
@@ -34,7 +35,9 @@ def inspect_file(
     the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises
     :class:`~fc2conv.errors.ShapeError`.
     """
-    listing = read_listing(path, trust_pickle=trust_pickle, input_shape=as_spec(input_shape))
+    listing = read_listing(
+        path, trust_pickle=trust_pickle, input_shape=as_spec(input_shape), state_dict_key=state_dict_key
+    )
     notes = list(listing.notes)
     recorded = changes_from_metadata(listing.metadata)
     if recorded is not None:
