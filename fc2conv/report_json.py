@@ -22,6 +22,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "mode": plan.mode,
         "input_shape": plan.input_shape.as_list() if plan.input_shape else None,
         "flatten_order": plan.flatten_order,
+        "flatten_order_origin": plan.flatten_order_origin or None,
         "notes": list(plan.notes),
     }
 
