@@ -94,6 +94,7 @@ def _module_check_json(check: ModuleCheck | None) -> dict[str, Any] | None:
         "atol": check.tolerance.atol,
         "rtol": check.tolerance.rtol,
         "problem": check.failure,
+        "how": check.how,
         "ok": check.ok,
     }
 

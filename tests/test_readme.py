@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, run
 
 # A measured error as printed: 7.91e-07. Its digits depend on the CPU's float rounding (another
 # x86 CPU prints 1.31e-06 for the same layer), so they are compared with a tolerance, not as text.
@@ -83,6 +84,27 @@ def test_the_keras_and_onnx_commands_print_what_the_readme_shows(workdir, marker
         pytest.skip(f"{extra} is not installed")
     args, shown = _command_block((ROOT / "README.md").read_text(), f"<!-- tested: the output of the {marker}")
     assert_same_output(_run(workdir, *args), shown)
+
+
+def _jsonc(readme: str, marker: str) -> dict:
+    """The annotated JSON example after ``marker``, comments and the elided "..." stripped."""
+    start = readme.index("```jsonc\n", readme.index(marker)) + len("```jsonc\n")
+    text = readme[start : readme.index("```", start)]
+    return json.loads(re.sub(r"\s+//.*", "", text))
+
+
+def test_the_documented_json_keys_are_the_payload_keys(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    documented = _jsonc(readme, "<!-- tested: every key of this example")
+    result = run("convert", SAMPLES / "small_cnn.pt", "-o", tmp_path / "o.safetensors", "--json")
+    payload = json.loads(result.stdout)
+    assert set(documented) == set(payload)
+    assert set(documented["layers"][0]) == set(payload["layers"][0])
+    for sentence in re.findall(r"`end_to_end` is `\{([^}]*)\}`", readme):
+        keys = {key.strip() for key in sentence.split(",")}
+        model = run("convert", SAMPLES / "digits_cnn.pt", "--model", "sample_models.train_digits:digits_cnn",
+                    "--input-shape", "1x8x8", "-o", tmp_path / "d.safetensors", "--json")  # fmt: skip
+        assert keys == set(json.loads(model.stdout)["end_to_end"]), model.output
 
 
 def test_readme_commands_are_the_ci_commands():
