@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from fc2conv.convert import fc_to_conv_weight
+from fc2conv.convert import fc_to_conv_weight, fc_weight
 from fc2conv.diskio import ByteSpan, first_differing_byte, mapped
 from fc2conv.plan import LayerChange
 from fc2conv.preload import wait_for_torch
@@ -186,7 +186,7 @@ def check_layer(
         name=change.name, became=change.became, dtype=dtype, old_shape=tuple(weight.shape),
         new_shape=tuple(kernel.shape), parameters=change.parameters, max_abs_error=math.inf,
         max_rel_error=math.inf, window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
-        tolerance=tolerance or tolerance_for(dtype),
+        tolerance=tolerance or tolerance_for(dtype), flatten_order=change.flatten_order, pointwise=change.pointwise,
     )  # fmt: skip
     kernel_bias = bias if kernel_bias is None else kernel_bias
     if tuple(kernel.shape) != change.new_shape:
@@ -324,7 +324,7 @@ def _unravel(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def kernel_difference(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> str | None:
-    """Why ``kernel`` is not bit for bit the rearrangement of ``weight`` fc2conv writes, or None if it is.
+    """Why ``kernel`` is not bit for bit the rearrangement of ``weight`` (``(out, in)``), or None if it is.
 
     Every byte is compared, a block of rows at a time (the expected kernel of a ``chw`` reshape or a
     1x1 is a view of the weight: nothing is copied). The reason names the first differing index of
@@ -336,7 +336,7 @@ def kernel_difference(change: LayerChange, weight: torch.Tensor, kernel: torch.T
     rows = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
     for start in range(0, weight.shape[0], rows):
         part = weight[start : start + rows]
-        expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1])))
+        expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1]), layout="out_in"))
         found = first_difference(expected, kernel[start : start + rows])
         if found is not None:
             return _difference_text(change, [start + found[0], *found[1:]])
@@ -411,7 +411,7 @@ def _check_one(
     compared: Mapping[str, int | None],
 ) -> LayerCheck:
     """One layer: its byte proof first (which decides how many rows to sample), then its numeric check."""
-    weight, kernel = original[change.weight], converted[change.weight]
+    weight, kernel = fc_weight(change, original[change.weight]), converted[change.weight]
     bias = original[change.bias] if change.bias else None
     kernel_bias = converted.get(change.bias) if change.bias else None
     dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
@@ -423,9 +423,10 @@ def _check_one(
         max_rows=PROVEN_ROWS if proven else MAX_ROWS,
     )  # fmt: skip
     result = replace(result, strict=strict)
-    if exact:
-        result = replace(result, exact=proven, problem=result.problem or difference)
-    return result
+    if exact and difference is not None and result.problem is None:
+        numeric = result.failure  # when the numbers fail too, they come first
+        result = replace(result, problem=f"{numeric}; {difference}" if numeric else difference)
+    return replace(result, exact=proven) if exact else result
 
 
 def _byte_proof(
@@ -450,9 +451,9 @@ def _byte_proof(
 
 def _rule_keeps_bytes(change: LayerChange, weight: torch.Tensor) -> bool:
     """Whether the rule's kernel is the weight's own memory (so the weight's bytes are the kernel's)."""
-    if not weight.is_contiguous():
+    if not weight.is_contiguous():  # a weight stored (in, out) is a transposed view: its bytes move
         return False
-    expected = fc_to_conv_weight(weight, change)
+    expected = fc_to_conv_weight(weight, replace(change, layout="out_in"))
     return expected.is_contiguous() and expected.data_ptr() == weight.data_ptr()
 
 

@@ -14,14 +14,19 @@ import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from fc2conv._version import __version__
-from fc2conv.errors import Fc2ConvError, Remedy
+from fc2conv.errors import DependencyError, Fc2ConvError, Remedy
+from fc2conv.layouts import LayoutChoice
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
+
+if TYPE_CHECKING:
+    from fc2conv.formats import Source
+    from fc2conv.results import ConvertResult, VerifyResult
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -34,11 +39,15 @@ REMEDIES: dict[Remedy, str] = {
     "trust_pickle": "or, for a file you trust, pass --trust-pickle",
     "model": "pass --model package.module:factory",
     "inspect": "run 'fc2conv inspect' to see what the checkpoint holds",
+    "weight_layout": "pass --weight-layout out-in (PyTorch's Linear) or in-out (GPT-2 Conv1D, Keras Dense)",
+    "trust_shape": "if the map really is not that layer's output (a concatenation, ...), pass --trust-shape",
 }
 
 
 def error_message(exc: Fc2ConvError) -> str:
-    """The one line a user reads: the library's message, then what to pass to fix it."""
+    """The one line a user reads: the library's message, then what to pass (or install) to fix it."""
+    if isinstance(exc, DependencyError):  # fc2conv is installed from its folder, not from an index
+        return f'{exc}; install it from fc2conv\'s folder: pip install -e ".[{exc.extra}]"'
     remedy = REMEDIES.get(exc.remedy) if exc.remedy else None
     return f"{exc}; {remedy}" if remedy else str(exc)
 
@@ -86,6 +95,8 @@ class Fc2ConvGroup(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        if "--debug" in argv[1:]:  # accepted anywhere, as users type it: after the command too
+            argv = ["--debug", *[a for a in argv if a != "--debug"]]
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -155,40 +166,61 @@ def _progress_bar(as_json: bool) -> Any:
     return report.ByteProgress(report.make_console())
 
 
+def _finish(result: ConvertResult | VerifyResult, as_json: bool, command: str) -> int:
+    """Print the result; when a check failed, also one ``Error:`` line saying which and why (exit 1)."""
+    _emit(result, as_json, command)
+    if result.ok:
+        return EXIT_OK
+    failures = result.failures
+    shown = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+    what = "check failed" if len(failures) == 1 else f"{len(failures)} checks failed"
+    written = "" if command != "convert" or getattr(result, "written", True) else "; no output was written"
+    click.echo(f"Error: {what}: {shown}{written}".replace("\n", "\\n"), err=True)
+    return EXIT_CHECK_FAILED
+
+
 def _warn(lines: list[str]) -> None:
     for line in lines:
         click.echo(f"Warning: {line}", err=True)
 
 
-def _report_failure(checks: Any) -> None:
-    """A failed check (exit 1) says why on stderr, in one line naming the layer."""
-    from fc2conv.report_json import failure_line
-
-    line = failure_line(tuple(checks))
-    if line is not None:
-        click.echo(f"Error: {line}", err=True)
-
-
-@click.group(name="fc2conv", cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    name="fc2conv",
+    cls=Fc2ConvGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, "--version", prog_name="fc2conv")
-@click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports).")
-def cli(debug: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports); anywhere on the line.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Turn a network's fully connected layers into convolutions, and prove they compute the same.
 
     \b
     Exit codes: 0 success, 1 a numeric check failed, 2 bad usage or unreadable input.
     """
+    if ctx.invoked_subcommand is None:  # bare `fc2conv`: the help, as git and pip do, and success
+        click.echo(ctx.get_help())
 
 
-_shape_option = click.option(
-    "--input-shape",
-    type=SHAPE,
-    default=None,
-    help="Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C "
-    "(square map). Default: C from the last conv before the first FC, square map. With --model: the "
-    "network's input instead (CxHxW).",
+_MAP_HELP = (
+    "Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C (square map). "
+    "Default: C from the last conv (or BatchNorm) before the first FC, square map; a Keras model says it."
 )
-_order_help = "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last)."
+
+
+def _shape_option(extra: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--input-shape", type=SHAPE, default=None, help=_MAP_HELP + extra)
+
+
+_CONVERT_SHAPE = (
+    " With --model: the network's input instead (CxHxW, e.g. 3x224x224). With an .onnx graph: its input, where the "
+    "graph leaves the size open."
+)
+_order_help = (
+    "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last). Default: what a "
+    "model file says (a Keras config), else chw."
+)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
 _trust_option = click.option(
     "--trust-pickle",
@@ -196,17 +228,47 @@ _trust_option = click.option(
     help="Unpickle arbitrary objects (torch.load weights_only=False), e.g. a whole saved nn.Module. "
     "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
 )
-_model_option = click.option(
-    "--model",
-    metavar="PACKAGE.MODULE:FACTORY",
-    default=None,
-    help="Convert the model, not only its weights: FACTORY() builds it (imported from the current folder "
-    "too), CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. "
-    "3x224x224.",
+
+
+def _model_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--model", metavar="PACKAGE.MODULE:FACTORY", default=None, help=help_text)
+
+
+_CONVERT_MODEL = (
+    "Convert the model, not only its weights: FACTORY() builds it (imported from the current folder too), "
+    "CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. 3x224x224."
+)
+_VERIFY_MODEL = (
+    "Also check end to end: FACTORY() builds the model, ORIGINAL's weights go into it and CONVERTED's into its "
+    "conversion, and both run (at --input-shape, the NETWORK input, e.g. 3x224x224, and on a larger input, "
+    "position by position)."
 )
 
 
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
+_key_option = click.option(
+    "--state-dict-key",
+    metavar="KEY",
+    default=None,
+    help="Where a training checkpoint keeps the weights to read: a key such as model_ema, or a dotted path "
+    "(checkpoint.state_dict). Default: the first of state_dict, model_state_dict, model, ... (training weights "
+    "before EMA copies); the key taken and those passed over are reported.",
+)
+_LAYOUTS: dict[str, LayoutChoice] = {"auto": "auto", "out-in": "out_in", "in-out": "in_out"}
+_layout_option = click.option(
+    "--weight-layout",
+    type=click.Choice(list(_LAYOUTS)),
+    default="auto",
+    show_default=True,
+    help="How FC weights are stored: out-in (PyTorch's Linear), in-out (GPT-2's Conv1D, Keras's Dense), or auto: "
+    "out-in unless a bias or a config.json beside the file shows in-out.",
+)
+_trust_shape_option = click.option(
+    "--trust-shape",
+    is_flag=True,
+    help="Use --input-shape even where the checkpoint shows another channel count (the last conv or "
+    "BatchNorm before the first FC): for maps that are not that layer's output, such as a concatenation.",
+)
 
 
 def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
@@ -222,7 +284,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 
 @cli.command()
 @click.argument("checkpoint", type=FILE)
-@_shape_option
+@_shape_option(_CONVERT_SHAPE)
 @click.option(
     "-o",
     "--output",
@@ -230,7 +292,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     default=None,
     help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.",
 )
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
 @click.option(
     "--pointwise",
@@ -239,7 +301,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     "the layout NPUs want for projections. No flatten geometry.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
-@_model_option
+@_model_option(_CONVERT_MODEL)
 @click.option(
     "--export",
     "export_path",
@@ -255,10 +317,26 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
 )
 @click.option(
+    "--dense",
+    is_flag=True,
+    help="With an ONNX graph as input: drop the flatten and open the input's height and width, so the model "
+    "returns a map of scores (N, K, H', W') on larger inputs (checked position by position).",
+)
+@click.option(
+    "--keras-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With a Keras model as input: also write the fully convolutional Keras model (FILE.keras; input of any "
+    "size), proven in Keras before it is written. Needs keras (the keras-export extra).",
+)
+@click.option(
     "--fold-batchnorm",
     is_flag=True,
     help="With --model: fold an eval-mode BatchNorm1d that follows a Linear into the conv.",
 )
+@_layout_option
+@_trust_shape_option
+@_key_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -266,14 +344,19 @@ def convert(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
     output: Path | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
     pointwise: bool,
     force: bool,
     model: str | None,
     export_path: Path | None,
     onnx_path: Path | None,
+    dense: bool,
+    keras_out: Path | None,
     fold_batchnorm: bool,
+    weight_layout: str,
+    trust_shape: bool,
+    state_dict_key: str | None,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -290,12 +373,18 @@ def convert(
     from fc2conv.report_json import warnings_for
 
     preload_torch()  # torch's import overlaps reading the input and copying its bytes
-    if pointwise and (input_shape is not None or flatten_order != "chw"):
+    if pointwise and (input_shape is not None or flatten_order is not None):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    source = open_source(checkpoint, trust_pickle=trust_pickle)  # read once, then branch on what it holds
+    # Read once, then branch on what the file holds.
+    source = open_source(checkpoint, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
+    if source.format == "onnx":
+        return _convert_onnx(source, output, dense, force, as_json, model, pointwise, layers, flatten_order,
+                             export_path or onnx_path or keras_out or fold_batchnorm)  # fmt: skip
+    if dense:
+        raise click.UsageError("--dense rewrites an ONNX graph: CHECKPOINT must be an .onnx file")
     if model is not None or source.module is not None:
-        if pointwise or layers is not None or flatten_order != "chw":
+        if pointwise or layers is not None or flatten_order is not None:
             raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
         from fc2conv.jobs.model import convert_model_source
 
@@ -303,8 +392,7 @@ def convert(
             source, output, model=model, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
             export=export_path, onnx=onnx_path, overwrite=force,
         )  # fmt: skip
-        _emit(result, as_json, "convert")
-        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+        return _finish(result, as_json, "convert")
     if export_path or onnx_path or fold_batchnorm:
         raise click.UsageError("--export, --onnx and --fold-batchnorm need --model (the network to rebuild)")
     from fc2conv.jobs.convert import convert_source
@@ -312,26 +400,43 @@ def convert(
     with _progress_bar(as_json) as progress:
         result = convert_source(
             source, output, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
-            pointwise=pointwise, overwrite=force, strict=strict, progress=progress,
+            pointwise=pointwise, weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, overwrite=force,
+            strict=strict, progress=progress, keras_out=keras_out,
         )  # fmt: skip
     _warn(warnings_for(result.checks))
-    _emit(result, as_json, "convert")
-    _report_failure(result.checks)
-    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    return _finish(result, as_json, "convert")
+
+
+def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
+    """``convert model.onnx``: the graph's heads become Conv nodes; the options of checkpoints do not apply."""
+    if any(flags):
+        raise click.UsageError(
+            "an ONNX graph says its own heads, order and layers: no --model, --pointwise, --layers, "
+            "--flatten-order, --export, --onnx, --keras-out or --fold-batchnorm"
+        )
+    from fc2conv.jobs.onnx import convert_onnx_source
+
+    return _finish(convert_onnx_source(source, output, dense=dense, overwrite=force), as_json, "convert")
 
 
 @cli.command()
 @click.argument("checkpoint", type=FILE)
-@_shape_option
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
+@_shape_option(" With an .onnx graph: its input, where the graph leaves the size open.")
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
+@_layout_option
+@_trust_shape_option
+@_key_option
 @_trust_option
 @_json_option
 def inspect(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
+    weight_layout: str,
+    trust_shape: bool,
+    state_dict_key: str | None,
     trust_pickle: bool,
     as_json: bool,
 ) -> int:
@@ -343,8 +448,10 @@ def inspect(
 
     _trust_warning(trust_pickle, checkpoint)
     result = inspect_file(
-        checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers, trust_pickle=trust_pickle
-    )
+        checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
+        weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
+    )  # fmt: skip
     _emit(result, as_json, "inspect")
     return EXIT_OK
 
@@ -352,7 +459,10 @@ def inspect(
 @cli.command()
 @click.argument("original", type=FILE)
 @click.argument("converted", type=FILE)
-@_shape_option
+@_shape_option(
+    " Cross-checks the geometry the converted file records. With --model: the network's input (CxHxW). "
+    "With an .onnx graph: its input, where the graph leaves the size open."
+)
 @click.option(
     "--flatten-order",
     type=click.Choice(FLATTEN_ORDERS),
@@ -371,7 +481,8 @@ def inspect(
     default=None,
     help="Tolerance relative to the largest output. Default per dtype, as --atol.",
 )
-@_model_option
+@_model_option(_VERIFY_MODEL)
+@_key_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -383,6 +494,7 @@ def verify(
     atol: float | None,
     rtol: float | None,
     model: str | None,
+    state_dict_key: str | None,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -398,14 +510,21 @@ def verify(
 
     preload_torch()  # torch's import overlaps reading headers and comparing bytes
     _trust_warning(trust_pickle, original, converted)
-    original_source = open_source(original, trust_pickle=trust_pickle)
+    original_source = open_source(
+        original, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key
+    )
+    if original_source.format == "onnx":
+        from fc2conv.jobs.onnx import verify_onnx_sources
+
+        return _finish(verify_onnx_sources(original_source, converted), as_json, "verify")
     converted_source = open_source(converted, trust_pickle=trust_pickle)
     if model is not None or original_source.module is not None:
         from fc2conv.jobs.model import verify_model_sources
 
-        result = verify_model_sources(original_source, converted_source, model=model, input_shape=input_shape)
-        _emit(result, as_json, "verify")
-        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+        result = verify_model_sources(
+            original_source, converted_source, model=model, input_shape=input_shape, atol=atol, rtol=rtol
+        )
+        return _finish(result, as_json, "verify")
     from fc2conv.jobs.verify import verify_sources
 
     result = verify_sources(
@@ -413,9 +532,7 @@ def verify(
         rtol=rtol, strict=strict,
     )  # fmt: skip
     _warn(warnings_for(result.checks))
-    _emit(result, as_json, "verify")
-    _report_failure(result.checks)
-    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    return _finish(result, as_json, "verify")
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -18,8 +18,20 @@ __all__ = [
     "converted_info",
     "converted_tensor",
     "fc_to_conv_weight",
+    "fc_weight",
     "keeps_bytes",
 ]
+
+
+def fc_weight(change: LayerChange, stored: torch.Tensor) -> torch.Tensor:
+    """The FC weight as PyTorch's ``(out, in)``: the stored tensor, or a transposed view of an ``(in, out)`` one.
+
+    Raises:
+        PlanError: if ``stored`` does not have the shape the plan was made for.
+    """
+    if tuple(stored.shape) != change.stored_shape:
+        raise PlanError(f"{change.weight} has shape {tuple(stored.shape)}, but the plan expects {change.stored_shape}")
+    return stored.t() if change.layout == "in_out" else stored
 
 
 def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor:
@@ -27,11 +39,12 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
 
     ``chw`` (PyTorch's flatten of an NCHW map) is a plain reshape. ``hwc`` (Keras/TensorFlow flatten
     of an NHWC map) reads the inputs as ``(H, W, C)``, so the kernel is reshaped that way and its axes
-    permuted to ``(C, H, W)``. The result is contiguous; for ``chw`` it is a view of ``weight``.
+    permuted to ``(C, H, W)``. A weight stored ``(in, out)`` (``change.layout == "in_out"``) is
+    transposed first. The result is contiguous; for ``chw`` from ``(out, in)`` it is a view of ``weight``.
 
     Args:
-        weight: The FC weight, in PyTorch's ``(out_features, in_features)`` layout.
-        change: The planned change for this layer (geometry and flatten order).
+        weight: The FC weight as stored: ``(out_features, in_features)``, or the reverse for ``in_out``.
+        change: The planned change for this layer (geometry, flatten order, layout).
 
     Returns:
         The conv kernel, same dtype.
@@ -39,8 +52,7 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
     Raises:
         PlanError: if ``weight`` does not have the shape the plan was made for.
     """
-    if tuple(weight.shape) != change.old_shape:
-        raise PlanError(f"{change.weight} has shape {tuple(weight.shape)}, but the plan expects {change.old_shape}")
+    weight = fc_weight(change, weight)
     out, m = change.out_features, change.in_map
     if change.flatten_order == "hwc":
         kernel = weight.reshape(out, m.height, m.width, m.channels).permute(0, 3, 1, 2)
@@ -52,10 +64,12 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
 def keeps_bytes(change: LayerChange) -> bool:
     """Whether :func:`fc_to_conv_weight` leaves the weight's bytes as they are (so a copy writes the kernel).
 
-    A ``chw`` reshape and a 1x1 kernel (either order) only relabel the axes of a row-major weight; an
-    ``hwc`` kernel over a map larger than 1x1 moves bytes. Checked against the rule itself when
-    the written kernel is proven (:func:`fc2conv.check.check_changes`).
+    A ``chw`` reshape and a 1x1 kernel (either order) only relabel the axes of a row-major ``(out, in)``
+    weight; an ``hwc`` kernel over a map larger than 1x1, or a weight stored ``(in, out)``, moves bytes.
+    Checked against the rule itself when the written kernel is proven (:func:`fc2conv.check.check_changes`).
     """
+    if change.layout != "out_in":
+        return False
     return change.flatten_order == "chw" or change.in_map.height * change.in_map.width == 1
 
 
@@ -91,7 +105,7 @@ def apply_plan(plan: Plan, state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
 def convert_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rewrite the FC chain of a state dict as convolution kernels.

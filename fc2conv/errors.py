@@ -28,6 +28,8 @@ Remedy = Literal[
     "trust_pickle",  # the file holds pickled objects: unpickle them only if the file is trusted
     "model",  # the model's code is needed (a factory building it)
     "inspect",  # look at what the checkpoint holds
+    "weight_layout",  # an FC weight's layout, (out, in) or (in, out), cannot be told from the file
+    "trust_shape",  # the given shape contradicts the channel count the checkpoint shows
 ]
 
 
@@ -67,4 +69,8 @@ class ModelError(Fc2ConvError):
 
 
 class DependencyError(Fc2ConvError):
-    """An optional dependency that the request needs is not installed (the message names the extra)."""
+    """An optional dependency that the request needs is not installed; ``extra`` names fc2conv's extra."""
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra

@@ -1,50 +1,41 @@
-"""Find the FC chain in a name -> shape listing and decide what each layer becomes; no tensor is touched."""
+"""Decide what each FC layer becomes, from a name -> shape listing alone; no tensor is touched."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
 from fc2conv.errors import PlanError, ShapeError
+from fc2conv.heads import RoleOf, assign_roles, channel_evidence, structural_roles
+from fc2conv.layers import Layer, group_layers
+from fc2conv.layouts import FCShape, LayoutChoice, resolve_layouts
 from fc2conv.shapes import as_spec, resolve_shape, square_map
-from fc2conv.types import FLATTEN_ORDERS, FLOAT_DTYPES, FlattenOrder, InputShape, ShapeLike, ShapeSpec, TensorInfo
+from fc2conv.types import (
+    FLATTEN_ORDERS,
+    FLOAT_DTYPES,
+    FlattenOrder,
+    HeadHint,
+    InputShape,
+    ShapeLike,
+    ShapeSpec,
+    TensorInfo,
+    WeightLayout,
+)
 
 __all__ = [
-    "Layer",
     "LayerChange",
-    "LayerKind",
     "Plan",
     "PlanMode",
+    "SkippedLayer",
     "fc_candidates",
-    "group_layers",
     "plan_conversion",
     "plan_pointwise",
 ]
 
-LayerKind = Literal["Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm", "Embedding", "other"]
 PlanMode = Literal["chain", "pointwise"]
-
-_EMBEDDING_NAME = re.compile(r"embed|(^|\.)(wte|wpe|tok_embeddings)(\.|$)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """The tensors that share a module prefix (``fc1.weight`` + ``fc1.bias`` -> ``fc1``) and a guessed kind."""
-
-    name: str
-    kind: LayerKind
-    tensors: tuple[TensorInfo, ...]
-
-    @property
-    def weight(self) -> TensorInfo | None:
-        return next((t for t in self.tensors if t.name == _join(self.name, "weight")), None)
-
-    @property
-    def parameters(self) -> int:
-        return sum(t.numel for t in self.tensors if not t.name.endswith("num_batches_tracked"))
 
 
 @dataclass(frozen=True)
@@ -63,10 +54,16 @@ class LayerChange:
     in_map: InputShape
     flatten_order: FlattenOrder
     pointwise: bool = False  # a projection turned 1x1 conv (--pointwise), not part of a flatten chain
+    layout: WeightLayout = "out_in"  # how the weight is stored: (out, in), or transposed (in, out)
 
     @property
     def out_features(self) -> int:
         return self.old_shape[0]
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """The weight's shape in the file: ``old_shape`` (out, in), or (in, out) for a transposed layout."""
+        return self.old_shape if self.layout == "out_in" else (self.old_shape[1], self.old_shape[0])
 
     @property
     def new_shape(self) -> tuple[int, int, int, int]:
@@ -79,6 +76,15 @@ class LayerChange:
     @property
     def parameters(self) -> int:
         return self.old_shape[0] * self.old_shape[1] + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A 2-D floating weight that stays as it is, and why (an embedding, not fed by the map, ...)."""
+
+    name: str
+    shape: tuple[int, ...]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class Plan:
     untouched: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
     mode: PlanMode = "chain"
+    skipped: tuple[SkippedLayer, ...] = field(default=())  # FC-like weights left as they are, and why
+    flatten_order_origin: str = ""  # where the order comes from: given, the default, a model config
 
     def change_for(self, tensor_name: str) -> LayerChange | None:
         """The change whose weight is ``tensor_name``, if any (biases are never reshaped)."""
@@ -105,87 +113,62 @@ class Plan:
         return {c.weight: c for c in self.layers}
 
 
-def _join(prefix: str, leaf: str) -> str:
-    return f"{prefix}.{leaf}" if prefix else leaf
-
-
-def _split(name: str) -> tuple[str, str]:
-    prefix, _, leaf = name.rpartition(".")
-    return prefix, leaf
-
-
-def group_layers(infos: Sequence[TensorInfo]) -> list[Layer]:
-    """Group tensors by module prefix, in first-seen order, and guess each module's kind."""
-    groups: dict[str, list[TensorInfo]] = {}
-    for info in infos:
-        prefix, _ = _split(info.name)
-        groups.setdefault(prefix, []).append(info)
-    return [Layer(prefix, _guess_kind(prefix, members), tuple(members)) for prefix, members in groups.items()]
-
-
-def _guess_kind(prefix: str, members: Sequence[TensorInfo]) -> LayerKind:
-    leaves = {_split(t.name)[1]: t for t in members}
-    weight = leaves.get("weight")
-    if weight is None:
-        return "other"
-    if "running_mean" in leaves or "running_var" in leaves:
-        return "BatchNorm"
-    ndim = len(weight.shape)
-    if ndim == 4:
-        return "Conv2d"
-    if ndim == 3:
-        return "Conv1d"
-    if ndim == 5:
-        return "Conv3d"
-    if ndim == 2:
-        return "Embedding" if _EMBEDDING_NAME.search(prefix) else "Linear"
-    return "other"
-
-
 def fc_candidates(infos: Sequence[TensorInfo], layers: str | None = None) -> list[Layer]:
     """The FC layers, in order: 2-D ``<name>.weight`` tensors, restricted by the ``layers`` regex.
 
     Embeddings are FC candidates only when ``layers`` names them explicitly.
     """
-    pattern = re.compile(layers) if layers else None
-    found = []
-    for layer in group_layers(infos):
-        weight = layer.weight
-        if weight is None or len(weight.shape) != 2:
-            continue
-        if pattern is not None:
-            if pattern.search(layer.name):
-                found.append(layer)
-        elif layer.kind == "Linear":
-            found.append(layer)
-    return found
+    pattern = layer_pattern(layers)
+    return [
+        layer for layer in _fc_layers(group_layers(infos), pattern) if pattern is None or pattern.search(layer.name)
+    ]
 
 
 def plan_conversion(
     infos: Iterable[TensorInfo],
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
+    *,
+    weight_layout: LayoutChoice = "auto",
+    layout_hints: Mapping[str, WeightLayout] | None = None,
+    in_module_order: bool = True,
+    trust_shape: bool = False,
+    heads: Sequence[HeadHint] | None = None,
 ) -> Plan:
-    """Decide which FC layers become convolutions, and how.
+    """Decide which FC layers become convolutions, and how, from names and shapes alone.
 
-    The chain starts at the first FC whose ``in_features`` equals ``C * H * W`` (it becomes an
-    ``H x W`` convolution) and follows each later FC whose ``in_features`` equals the previous
-    ``out_features`` (each becomes a 1x1 convolution). Everything else is untouched.
+    Every FC that reads the flattened map (``in_features == C * H * W``) becomes an ``H x W``
+    convolution; every FC that reads a converted layer's outputs becomes a 1x1 convolution, so
+    several heads on one map are all converted. FCs inside the conv trunk and squeeze-and-excitation
+    pairs read no map and stay as they are; so does every FC nothing converted feeds. Each 2-D weight
+    left as it is is listed in :attr:`Plan.skipped` with the reason.
 
     Args:
         infos: Every tensor of the checkpoint, in checkpoint order.
         input_shape: The flattened feature map: complete, partial (``"4x4"``, ``"256"``) or ``None``
-            to infer it from the last convolution before the first FC layer.
-        flatten_order: ``"chw"`` (PyTorch) or ``"hwc"`` (Keras/TensorFlow channels-last flatten).
-        layers: Optional regex; only FC layers whose name matches are candidates.
+            to infer it from the last convolution (or BatchNorm) before the first FC layer.
+        flatten_order: ``"chw"`` (PyTorch) or ``"hwc"`` (Keras/TensorFlow channels-last flatten);
+            ``None``: as ``heads`` say, else ``"chw"``.
+        layers: Optional regex: only FC layers whose name matches are converted (their role, H x W or
+            1x1, still comes from the whole network).
+        weight_layout: ``"auto"`` (PyTorch's ``(out, in)`` unless a bias or a hint shows ``(in, out)``),
+            or ``"out_in"`` / ``"in_out"`` for every FC layer.
+        layout_hints: Layouts known from elsewhere (e.g. a ``config.json``), by layer name.
+        in_module_order: Whether ``infos`` come in module order (PyTorch state dicts do; safetensors
+            keeps names sorted): then an FC before the last conv is inside the trunk.
+        trust_shape: Use a given shape even where the checkpoint shows another channel count.
+        heads: What the file itself says of its heads (a Keras config): their layers, map and order.
+            Nothing is then inferred, and a given shape or order must agree with them. ``None``: the
+            file holds weights alone.
 
     Returns:
         The plan; its ``notes`` say what was inferred.
 
     Raises:
-        PlanError: nothing to convert, or the geometry cannot be decided.
-        ShapeError: the given shape does not fit the first FC layer (the message shows the arithmetic).
+        PlanError: nothing to convert, the geometry cannot be decided, or a layout cannot be told.
+        ShapeError: the given shape does not fit the first FC layer, or contradicts the checkpoint's
+            channel count (the message shows the arithmetic and names the layer).
 
     Example:
         >>> infos = [TensorInfo("fc1.weight", (1024, 4096), "float32"),
@@ -194,70 +177,297 @@ def plan_conversion(
         ['Conv 4x4', 'Conv 1x1']
     """
     infos = list(infos)
-    if flatten_order not in FLATTEN_ORDERS:
+    if flatten_order is not None and flatten_order not in FLATTEN_ORDERS:
         raise PlanError(f"flatten order must be one of {', '.join(FLATTEN_ORDERS)}, got {flatten_order!r}")
-    _check_regex(layers)
+    pattern = layer_pattern(layers)
+    all_layers = _layers_of(infos)
+    fcs = resolve_layouts(_fc_layers(all_layers, pattern), weight_layout, layout_hints)
     spec = as_spec(input_shape)
+    if heads is not None:
+        if not heads:
+            raise PlanError("the model describes no Flatten feeding an FC layer", remedy="inspect")
+        return _plan_from_heads(infos, all_layers, fcs, heads, spec, flatten_order, pattern)
+    order: FlattenOrder = flatten_order or "chw"
+    given = spec.channels * spec.height * spec.width if spec and spec.channels and spec.height and spec.width else None
+    roles = structural_roles(fcs, all_layers, in_module_order, given)
+    set_aside = {role.fc.name for role in roles}
+    candidates = [fc for fc in fcs if fc.name not in set_aside]
+    if not candidates:
+        raise PlanError(_nothing_found(layers, fcs), remedy="inspect")
+    notes: list[str] = []
+    shape = _geometry(all_layers, candidates, spec, trust_shape, notes)
+    roles += assign_roles(candidates, shape.features, in_module_order)
+    converted = [r for r in roles if r.role in ("head", "later") and _selected(r.fc, pattern)]
+    if not converted:
+        raise PlanError(_nothing_found(layers, fcs, shape), remedy="inspect")
+    changes = [
+        _change(r.fc, shape if r.role == "head" else InputShape(r.fc.in_features, 1, 1),
+                order if r.role == "head" else "chw")
+        for r in sorted(converted, key=lambda r: r.fc.layer.position)
+    ]  # fmt: skip
+    notes.extend(_batchnorm_notes(all_layers, changes))
+    notes.extend(_layout_notes(fcs, changes))
+    skipped = _skipped(all_layers, roles, {c.name for c in changes}, pattern)
+    untouched = tuple(info.name for info in infos if info.name not in {c.weight for c in changes})
+    origin = "given" if flatten_order else "PyTorch's, the default: not given"
+    return Plan(shape, order, tuple(changes), untouched, tuple(notes), skipped=skipped, flatten_order_origin=origin)
+
+
+def _plan_from_heads(
+    infos: Sequence[TensorInfo],
+    layers: Sequence[Layer],
+    fcs: Sequence[FCShape],
+    heads: Sequence[HeadHint],
+    spec: ShapeSpec | None,
+    flatten_order: FlattenOrder | None,
+    pattern: re.Pattern[str] | None,
+) -> Plan:
+    """The plan of heads the file describes: each first layer reads its map, each later one the one before."""
+    by_name = {fc.name: fc for fc in fcs}
+    roles: list[RoleOf] = []
+    changes: list[LayerChange] = []
+    for head in heads:
+        _agree(head, spec, flatten_order, by_name)
+        in_map, order = head.feature_map, head.flatten_order
+        for name in head.layers:
+            fc = by_name[name]
+            if fc.in_features != in_map.features:
+                raise PlanError(
+                    f"{name} takes {fc.in_features} inputs, but its head gives it {in_map} = {in_map.features}"
+                )
+            roles.append(RoleOf(fc, "head" if in_map == head.feature_map else "later"))
+            if _selected(fc, pattern):
+                changes.append(_change(fc, in_map, order))
+            in_map, order = InputShape(fc.out_features, 1, 1), "chw"
+    if not changes:
+        raise PlanError(
+            _nothing_found(pattern.pattern if pattern else None, fcs, heads[0].feature_map), remedy="inspect"
+        )
+    in_heads = {r.fc.name for r in roles}
+    roles += [
+        RoleOf(fc, "not_fed", "not in a head the model's config describes") for fc in fcs if fc.name not in in_heads
+    ]
+    notes = [head.source for head in heads] + _batchnorm_notes(layers, changes)
+    skipped = _skipped(layers, roles, {c.name for c in changes}, pattern)
+    untouched = tuple(info.name for info in infos if info.name not in {c.weight for c in changes})
+    first = heads[0]
+    return Plan(first.feature_map, first.flatten_order, tuple(changes), untouched, tuple(notes), skipped=skipped,
+                flatten_order_origin="from the model's config")  # fmt: skip
+
+
+def _agree(
+    head: HeadHint, spec: ShapeSpec | None, flatten_order: FlattenOrder | None, fcs: Mapping[str, FCShape]
+) -> None:
+    """A shape or order the caller gives must be what the file says; a head's layers must be FC layers."""
+    missing = [name for name in head.layers if name not in fcs]
+    if missing:
+        raise PlanError(f"{missing[0]}: the model describes it as an FC layer, but it has no 2-D weight")
+    if spec is not None:
+        given = resolve_shape(spec, head.feature_map.features, head.layers[0])
+        if given != head.feature_map:
+            raise ShapeError(
+                f"{head.layers[0]} reads a {head.feature_map} map (C x H x W) as the model says ({head.source}); "
+                f"the given input shape {spec} means {given}"
+            )
+    if flatten_order is not None and flatten_order != head.flatten_order:
+        raise PlanError(
+            f"{head.layers[0]} reads its map flattened {head.flatten_order}, as the model says ({head.source}); "
+            f"the given order is {flatten_order}"
+        )
+
+
+def layer_pattern(layers: str | None) -> re.Pattern[str] | None:
+    """The compiled ``--layers`` regex (matched with ``search`` on layer names), or None for every layer.
+
+    Raises:
+        PlanError: not a valid regular expression.
+    """
+    if layers is None:
+        return None
+    try:
+        return re.compile(layers)
+    except re.error as exc:
+        raise PlanError(f"layer pattern {layers!r} is not a valid regular expression: {exc}") from exc
+
+
+def _selected(fc: FCShape, pattern: re.Pattern[str] | None) -> bool:
+    return pattern is None or pattern.search(fc.name) is not None
+
+
+def _layers_of(infos: list[TensorInfo]) -> list[Layer]:
     if not infos:
         raise PlanError("the checkpoint holds no tensors")
-    candidates = fc_candidates(infos, layers)
-    if not candidates:
-        where = f" whose name matches {layers!r}" if layers else ""
-        raise PlanError(f"no fully connected layer{where} found (a 2-D '<name>.weight' tensor)", remedy="inspect")
-
-    notes: list[str] = []
-    if spec is None:
-        start, shape = _infer_geometry(infos, candidates, notes)
-    else:
-        start, shape = _start_for_spec(spec, candidates)
-        notes.append(f"input shape {shape} ({'given' if spec.is_complete else f'from {spec.text!r}'})")
-
-    chain = [candidates[start]]
-    for candidate in candidates[start + 1 :]:
-        if _in_features(candidate) == _out_features(chain[-1]):
-            chain.append(candidate)
-    _require_float(chain)
-    changes = [_change(chain[0], shape, flatten_order)]
-    changes += [_change(layer, InputShape(_in_features(layer), 1, 1), "chw") for layer in chain[1:]]
-    notes.extend(_between_notes(infos, chain))
-    converted = {c.weight for c in changes}
-    untouched = tuple(info.name for info in infos if info.name not in converted)
-    return Plan(shape, flatten_order, tuple(changes), untouched, tuple(notes))
+    return group_layers(infos)
 
 
-def _require_float(layers: Sequence[Layer]) -> None:
-    for layer in layers:
-        weight = layer.weight
-        assert weight is not None
-        if weight.dtype not in FLOAT_DTYPES:
-            raise PlanError(
-                f"{weight.name} is {weight.dtype}; only floating-point FC weights "
-                f"({', '.join(FLOAT_DTYPES)}) can be converted (dequantize it first)"
-            )
+def _fc_layers(layers: Sequence[Layer], pattern: re.Pattern[str] | None) -> list[Layer]:
+    """Linear layers (2-D weights), and embeddings where the layer pattern names them."""
+    return [
+        layer
+        for layer in layers
+        if layer.weight is not None
+        and len(layer.weight.shape) == 2
+        and (layer.kind == "Linear" or (pattern is not None and pattern.search(layer.name)))
+    ]
 
 
-def _change(layer: Layer, in_map: InputShape, flatten_order: FlattenOrder, pointwise: bool = False) -> LayerChange:
+def _nothing_found(layers: str | None, fcs: Sequence[FCShape], shape: InputShape | None = None) -> str:
+    where = f" whose name matches {layers!r}" if layers else ""
+    if shape is not None:
+        return f"no fully connected layer{where} reads the {shape} map or a layer converted from it"
+    if fcs:
+        return f"no fully connected layer{where} reads a flattened map (each is inside the conv trunk or a squeeze)"
+    return f"no fully connected layer{where} found (a 2-D '<name>.weight' tensor)"
+
+
+def _change(fc: FCShape, in_map: InputShape, flatten_order: FlattenOrder, pointwise: bool = False) -> LayerChange:
     """What one FC layer becomes: a conv reading ``in_map`` (flattened in ``flatten_order``)."""
-    weight = layer.weight
+    weight, bias = fc.layer.weight, fc.layer.bias
     assert weight is not None
+    if weight.dtype not in FLOAT_DTYPES:
+        raise PlanError(
+            f"{weight.name} is {weight.dtype}; only floating-point FC weights "
+            f"({', '.join(FLOAT_DTYPES)}) can be converted (dequantize it first)"
+        )
+    if fc.layout is None:
+        raise PlanError(f"{fc.name}'s layout cannot be told: it is {fc.why}", remedy="weight_layout")
     return LayerChange(
-        name=layer.name,
+        name=fc.name,
         weight=weight.name,
-        bias=_bias_of(layer),
+        bias=bias.name if bias is not None else None,
         dtype=weight.dtype,
-        old_shape=(weight.shape[0], weight.shape[1]),
+        old_shape=(fc.out_features, fc.in_features),
         in_map=in_map,
         flatten_order=flatten_order,
         pointwise=pointwise,
+        layout=fc.layout,
     )
 
 
-def _bias_of(layer: Layer) -> str | None:
-    bias = _join(layer.name, "bias")
-    return bias if any(t.name == bias for t in layer.tensors) else None
+def _geometry(
+    layers: Sequence[Layer], candidates: Sequence[FCShape], spec: ShapeSpec | None, trust_shape: bool, notes: list[str]
+) -> InputShape:
+    """The map the heads read: the given shape (checked against the checkpoint), or one inferred from it."""
+    if spec is None:
+        return _infer_geometry(layers, candidates, notes)
+    fc, shape = _first_fit(spec, candidates)
+    evidence = channel_evidence(layers, fc.layer)
+    if evidence is not None and evidence.strong and shape.channels != evidence.channels and not trust_shape:
+        if fc.in_features % evidence.channels == 0:
+            raise ShapeError(
+                f"{fc.name} reads a map of {evidence.channels} channels ({evidence.source} comes right before it), "
+                f"but the input shape {spec} means {shape}: {shape.channels} channels",
+                remedy="trust_shape",
+            )
+    notes.append(f"input shape {shape} ({'given' if spec.is_complete else f'from {spec.text!r}'})")
+    return shape
 
 
-def plan_pointwise(infos: Iterable[TensorInfo], layers: str | None = None) -> Plan:
+def _first_fit(spec: ShapeSpec, candidates: Sequence[FCShape]) -> tuple[FCShape, InputShape]:
+    """The first candidate the spec fits, or the error for the first candidate (with its arithmetic)."""
+    for fc in candidates:
+        try:
+            return fc, resolve_shape(spec, fc.in_features, fc.name)
+        except ShapeError:
+            continue
+    resolve_shape(spec, candidates[0].in_features, candidates[0].name)  # raises with the arithmetic
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _infer_geometry(layers: Sequence[Layer], candidates: Sequence[FCShape], notes: list[str]) -> InputShape:
+    """C from the last conv (or BatchNorm) before the first FC layer, and a square map."""
+    first = candidates[0]
+    evidence = channel_evidence(layers, first.layer)
+    if evidence is None:
+        raise PlanError(
+            f"cannot infer the input shape: there is no conv layer before {first.name} ({first.in_features} inputs)",
+            remedy="input_shape",
+        )
+    try:
+        shape = square_map(evidence.channels, first.in_features, first.name)
+    except ShapeError as exc:
+        fits = sorted({str(s) for s in _square_maps(layers, first)})
+        hint = f"; maps that would fit: {', '.join(fits)}" if fits else ""
+        raise PlanError(
+            f"cannot infer the input shape from {evidence.layer.name} (C = {evidence.channels}): {exc}{hint}",
+            remedy="input_shape",
+        ) from exc
+    kind = "BatchNorm" if evidence.layer.kind == "BatchNorm" else "conv"
+    where = f"the last {kind} before" if evidence.strong else f"the last {kind} in name order; none comes before"
+    notes.append(
+        f"input shape {shape} inferred: C = {evidence.channels} from {evidence.layer.name} ({where} "
+        f"{first.name}), square map assumed ({first.in_features} = {shape})"
+    )
+    return shape
+
+
+def _square_maps(layers: Sequence[Layer], fc: FCShape) -> Iterable[InputShape]:
+    for layer in layers:
+        if layer.channels is not None and layer.kind != "BatchNorm":
+            try:
+                yield square_map(layer.channels, fc.in_features, fc.name)
+            except ShapeError:
+                continue
+
+
+def _batchnorm_notes(layers: Sequence[Layer], changes: Sequence[LayerChange]) -> list[str]:
+    """Say which BatchNorm layers sit between converted layers and stay as they are (valid as BatchNorm2d)."""
+    widths = {c.out_features for c in changes}
+    first = min(layer.position for layer in layers if layer.name in {c.name for c in changes})
+    return [
+        f"{layer.name} (BatchNorm over {layer.channels} features) kept as it is: its tensors are valid for BatchNorm2d"
+        for layer in layers
+        if layer.kind == "BatchNorm" and layer.position > first and layer.channels in widths
+    ]
+
+
+def _layout_notes(fcs: Sequence[FCShape], changes: Sequence[LayerChange]) -> list[str]:
+    """Say which converted weights are stored (in, out), and how that is known."""
+    converted = {c.name for c in changes if c.layout == "in_out"}
+    by_reason: dict[str, list[str]] = {}
+    for fc in fcs:
+        if fc.name in converted:
+            by_reason.setdefault(fc.why, []).append(fc.name)
+    return [
+        f"{_some(names)} stored (in, out), as GPT-2's Conv1D and Keras's Dense store weights ({why}): transposed"
+        for why, names in by_reason.items()
+    ]
+
+
+def _some(names: Sequence[str]) -> str:
+    return f"{names[0]} is" if len(names) == 1 else f"{names[0]} and {len(names) - 1} more are"
+
+
+def _skipped(
+    layers: Sequence[Layer], roles: Sequence[RoleOf], converted: set[str], pattern: re.Pattern[str] | None
+) -> tuple[SkippedLayer, ...]:
+    """Every 2-D floating weight that stays as it is, with the reason."""
+    reasons = {r.fc.name: r.reason for r in roles if r.reason}
+    for r in roles:
+        if r.role in ("head", "later") and r.fc.name not in converted:
+            reasons[r.fc.name] = "its name does not match the layer pattern"
+    skipped = []
+    for layer in layers:
+        weight = layer.weight
+        if layer.name in converted or weight is None or len(weight.shape) != 2 or weight.dtype not in FLOAT_DTYPES:
+            continue
+        if layer.name in reasons:
+            reason = reasons[layer.name]
+        elif layer.kind == "Embedding":
+            reason = "an embedding (by its name); name it in the layer pattern to convert it"
+        else:
+            reason = "not an FC layer the plan reads"
+        skipped.append(SkippedLayer(layer.name, weight.shape, reason))
+    return tuple(skipped)
+
+
+def plan_pointwise(
+    infos: Iterable[TensorInfo],
+    layers: str | None = None,
+    *,
+    weight_layout: LayoutChoice = "auto",
+    layout_hints: Mapping[str, WeightLayout] | None = None,
+) -> Plan:
     """Turn every selected Linear weight ``(out, in)`` into a 1x1 conv kernel ``(out, in, 1, 1)``.
 
     No flatten geometry is involved: this is the layout NPUs such as Apple's Neural Engine want for
@@ -267,107 +477,25 @@ def plan_pointwise(infos: Iterable[TensorInfo], layers: str | None = None) -> Pl
         infos: Every tensor of the checkpoint.
         layers: Regex selecting layers by name (e.g. ``"proj|mlp"``); default every Linear layer
             (embeddings only when the regex names them).
+        weight_layout, layout_hints: As for :func:`plan_conversion`.
 
     Raises:
-        PlanError: nothing selected, a bad regex, or a selected weight that is not floating point.
+        PlanError: nothing selected, a bad regex, a layout that cannot be told, or a selected weight
+            that is not floating point.
     """
     infos = list(infos)
-    _check_regex(layers)
-    if not infos:
-        raise PlanError("the checkpoint holds no tensors")
-    selected = fc_candidates(infos, layers)
+    pattern = layer_pattern(layers)
+    all_layers = _layers_of(infos)
+    fcs = resolve_layouts(_fc_layers(all_layers, pattern), weight_layout, layout_hints)
+    selected = [fc for fc in fcs if _selected(fc, pattern)]
     if not selected:
         where = f" whose name matches {layers!r}" if layers else ""
         raise PlanError(f"no Linear layer{where} found (a 2-D '<name>.weight' tensor)", remedy="inspect")
-    _require_float(selected)
-    changes = [_change(layer, InputShape(_in_features(layer), 1, 1), "chw", pointwise=True) for layer in selected]
-    converted = {c.weight for c in changes}
-    untouched = tuple(info.name for info in infos if info.name not in converted)
+    changes = [_change(fc, InputShape(fc.in_features, 1, 1), "chw", pointwise=True) for fc in selected]
+    converted = {c.name for c in changes}
+    untouched = tuple(info.name for info in infos if info.name not in {c.weight for c in changes})
     where = f" matching {layers!r}" if layers else ""
     note = f"pointwise: {len(changes)} Linear layers{where} -> 1x1 convolutions (activations laid out N x C x 1 x S)"
-    return Plan(None, "chw", tuple(changes), untouched, (note,), mode="pointwise")
-
-
-def _check_regex(layers: str | None) -> None:
-    if layers is not None:
-        try:
-            re.compile(layers)
-        except re.error as exc:
-            raise PlanError(f"layer pattern {layers!r} is not a valid regular expression: {exc}") from exc
-
-
-def _in_features(layer: Layer) -> int:
-    assert layer.weight is not None
-    return layer.weight.shape[1]
-
-
-def _out_features(layer: Layer) -> int:
-    assert layer.weight is not None
-    return layer.weight.shape[0]
-
-
-def _start_for_spec(spec: ShapeSpec, candidates: list[Layer]) -> tuple[int, InputShape]:
-    """The first candidate the spec fits, or the error for the first candidate (with its arithmetic)."""
-    for index, layer in enumerate(candidates):
-        try:
-            return index, resolve_shape(spec, _in_features(layer), layer.name)
-        except ShapeError:
-            continue
-    first = candidates[0]
-    resolve_shape(spec, _in_features(first), first.name)  # raises with the arithmetic
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _infer_geometry(infos: list[TensorInfo], candidates: list[Layer], notes: list[str]) -> tuple[int, InputShape]:
-    """C from the last 4-D conv weight before the first FC layer, and a square map."""
-    first = candidates[0]
-    in_features = _in_features(first)
-    first_index = next(i for i, t in enumerate(infos) if t.name == _join(first.name, "weight"))
-    convs = [(i, t) for i, t in enumerate(infos) if len(t.shape) == 4 and t.name.endswith("weight")]
-    if not convs:
-        raise PlanError(
-            f"cannot infer the input shape: there is no conv layer before {first.name} ({in_features} inputs)",
-            remedy="input_shape",
-        )
-    before = [t for i, t in convs if i < first_index]
-    conv = before[-1] if before else convs[-1][1]
-    position = "the last conv before" if before else "the last conv in name order; none comes before"
-    channels = conv.shape[0]
-    try:
-        shape = square_map(channels, in_features, first.name)
-    except ShapeError as exc:
-        fits = sorted({str(s) for s in _square_candidates(convs, in_features, first.name)})
-        hint = f"; maps that would fit: {', '.join(fits)}" if fits else ""
-        raise PlanError(
-            f"cannot infer the input shape from {conv.name} (C = {channels}): {exc}{hint}", remedy="input_shape"
-        ) from exc
-    notes.append(
-        f"input shape {shape} inferred: C = {channels} from {conv.name} ({position} {first.name}), "
-        f"square map assumed ({in_features} = {channels} x {shape.height} x {shape.width})"
-    )
-    return 0, shape
-
-
-def _square_candidates(convs: list[tuple[int, TensorInfo]], in_features: int, layer: str) -> Iterable[InputShape]:
-    for _, conv in convs:
-        try:
-            yield square_map(conv.shape[0], in_features, layer)
-        except ShapeError:
-            continue
-
-
-def _between_notes(infos: list[TensorInfo], chain: list[Layer]) -> list[str]:
-    """Say which BatchNorm layers sit in the chain and stay as they are (valid as BatchNorm2d)."""
-    chain_widths = {_out_features(layer) for layer in chain}
-    first_weight = chain[0].weight
-    assert first_weight is not None
-    start = infos.index(first_weight)
-    notes = []
-    for layer in group_layers(infos[start:]):
-        weight = layer.weight
-        if layer.kind == "BatchNorm" and weight is not None and weight.shape[0] in chain_widths:
-            notes.append(
-                f"{layer.name} (BatchNorm over {weight.shape[0]} features) kept as it is: "
-                "its tensors are valid for BatchNorm2d"
-            )
-    return notes
+    skipped = _skipped(all_layers, [], converted, pattern)
+    notes = (note, *_layout_notes(fcs, changes))
+    return Plan(None, "chw", tuple(changes), untouched, notes, mode="pointwise", skipped=skipped)

@@ -25,6 +25,7 @@ def plan_to_metadata(plan: Plan, version: str, source: str | None = None) -> dic
             "new_shape": list(c.new_shape),
             "flatten_order": c.flatten_order,
             "pointwise": c.pointwise,
+            "layout": c.layout,
         }
         for c in plan.layers
     ]
@@ -65,6 +66,7 @@ def changes_from_metadata(metadata: dict[str, str]) -> list[LayerChange] | None:
                     in_map=InputShape(channels, height, width),
                     flatten_order=_order(entry.get("flatten_order", "chw")),
                     pointwise=bool(entry.get("pointwise", False)),
+                    layout="in_out" if entry.get("layout") == "in_out" else "out_in",
                 )
             )
         return changes

@@ -9,7 +9,7 @@ from fc2conv._version import __version__
 from fc2conv.plan import Plan
 from fc2conv.results import ConvertResult, InspectResult, LayerCheck, ModuleCheck, VerifyResult
 
-__all__ = ["convert_json", "failure_line", "inspect_json", "verify_json", "warnings_for"]
+__all__ = ["convert_json", "inspect_json", "verify_json", "warnings_for"]
 
 
 def _json_float(value: float) -> float | None:
@@ -22,6 +22,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "mode": plan.mode,
         "input_shape": plan.input_shape.as_list() if plan.input_shape else None,
         "flatten_order": plan.flatten_order,
+        "flatten_order_origin": plan.flatten_order_origin or None,
         "notes": list(plan.notes),
     }
 
@@ -43,7 +44,8 @@ def _check_json(check: LayerCheck) -> dict[str, Any]:
         "rtol": check.tolerance.rtol,
         "nonfinite": check.nonfinite,
         "exact": check.exact,
-        "problem": check.problem,
+        "proves": check.proves,
+        "problem": check.failure,
         "ok": check.ok,
     }
 
@@ -51,6 +53,7 @@ def _check_json(check: LayerCheck) -> dict[str, Any]:
 def convert_json(result: ConvertResult) -> dict[str, Any]:
     return {
         "ok": result.ok,
+        "problem": "; ".join(result.failures) or None,
         "command": "convert",
         "version": __version__,
         "input": str(result.input),
@@ -61,6 +64,7 @@ def convert_json(result: ConvertResult) -> dict[str, Any]:
         **_plan_json(result.plan),
         "load_notes": list(result.load_notes),
         "layers": [_check_json(c) for c in result.checks],
+        "skipped_layers": _skipped_json(result.plan),
         "untouched": list(result.plan.untouched),
         "seconds": round(result.seconds, 4),
         "model_input_shape": result.model_input_shape.as_list() if result.model_input_shape else None,
@@ -69,6 +73,12 @@ def convert_json(result: ConvertResult) -> dict[str, Any]:
             {"kind": e.kind, "path": str(e.path), "max_abs_error": e.max_abs_error, "ok": e.ok} for e in result.exports
         ],
     }
+
+
+def _skipped_json(plan: Plan | None) -> list[dict[str, Any]]:
+    if plan is None:
+        return []
+    return [{"name": s.name, "shape": list(s.shape), "reason": s.reason} for s in plan.skipped]
 
 
 def _module_check_json(check: ModuleCheck | None) -> dict[str, Any] | None:
@@ -81,7 +91,10 @@ def _module_check_json(check: ModuleCheck | None) -> dict[str, Any] | None:
         "dense_max_rel_error": _json_float(check.dense_max_rel_error),
         "dense_grid": list(check.dense_grid),
         "positions_checked": check.positions_checked,
-        "tolerance": check.tolerance,
+        "atol": check.tolerance.atol,
+        "rtol": check.tolerance.rtol,
+        "problem": check.failure,
+        "how": check.how,
         "ok": check.ok,
     }
 
@@ -91,15 +104,6 @@ def warnings_for(checks: tuple[LayerCheck, ...]) -> list[str]:
     return [
         f"{c.name} has non-finite (NaN/Inf) weights or outputs; converted as they are" for c in checks if c.nonfinite
     ]
-
-
-def failure_line(checks: tuple[LayerCheck, ...]) -> str | None:
-    """One stderr line naming the first layer that failed for a stated reason (its ``problem``), if any."""
-    failed = [c for c in checks if c.problem is not None]
-    if not failed:
-        return None
-    more = f" (and {len(failed) - 1} more layers)" if len(failed) > 1 else ""
-    return f"{failed[0].name}: {failed[0].problem}{more}"
 
 
 def inspect_json(result: InspectResult) -> dict[str, Any]:
@@ -130,6 +134,7 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
         "input_shape": plan.input_shape.as_list() if plan and plan.input_shape else None,
         "flatten_order": plan.flatten_order if plan else None,
         "plan_notes": list(plan.notes) if plan else [],
+        "skipped_layers": _skipped_json(plan),
         "plan_problem": result.plan_problem,
         "totals": {"tensors": len(result.infos), "parameters": result.parameters, "bytes": result.nbytes},
     }
@@ -138,6 +143,7 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
 def verify_json(result: VerifyResult) -> dict[str, Any]:
     return {
         "ok": result.ok,
+        "problem": "; ".join(result.failures) or None,
         "command": "verify",
         "version": __version__,
         "original": str(result.original),

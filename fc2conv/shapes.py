@@ -32,9 +32,9 @@ def parse_shape(text: str) -> ShapeSpec:
     stripped = text.strip()
     if not stripped:
         raise ShapeError("input shape is empty; expected CxHxW such as 256x4x4")
-    pieces = [p for p in _SEPARATORS.split(stripped) if p != ""]
-    if not pieces:
-        raise ShapeError(f"input shape {text!r} has no numbers; expected CxHxW such as 256x4x4")
+    pieces = _SEPARATORS.split(stripped)
+    if "" in pieces:  # "x4x4", "32x4x4x", "4xx4": a part is missing, so the shape is not what was meant
+        raise ShapeError(f"input shape {text!r} has an empty part; expected CxHxW such as 256x4x4")
     if len(pieces) > 3:
         raise ShapeError(
             f"input shape {text!r} has {len(pieces)} parts; expected CxHxW (256x4x4), HxW (4x4) or C (256)"

@@ -14,10 +14,12 @@ __all__ = [
     "FLATTEN_ORDERS",
     "FLOAT_DTYPES",
     "FlattenOrder",
+    "HeadHint",
     "InputShape",
     "ShapeLike",
     "ShapeSpec",
     "TensorInfo",
+    "WeightLayout",
     "dtype_itemsize",
     "dtype_name",
     "tensor_infos",
@@ -25,6 +27,9 @@ __all__ = [
 
 FlattenOrder = Literal["chw", "hwc"]
 FLATTEN_ORDERS: tuple[FlattenOrder, ...] = ("chw", "hwc")
+
+# How an FC weight is stored: PyTorch's Linear (out, in), or transposed (GPT-2's Conv1D, Keras's Dense).
+WeightLayout = Literal["out_in", "in_out"]
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -100,6 +105,21 @@ class ShapeSpec:
     @property
     def is_complete(self) -> bool:
         return None not in self.parts()
+
+
+@dataclass(frozen=True)
+class HeadHint:
+    """What a model file itself says about one head (a Keras config, an ONNX graph), so nothing is guessed.
+
+    ``layers`` are the FC layers of the head in order (the first reads the flattened map, the others
+    each read the previous one); ``feature_map`` is the map that is flattened, as (C, H, W), and
+    ``flatten_order`` the order its values are flattened in; ``source`` says where this was read.
+    """
+
+    layers: tuple[str, ...]
+    feature_map: InputShape
+    flatten_order: FlattenOrder
+    source: str
 
 
 # Every form the public API accepts for a feature-map or network input shape.

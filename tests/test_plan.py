@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fc2conv.errors import PlanError, ShapeError
-from fc2conv.plan import fc_candidates, group_layers, plan_conversion
+from fc2conv.layers import group_layers
+from fc2conv.plan import fc_candidates, plan_conversion
 from fc2conv.record import changes_from_metadata, plan_to_metadata
 from fc2conv.types import InputShape, TensorInfo
 
@@ -40,7 +41,10 @@ def test_seed_head_plan_with_given_shape():
 def test_geometry_inferred_from_last_conv_before_first_fc_and_said():
     plan = plan_conversion(SEED)
     assert plan.input_shape == InputShape(256, 4, 4)
-    assert any("inferred" in n and "features.0.weight" in n and "4096 = 256 x 4 x 4" in n for n in plan.notes)
+    assert any(
+        "inferred" in n and "from features.0 (the last conv before fc1)" in n and "4096 = 256x4x4" in n
+        for n in plan.notes
+    )
 
 
 @pytest.mark.parametrize("spec, expected", [("4x4", (256, 4, 4)), ("256", (256, 4, 4)), ((256, 4, 4), (256, 4, 4))])

@@ -39,6 +39,11 @@ def test_parse_accepts_full_and_partial_forms(text, parts):
         ("4x4x4x4x4", "has 5 parts"),
         ("1e3x2x2", "'1e3' is not a positive whole number"),
         ("2.5x2x2", "'2.5'"),
+        ("x4x4", "has an empty part"),
+        ("32x4x4x", "has an empty part"),
+        ("4xx4", "has an empty part"),
+        ("x", "has an empty part"),
+        (",", "has an empty part"),
     ],
 )
 def test_parse_rejects_bad_shapes_with_a_reason(text, fragment):

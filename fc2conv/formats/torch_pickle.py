@@ -5,9 +5,10 @@ from __future__ import annotations
 import pickle
 import pickletools
 import re
+import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,23 +22,23 @@ from fc2conv.types import TensorInfo, dtype_itemsize, tensor_infos
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["READER", "SUFFIXES", "WRAPPER_KEYS", "WRAPPER_PREFIXES", "find_state_dict", "open_torch_checkpoint"]
+__all__ = [
+    "EMA_KEYS",
+    "READER",
+    "SUFFIXES",
+    "WRAPPER_KEYS",
+    "WRAPPER_PREFIXES",
+    "find_state_dict",
+    "open_torch_checkpoint",
+]
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-# Keys under which training scripts nest the state dict, most specific first.
-WRAPPER_KEYS = (
-    "state_dict",
-    "model_state_dict",
-    "state_dict_ema",
-    "model_ema",
-    "model",
-    "net",
-    "network",
-    "module",
-    "weights",
-    "params",
-)
+# Keys under which training scripts nest the state dict, most specific first. The training weights
+# are taken; an EMA copy (exponential moving average, timm's model_ema) only when it is the only one,
+# or when the caller names its key. Every key passed over is reported.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model")
 # Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -62,19 +63,21 @@ def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Sou
         raise CheckpointError(f"{path}: the file is empty (0 bytes)")
     trust = options is not None and options.trust_pickle
     if not trust:
-        source = _open_as_data(path)
+        source = _open_as_data(path, options.state_dict_key if options else None)
         if source is not None:
             return source
     obj = _torch_load(path, trust)
     notes: list[str] = []
     module = obj if _is_module(obj) else None
-    state_dict = find_state_dict(obj, path, notes)
+    state_dict = find_state_dict(obj, path, notes, key=options.state_dict_key if options else None)
     _check_storage_sizes(state_dict, path)
     state_dict = _strip_wrapper_prefix(state_dict, notes)
-    return Source(path, "torch", tensor_infos(state_dict), {}, notes, tensors=state_dict, module=module)
+    return Source(
+        path, "torch", tensor_infos(state_dict), {}, notes, module_order=True, tensors=state_dict, module=module
+    )
 
 
-def _open_as_data(path: Path) -> Source | None:
+def _open_as_data(path: Path, key: str | None) -> Source | None:
     """The checkpoint read without torch, or None when torch's loader must read it (after a guard)."""
     try:
         if _is_zip(path):
@@ -89,7 +92,7 @@ def _open_as_data(path: Path) -> Source | None:
     if found is None or not found.little_endian:
         return None
     notes: list[str] = []
-    refs = _strip_wrapper_prefix(find_state_dict(found.value, path, notes, is_tensor=_is_ref), notes)
+    refs = _strip_wrapper_prefix(find_state_dict(found.value, path, notes, key=key), notes)
     spans = {}
     for name, ref in refs.items():
         _check_ref(path, name, ref)
@@ -100,7 +103,7 @@ def _open_as_data(path: Path) -> Source | None:
             )
     infos = [TensorInfo(name, ref.shape, ref.dtype) for name, ref in refs.items()]
     tensors = _MappedTensors(path, refs, found)
-    return Source(path, "torch", infos, {}, notes, tensors=tensors, spans=spans)
+    return Source(path, "torch", infos, {}, notes, module_order=True, tensors=tensors, spans=spans)
 
 
 def _is_zip(path: Path) -> bool:
@@ -108,10 +111,6 @@ def _is_zip(path: Path) -> bool:
         return zipfile.is_zipfile(path)
     except (zipfile.BadZipFile, ValueError, EOFError):  # a zip's directory so broken it cannot be read
         return False
-
-
-def _is_ref(value: Any) -> bool:
-    return isinstance(value, TensorRef)
 
 
 def _check_ref(path: Path, name: str, ref: TensorRef) -> None:
@@ -178,9 +177,9 @@ READER = _TorchPickleReader()
 
 
 def _is_module(obj: Any) -> bool:
-    import torch
-
-    return isinstance(obj, torch.nn.Module)
+    """A whole ``nn.Module`` (torch is then imported: only torch's loader makes one)."""
+    module_type = getattr(getattr(sys.modules.get("torch"), "nn", None), "Module", None)
+    return module_type is not None and isinstance(obj, module_type)
 
 
 def _torch_load_quietly(path: Path, weights_only: bool) -> Any:
@@ -292,61 +291,92 @@ def _globals_in(stream: BoundedReader) -> list[str]:
 # --- the state dict inside ------------------------------------------------------------------------
 
 
-def find_state_dict(
-    obj: Any, path: str | Path, notes: list[str], is_tensor: Callable[[Any], bool] | None = None
-) -> dict[str, Any]:
+def find_state_dict(obj: Any, path: str | Path, notes: list[str], key: str | None = None) -> dict[str, Any]:
     """The name -> tensor mapping inside a loaded checkpoint object.
 
-    Accepts a plain state dict, or one nested under a known key (:data:`WRAPPER_KEYS`, up to two
-    levels), or the only dict of tensors in the object. Non-tensor entries are dropped and reported.
-    ``is_tensor`` says what a tensor is (default: a ``torch.Tensor``; the data-only reader's
-    ``TensorRef`` otherwise, and then the object holds no modules).
+    Accepts a plain state dict, one nested under a known key (:data:`WRAPPER_KEYS`, then
+    :data:`EMA_KEYS`, up to three levels), or the only dict of tensors in the object; ``key`` names the
+    nesting instead (``"model_ema"``, or ``"checkpoint.state_dict"`` for two levels). The key taken and
+    those passed over are reported in ``notes``; non-tensor entries are dropped and reported.
 
     Raises:
-        CheckpointError: if no tensors are found.
+        CheckpointError: no tensors found, or ``key`` names nothing in the checkpoint.
+
+    A tensor is a ``torch.Tensor``, or a ``TensorRef`` when the file was read as data (without torch).
     """
-    tensor_test = is_tensor or _is_torch_tensor
-    where: list[str] = []
-    current = _module_state(obj, notes) if is_tensor is None else obj
-    for _ in range(3):
-        key = _wrapper_key(current, tensor_test, modules=is_tensor is None)
-        if key is None:
-            break
-        where.append(str(key))
-        current = _module_state(current[key], notes) if is_tensor is None else current[key]
+    current, where = _walk(obj, path, key, notes) if key is not None else _descend(obj, notes)
     if not isinstance(current, Mapping):
         raise CheckpointError(f"{path}: holds a {type(current).__name__}, not a state dict of tensors")
-    tensors = {str(k): v for k, v in current.items() if tensor_test(v)}
+    tensors = {str(k): v for k, v in current.items() if _is_tensor(v)}
     if not tensors:
         keys = ", ".join(map(str, list(current)[:8])) or "none"
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys})")
     if where:
-        notes.append(f"state dict found under checkpoint{''.join(f'[{k!r}]' for k in where)}")
-    dropped = [str(k) for k, v in current.items() if not tensor_test(v)]
+        notes.insert(0, f"state dict found under checkpoint{''.join(f'[{k!r}]' for k in where)}")
+    dropped = [str(k) for k, v in current.items() if not _is_tensor(v)]
     if dropped:
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         notes.append(f"ignored {len(dropped)} non-tensor entries ({shown})")
     return tensors
 
 
-def _is_torch_tensor(value: Any) -> bool:
-    import torch
+def _descend(obj: Any, notes: list[str]) -> tuple[Any, list[str]]:
+    """Follow wrapper keys down to the state dict, noting at each level the state dicts passed over."""
+    where: list[str] = []
+    current = _module_state(obj, notes)
+    for _ in range(3):
+        key = _wrapper_key(current)
+        if key is None:
+            break
+        others = [str(k) for k in (*WRAPPER_KEYS, *EMA_KEYS) if k != key and _is_state(current.get(k))]
+        if others:
+            notes.append(
+                f"checkpoint{''.join(f'[{k!r}]' for k in where)} also holds {', '.join(map(repr, others))}, "
+                f"not converted ({key!r} was taken: the training weights come before EMA copies); "
+                "a state-dict key chooses another"
+            )
+        where.append(str(key))
+        current = _module_state(current[key], notes)
+    return current, where
 
-    return isinstance(value, torch.Tensor)
+
+def _walk(obj: Any, path: str | Path, key: str, notes: list[str]) -> tuple[Any, list[str]]:
+    """The object under a named key: the key itself, or dotted parts for nested dicts."""
+    current = _module_state(obj, notes)
+    if isinstance(current, Mapping) and key in current:
+        return _module_state(current[key], notes), [key]
+    where: list[str] = []
+    for part in key.split("."):
+        if not isinstance(current, Mapping) or part not in current:
+            available = ", ".join(map(repr, list(current)[:8])) if isinstance(current, Mapping) else "none"
+            level = "".join(f"[{k!r}]" for k in where)
+            raise CheckpointError(f"{path}: has no state-dict key {key!r} (checkpoint{level} holds {available})")
+        where.append(part)
+        current = _module_state(current[part], notes)
+    return current, where
 
 
-def _wrapper_key(current: Any, is_tensor: Callable[[Any], bool], modules: bool = True) -> Any:
+def _is_tensor(value: Any) -> bool:
+    """A ``torch.Tensor`` (torch is then imported: it loaded the file), or a ``TensorRef`` (read as data)."""
+    if isinstance(value, TensorRef):
+        return True
+    tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor_type is not None and isinstance(value, tensor_type)
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, Mapping) or _is_module(value)
+
+
+def _wrapper_key(current: Any) -> Any:
     """The key to descend into from a wrapper dict, or None when ``current`` is the state dict itself."""
-    if not isinstance(current, Mapping) or (current and all(is_tensor(v) for v in current.values())):
+    if not isinstance(current, Mapping) or (current and all(_is_tensor(v) for v in current.values())):
         return None
-    key = next(
-        (k for k in WRAPPER_KEYS if isinstance(current.get(k), Mapping) or (modules and _is_module(current.get(k)))),
-        None,
-    )
+    key = next((k for k in (*WRAPPER_KEYS, *EMA_KEYS) if _is_state(current.get(k))), None)
     if key is not None:
         return key
-    nested = [k for k, v in current.items() if isinstance(v, Mapping) and _has_tensors(v, is_tensor)]
-    if len(nested) == 1 and not any(is_tensor(v) for v in current.values()):
+    nested = [k for k, v in current.items() if isinstance(v, Mapping) and _has_tensors(v)]
+    if len(nested) == 1 and not any(_is_tensor(v) for v in current.values()):
         return nested[0]
     return None
 
@@ -359,10 +389,9 @@ def _module_state(obj: Any, notes: list[str]) -> Any:
     return obj
 
 
-def _has_tensors(mapping: Mapping[Any, Any], is_tensor: Callable[[Any], bool], depth: int = 2) -> bool:
+def _has_tensors(mapping: Mapping[Any, Any], depth: int = 2) -> bool:
     return any(
-        is_tensor(v) or (depth > 1 and isinstance(v, Mapping) and _has_tensors(v, is_tensor, depth - 1))
-        for v in mapping.values()
+        _is_tensor(v) or (depth > 1 and isinstance(v, Mapping) and _has_tensors(v, depth - 1)) for v in mapping.values()
     )
 
 
@@ -387,9 +416,18 @@ def _check_storage_sizes(state_dict: Mapping[str, torch.Tensor], path: Path) -> 
 
 
 def _strip_wrapper_prefix(state_dict: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    """Remove ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) when every key has it."""
-    for prefix in WRAPPER_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            notes.append(f"stripped the {prefix!r} prefix shared by every key")
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    """Remove ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) while every key has one.
+
+    Wrappers nest (a compiled DataParallel model has ``_orig_mod.module.``): prefixes are stripped
+    until no key-wide prefix is left, and reported together.
+    """
+    stripped = []
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        stripped.append(prefix)
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    if stripped:
+        notes.append(f"stripped the {''.join(stripped)!r} prefix shared by every key")
     return state_dict

@@ -13,15 +13,16 @@ from fc2conv._version import __version__
 from fc2conv.check import check_changes, compare_spans, tensors_identical
 from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
 from fc2conv.diskio import ByteSpan
-from fc2conv.errors import OutputError
-from fc2conv.formats import Source, open_source
+from fc2conv.errors import OutputError, PlanError
+from fc2conv.formats import Listing, Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
+from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
 from fc2conv.preload import preload_torch
 from fc2conv.publish import atomic_folder, atomic_output, fsync_file
-from fc2conv.record import METADATA_PREFIX, plan_to_metadata
-from fc2conv.results import ConvertResult, LayerCheck
+from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
+from fc2conv.results import ConvertResult, Export, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 
 if TYPE_CHECKING:
@@ -45,12 +46,15 @@ def convert_file(
     output_path: str | os.PathLike[str] | None = None,
     *,
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     pointwise: bool = False,
+    weight_layout: LayoutChoice = "auto",
+    trust_shape: bool = False,
     overwrite: bool = False,
     strict: bool = False,
     trust_pickle: bool = False,
+    state_dict_key: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint to safetensors whose FC layers are convolution kernels.
@@ -67,22 +71,24 @@ def convert_file(
     Args:
         input_path: ``.pt``/``.pth``/``.bin``/``.ckpt``, ``.safetensors``, an index, or a shard folder.
         output_path: Output file (or folder, for a sharded input).
-        input_shape, flatten_order, layers: As for :func:`fc2conv.plan_conversion`.
+        input_shape, flatten_order, layers, weight_layout, trust_shape: As for :func:`fc2conv.plan_conversion`.
         pointwise: Turn every Linear selected by ``layers`` into a 1x1 conv (:func:`fc2conv.plan_pointwise`).
         overwrite: Replace existing output files.
         strict: Fail layers with non-finite (NaN/Inf) weights too.
         trust_pickle: Unpickle arbitrary objects (runs the file's code: only for files you trust).
+        state_dict_key: Where a training checkpoint keeps the weights (``"model_ema"``, ``"a.b"``).
         progress: Called after each tensor is written.
 
     Raises:
-        CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted,
-            or the output cannot be written.
+        CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted
+            (an fc2conv conversion already is one), or the output cannot be written.
     """
     preload_torch()  # the import overlaps reading the input and copying its bytes
+    source = open_source(input_path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
     return convert_source(
-        open_source(input_path, trust_pickle=trust_pickle), output_path, input_shape=input_shape,
-        flatten_order=flatten_order, layers=layers, pointwise=pointwise, overwrite=overwrite, strict=strict,
-        progress=progress,
+        source, output_path, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
+        pointwise=pointwise, weight_layout=weight_layout, trust_shape=trust_shape, overwrite=overwrite,
+        strict=strict, progress=progress,
     )  # fmt: skip
 
 
@@ -91,19 +97,26 @@ def convert_source(
     output_path: str | os.PathLike[str] | None = None,
     *,
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     pointwise: bool = False,
+    weight_layout: LayoutChoice = "auto",
+    trust_shape: bool = False,
     overwrite: bool = False,
     strict: bool = False,
     progress: ProgressCallback | None = None,
+    keras_out: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
-    """:func:`convert_file` on a checkpoint already opened (see :func:`fc2conv.formats.open_source`)."""
+    """:func:`convert_file` on a checkpoint already opened (see :func:`fc2conv.formats.open_source`).
+
+    ``keras_out`` (a Keras model as input only) also writes the fully convolutional Keras model there,
+    after the converted weights are published, proven in Keras before it is renamed into place.
+    """
     started = time.perf_counter()
-    if pointwise:
-        plan = plan_pointwise(source.infos, layers)
-    else:
-        plan = plan_conversion(source.infos, input_shape, flatten_order, layers)
+    _refuse_conversions(source)
+    if keras_out is not None:
+        require_keras_model(source)
+    plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
     writer = _Writer(source, plan, metadata, strict, progress)
@@ -113,6 +126,7 @@ def convert_source(
     else:
         output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
         written = writer.write_shards(output, overwrite=overwrite)
+    exports = [_keras_export(source, plan, keras_out, overwrite)] if keras_out is not None and written else []
     return ConvertResult(
         input=source.path,
         output=output,
@@ -123,7 +137,65 @@ def convert_source(
         written=written,
         seconds=time.perf_counter() - started,
         shards=len(source.shards.files) if source.shards else 0,
+        exports=tuple(exports),
     )
+
+
+def require_keras_model(source: Source) -> None:
+    """A Keras export needs a Keras model as input, and keras installed: checked before any work."""
+    from fc2conv.formats.keras import KerasFile
+    from fc2conv.keras_export import require_keras
+
+    if not isinstance(source.native, KerasFile):
+        raise PlanError(f"{source.path}: a Keras export needs a Keras model (.keras or .h5) as input")
+    require_keras()
+
+
+def _keras_export(source: Source, plan: Plan, target: str | os.PathLike[str], overwrite: bool) -> Export:
+    """Write the fully convolutional Keras model from the converted tensors; its error measured in Keras."""
+    from fc2conv.keras_export import export_keras
+
+    converted = {
+        name: converted_tensor(plan, name, source.tensors[name])
+        for change in plan.layers
+        for name in (change.weight, change.bias)
+        if name is not None
+    }
+    result = export_keras(source.native, converted, target, overwrite=overwrite)
+    bound = result.tolerance.atol + result.tolerance.rtol * result.reference_scale
+    return Export("keras", Path(target), result.max_abs_error, tolerance=bound, written=result.written)
+
+
+def plan_for(
+    listing: Listing,
+    input_shape: ShapeLike | None,
+    flatten_order: FlattenOrder | None,
+    layers: str | None,
+    pointwise: bool,
+    weight_layout: LayoutChoice,
+    trust_shape: bool,
+) -> Plan:
+    """The plan for a checkpoint's listing, with what its reader knows (module order, layout hints)."""
+    if pointwise:
+        return plan_pointwise(listing.infos, layers, weight_layout=weight_layout, layout_hints=listing.layout_hints)
+    if listing.heads is not None and not listing.heads and listing.heads_refused:
+        raise PlanError(listing.heads_refused[0])  # the model has heads, none of them provable: say why
+    return plan_conversion(
+        listing.infos, input_shape, flatten_order, layers, weight_layout=weight_layout,
+        layout_hints=listing.layout_hints, in_module_order=listing.module_order, trust_shape=trust_shape,
+        heads=listing.heads,
+    )  # fmt: skip
+
+
+def _refuse_conversions(source: Source) -> None:
+    """A file fc2conv converted already is refused: converting it again would leave a record verify cannot use."""
+    recorded = changes_from_metadata(source.metadata)
+    if recorded is not None:
+        done = ", ".join(f"{c.name} -> {c.became}" for c in recorded)
+        raise PlanError(
+            f"{source.path}: is already a conversion by fc2conv ({done}); convert the original checkpoint "
+            "(every head is converted in one pass)"
+        )
 
 
 def _default_output_folder(folder: Path) -> Path:

@@ -24,7 +24,7 @@ from fc2conv.types import FlattenOrder, InputShape, ShapeLike, TensorInfo, dtype
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["verify_files", "verify_sources"]
+__all__ = ["difference", "verify_files", "verify_sources"]
 
 
 def verify_files(
@@ -91,7 +91,7 @@ def verify_sources(
         present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True, strict=strict,
         compared=compared,
     )  # fmt: skip
-    different = [TensorMismatch(n, _difference(original.tensors[n], converted.tensors[n])) for n in others
+    different = [TensorMismatch(n, difference(original.tensors[n], converted.tensors[n])) for n in others
                  if not _identical(n, compared, original, converted)]  # fmt: skip
     if not changes:
         notes.append("no converted layer found: nothing is 2-D in the original and 4-D in the converted file")
@@ -181,7 +181,8 @@ def _changes_from_shapes(
     return changes
 
 
-def _difference(a: torch.Tensor, b: torch.Tensor) -> str:
+def difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two tensors that should be identical differ: dtype, shape, or values (with the largest gap)."""
     if a.dtype != b.dtype:
         return f"dtype changed: {dtype_name(a.dtype)} -> {dtype_name(b.dtype)}"
     if a.shape != b.shape:
