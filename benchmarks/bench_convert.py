@@ -236,7 +236,7 @@ def timed(module, name, key):
 import fc2conv.preload as preload
 timed(preload, "_import_torch", "import torch (background)")
 timed(preload, "wait_for_torch", "wait for torch")
-preload.preload_torch()
+
 import fc2conv.jobs.convert as convert, fc2conv.jobs.verify as verify
 for module in (convert, verify):
     timed(module, "open_source", "read")

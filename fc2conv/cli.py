@@ -369,10 +369,8 @@ def convert(
     before it is published; a failed check leaves no output and exits 1.
     """
     from fc2conv.formats import open_source
-    from fc2conv.preload import preload_torch
     from fc2conv.report_json import warnings_for
 
-    preload_torch()  # torch's import overlaps reading the input and copying its bytes
     if pointwise and (input_shape is not None or flatten_order is not None):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
@@ -505,10 +503,8 @@ def verify(
     must be bit-for-bit identical. Either side may be a sharded checkpoint (index or folder).
     """
     from fc2conv.formats import open_source
-    from fc2conv.preload import preload_torch
     from fc2conv.report_json import warnings_for
 
-    preload_torch()  # torch's import overlaps reading headers and comparing bytes
     _trust_warning(trust_pickle, original, converted)
     original_source = open_source(
         original, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key

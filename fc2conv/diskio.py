@@ -19,9 +19,11 @@ from pathlib import Path
 
 __all__ = ["ByteSpan", "MappedFile", "copy_span", "first_differing_byte", "start_writeback"]
 
-# Bytes moved per system call: large enough to cost nothing per call, small enough that a signal
-# (Ctrl-C) is handled between two calls.
-_COPY_STEP = 64 * 2**20
+# Bytes moved or compared per call. Each call returns to Python, which must then take the GIL back,
+# and while torch is being imported on another thread that can wait for a long C call (loading its
+# libraries): so few, large calls. A signal (Ctrl-C) still ends a copy early (the kernel returns
+# what it copied so far, and Python's handler runs).
+_COPY_STEP = 2**30
 # copy_file_range and sendfile say "not here" with these: fall back to reading and writing.
 _UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 _SYNC_FILE_RANGE_WRITE = 2

@@ -12,13 +12,22 @@ import threading
 
 __all__ = ["preload_torch", "wait_for_torch"]
 
+# Formats read without torch (headers, or a torch.save zip read as data), whose checks need torch later.
+# Others (Keras, ONNX) import libraries that may import torch themselves: two threads importing torch
+# at once can initialise its extension twice, so those never start a background import.
+_READ_WITHOUT_TORCH = ("torch", "safetensors", "sharded safetensors")
+
 _thread: threading.Thread | None = None
 
 
-def preload_torch() -> None:
-    """Start importing torch in the background, unless it is imported (or being imported) already."""
+def preload_torch(*formats: str) -> None:
+    """Start importing torch in the background, if every format given is read without torch.
+
+    Nothing happens if torch is imported (or being imported) already. The caller must call
+    :func:`wait_for_torch` before anything that imports torch (directly or through another library).
+    """
     global _thread
-    if "torch" in sys.modules or _thread is not None:
+    if "torch" in sys.modules or _thread is not None or not all(f in _READ_WITHOUT_TORCH for f in formats):
         return
     # A daemon thread: an interrupted run exits without waiting for the import (see wait_for_torch).
     _thread = threading.Thread(target=_import_torch, name="fc2conv-import-torch", daemon=True)

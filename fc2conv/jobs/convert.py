@@ -83,7 +83,6 @@ def convert_file(
         CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted
             (an fc2conv conversion already is one), or the output cannot be written.
     """
-    preload_torch()  # the import overlaps reading the input and copying its bytes
     source = open_source(input_path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
     return convert_source(
         source, output_path, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
@@ -113,6 +112,8 @@ def convert_source(
     after the converted weights are published, proven in Keras before it is renamed into place.
     """
     started = time.perf_counter()
+    if keras_out is None and source.module is None:
+        preload_torch(source.format)  # its import overlaps copying the input's bytes
     _refuse_conversions(source)
     if keras_out is not None:
         require_keras_model(source)

@@ -53,7 +53,6 @@ def verify_files(
         strict: Fail layers with non-finite (NaN/Inf) weights or outputs.
         trust_pickle: Unpickle arbitrary objects in both files (runs their code: only for files you trust).
     """
-    preload_torch()  # the import overlaps reading headers and comparing bytes
     return verify_sources(
         open_source(original_path, trust_pickle=trust_pickle), open_source(converted_path, trust_pickle=trust_pickle),
         input_shape=input_shape, flatten_order=flatten_order, atol=atol, rtol=rtol, strict=strict,
@@ -71,6 +70,7 @@ def verify_sources(
     strict: bool = False,
 ) -> VerifyResult:
     """:func:`verify_files` on two checkpoints already opened."""
+    preload_torch(original.format, converted.format)  # its import overlaps comparing the bytes
     notes: list[str] = [*original.notes, *converted.notes]
     changes = _converted_layers(original, converted, flatten_order, notes)
     # The layer whose map is more than 1x1 carries the geometry (a chain's first layer).
