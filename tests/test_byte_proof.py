@@ -154,3 +154,25 @@ def test_first_difference_and_kernel_difference_by_hand():
     assert kernel_difference(change, sd["fc.weight"], kernel) is None
     kernel[4, 2, 1, 0] += 1
     assert "index [4, 2, 1, 0]" in (kernel_difference(change, sd["fc.weight"], kernel) or "")
+
+
+def test_convert_compares_every_untouched_tensor_with_the_input(tmp_path, monkeypatch):
+    """A copied tensor that does not read back as the input's bytes is a write failure: nothing published."""
+    real = convert_job.write_safetensors
+
+    def write_then_damage(path, infos, *args, **kwargs):
+        size = real(path, infos, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.seek(-1, 2)  # the last byte of the last tensor written (name order: fc2.weight, then z.bias)
+            byte = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        return size
+
+    monkeypatch.setattr(convert_job, "write_safetensors", write_then_damage)
+    sd = {"fc1.weight": torch.randn(16, 32), "fc2.weight": torch.randn(10, 16), "z.bias": torch.randn(5)}
+    torch.save(sd, tmp_path / "src.pt")
+    out = tmp_path / "out.safetensors"
+    result = run("convert", tmp_path / "src.pt", "--input-shape", "8x2x2", "-o", out)
+    assert result.exit_code == 2 and "the written tensor 'z.bias' differs from the input" in result.stderr
+    assert not out.exists()
