@@ -233,9 +233,10 @@ def timed(module, name, key):
         finally:
             spent[key] += time.perf_counter() - begin
     setattr(module, name, wrapper)
-import fc2conv.preload as preload
+import fc2conv.preload as preload, fc2conv.check as check
 timed(preload, "_import_torch", "import torch (background)")
 timed(preload, "wait_for_torch", "wait for torch")
+check.wait_for_torch = preload.wait_for_torch  # imported by name there
 
 import fc2conv.jobs.convert as convert, fc2conv.jobs.verify as verify
 for module in (convert, verify):

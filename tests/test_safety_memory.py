@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def _many_big_pickles(tmp: Path) -> Path:
 
     The zip is written by hand so that the 16 MiB of zeros are compressed once, not 150 times.
     """
-    evil = _pickle_ops(_global("posix", "system") + _unicode("true") + b"\x85R")
+    evil = pickle.dumps(_RunsTrue(), protocol=4)  # torch's error names no global: the scan must
     zeros = b"\0" * 16 * 2**20
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
     deflated = packer.compress(zeros) + packer.flush()
@@ -125,6 +126,11 @@ def _many_big_pickles(tmp: Path) -> Path:
     path = tmp / "many.pt"
     path.write_bytes(_zip_by_hand(entries))
     return path
+
+
+class _RunsTrue:
+    def __reduce__(self):
+        return (os.system, ("true",))
 
 
 def _zip_by_hand(entries: list[tuple[str, bytes, bytes, int]]) -> bytes:
