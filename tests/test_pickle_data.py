@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import subprocess
 import sys
 import zipfile
 
@@ -149,3 +150,40 @@ def test_copy_span_falls_back_where_the_kernel_cannot(tmp_path, monkeypatch):
         os.close(fd_in)
         os.close(fd_out)
     assert target.read_bytes() == b"x" * 5000
+
+
+def test_inspect_of_a_torch_save_file_does_not_import_torch():
+    """A torch.save zip is read as data: inspecting it needs no torch at all."""
+    from tests.conftest import SAMPLES
+
+    code = (
+        "import sys\n"
+        "from fc2conv.cli import cli\n"
+        f"code = cli.main(['inspect', {str(SAMPLES / 'small_cnn.pt')!r}, '--json'], standalone_mode=False)\n"
+        "assert code == 0, code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_torch_is_preloaded_only_for_formats_read_without_it(monkeypatch):
+    import fc2conv.preload as preload
+
+    started = []
+    monkeypatch.setattr(preload.sys, "modules", {k: v for k, v in sys.modules.items() if k != "torch"})
+    monkeypatch.setattr(preload.threading, "Thread", lambda **kwargs: started.append(kwargs) or _NoThread())
+    monkeypatch.setattr(preload, "_thread", None)
+    preload.preload_torch("keras")
+    preload.preload_torch("torch", "onnx")
+    assert started == []
+    preload.preload_torch("torch", "safetensors")
+    assert len(started) == 1
+
+
+class _NoThread:
+    def start(self):
+        pass
+
+    def is_alive(self):
+        return False
