@@ -362,7 +362,7 @@ def _measure(
         heads=tuple(h.flatten for h in heads),
         input_shape=tuple(model.inputs[0].shape[1:]),
         traced_max_abs_error=traced,
-        dense_max_abs_error=dense if math.isfinite(dense) else math.inf,
+        dense_max_abs_error=dense,
         dense_grid=(WINDOW_GROWTH + 1, WINDOW_GROWTH + 1),
         reference_scale=scale,
         tolerance=tolerance_for(dtype),
@@ -381,7 +381,7 @@ def _end_to_end_error(reference: Any, model: Any, rng: Any) -> tuple[float, floa
     error, scale = 0.0, 0.0
     for want, have in zip(expected, got, strict=True):
         want, have = _float64(want), _float64(have)
-        error = max(error, float(np.max(np.abs(want - have.reshape(want.shape)))))
+        error = max(error, _largest_difference(want, have.reshape(want.shape)))
         scale = max(scale, float(np.max(np.abs(want))))
     return error, scale
 
@@ -405,9 +405,17 @@ def _window_error(reference: Any, model: Any, head: KerasHead, rng: Any) -> tupl
             else:
                 window, position = big[:, i : i + m.height, j : j + m.width], conv_out[:, i, j, :]
             ref_out = _float64(_run_original_head(reference, head, window))
-            error = max(error, float(np.max(np.abs(ref_out - position))))
+            error = max(error, _largest_difference(ref_out, position))
             scale = max(scale, float(np.max(np.abs(ref_out))))
     return error, scale
+
+
+def _largest_difference(want: Any, have: Any) -> float:
+    """The largest absolute difference; infinite if either side has a NaN (``max`` would drop a NaN)."""
+    import numpy as np
+
+    error = float(np.max(np.abs(want - have)))
+    return math.inf if math.isnan(error) else error
 
 
 def _run_converted_head(model: Any, head: KerasHead, x: Any) -> Any:

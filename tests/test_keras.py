@@ -627,6 +627,19 @@ def test_export_that_fails_its_check_writes_nothing(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if "wrong" in p.name] == []
 
 
+def test_export_with_a_nan_kernel_writes_nothing(tmp_path: Path) -> None:
+    """A NaN in a converted kernel is an infinite error, never a pass."""
+    kf = read_keras(save(trunk_model(), tmp_path, "keras"))
+    tensors = dict(apply_plan(plan_keras(kf), kf.tensors))
+    change = head_changes(kf.heads[0], kf)[0]
+    tensors[change.weight] = tensors[change.weight].clone()
+    tensors[change.weight][0, 0, 0, 0] = float("nan")
+    result = export_keras(kf, tensors, tmp_path / "nan.keras")
+    assert not result.ok and not result.written
+    assert result.traced_max_abs_error == result.dense_max_abs_error == float("inf")
+    assert not (tmp_path / "nan.keras").exists()
+
+
 @pytest.mark.parametrize("kind", FORMATS)
 def test_export_conv_trunk_runs_at_any_size(tmp_path: Path, kind: str) -> None:
     model = trunk_model()
