@@ -27,7 +27,7 @@ h5py = pytest.importorskip("h5py")
 keras = pytest.importorskip("keras")
 
 from fc2conv.convert import apply_plan, fc_to_conv_weight  # noqa: E402
-from fc2conv.errors import CheckpointError, PlanError, ShapeError  # noqa: E402
+from fc2conv.errors import CheckpointError, DependencyError, PlanError, ShapeError  # noqa: E402
 from fc2conv.formats import read_listing  # noqa: E402
 from fc2conv.formats.keras import KerasFile, KerasHead, read_keras  # noqa: E402
 from fc2conv.jobs.convert import plan_for  # noqa: E402
@@ -578,6 +578,14 @@ def test_bfloat16_weights(tmp_path: Path) -> None:
     assert {i.name: i.dtype for i in kf.infos} == {"fc.weight": "bfloat16", "fc.bias": "bfloat16"}
     kernel = torch.tensor(keras.ops.convert_to_numpy(keras.ops.cast(model.get_layer("fc").kernel, "float32")))
     assert torch.equal(kf.tensors["fc.weight"].float(), kernel.t())
+
+
+def test_reading_without_h5py_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save(trunk_model(), tmp_path, "keras")
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
+    with pytest.raises(DependencyError, match="h5py") as caught:
+        read_keras(path)
+    assert caught.value.extra == "keras"
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fc2conv.errors import CheckpointError, Fc2ConvError
+from fc2conv.errors import CheckpointError, DependencyError, Fc2ConvError
 
 if TYPE_CHECKING:
     import h5py
@@ -64,9 +64,15 @@ def reading(path: Path, what: str) -> Iterator[None]:
 
 @contextmanager
 def open_weights(path: Path, in_zip: bool) -> Iterator[h5py.File]:
-    """The HDF5 weights, read-only: ``path`` itself, or the ``model.weights.h5`` inside the zip at ``path``."""
-    import h5py
+    """The HDF5 weights, read-only: ``path`` itself, or the ``model.weights.h5`` inside the zip at ``path``.
 
+    Raises:
+        DependencyError: h5py is not installed (the ``keras`` extra).
+    """
+    try:
+        import h5py
+    except ImportError as exc:
+        raise DependencyError(f"reading a Keras model needs the h5py package ({exc})", extra="keras") from exc
     if in_zip:
         with zipfile.ZipFile(path) as archive, archive.open(WEIGHTS_H5) as member:
             with h5py.File(member, "r") as h5:
