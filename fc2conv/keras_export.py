@@ -68,6 +68,7 @@ def require_keras() -> None:
 
 
 def _keras() -> Any:
+    """The keras module, on the PyTorch backend unless ``KERAS_BACKEND`` says otherwise."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
         import keras

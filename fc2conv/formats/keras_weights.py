@@ -54,7 +54,6 @@ __all__ = [
     "layer_notes",
     "map_h5_weights",
     "map_keras_weights",
-    "variable_names",
 ]
 
 # How a Keras array becomes PyTorch's layout: the stored axes in PyTorch's order.
@@ -79,7 +78,7 @@ class TensorSpec:
 
     name: str  # fc2conv's name: "<layer>.weight"
     layer: str
-    variable: str  # Keras's name: "kernel", "gamma", ... or the index in a .keras vars group
+    variable: str  # Keras's name: "kernel", "gamma", ...; "vars.<i>" where the file does not name it
     dataset: str  # path inside the HDF5 file
     keras_shape: tuple[int, ...]
     dtype: str
@@ -119,7 +118,7 @@ class LazyTensors(Mapping[str, "torch.Tensor"]):
 
 @dataclass(frozen=True)
 class WeightMap:
-    """Every tensor of the file, by layer, and what the reader should tell about them."""
+    """Every tensor of the file, in the order Keras saved them, and notes for the user on how they were read."""
 
     specs: tuple[TensorSpec, ...]
     notes: tuple[str, ...]
@@ -233,7 +232,7 @@ class _WeightMapper:
 
     def _keras_variable_names(self, layer: ConfigLayer, indices: list[str], group_path: str) -> list[str]:
         """The names of the variables at ``indices``: from the layer's class, else ``vars.<i>``."""
-        expected = variable_names(layer)
+        expected = _variable_names(layer)
         if expected is None:
             if indices:
                 self.notes.append(
@@ -298,7 +297,7 @@ class _WeightMapper:
         if group is None or not isinstance(group, h5py.Group):
             # A Sequential's InputLayer has no group; a Functional's has an empty one.
             for leaf in leaves:
-                if variable_names(leaf):
+                if _variable_names(leaf):
                     raise CheckpointError(
                         f"{self.path}: layer {leaf.name} ({leaf.class_name}): no model_weights/{short} group; "
                         "the layer's weights cannot be read"
@@ -333,7 +332,7 @@ class _WeightMapper:
 
     def _h5_layer(self, h5: h5py.File, layer: ConfigLayer, pairs: list[tuple[str, str]]) -> None:
         """One layer's variables, all that its class implies present, in Keras's order."""
-        expected = variable_names(layer)
+        expected = _variable_names(layer)
         have = [variable for variable, _ in pairs]
         missing = [variable for variable in expected or [] if variable not in have]
         if missing:
@@ -350,7 +349,7 @@ class _WeightMapper:
 # --- names and layouts ----------------------------------------------------------------------------
 
 
-def variable_names(layer: ConfigLayer) -> list[str] | None:
+def _variable_names(layer: ConfigLayer) -> list[str] | None:
     """The variables a built-in layer saves, in Keras's order (None: not known, kept by index)."""
     config, cls = layer.config, layer.class_name
     if layer.quantized:
