@@ -25,6 +25,7 @@ from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
 
 if TYPE_CHECKING:
+    from fc2conv.formats import Source
     from fc2conv.results import ConvertResult, VerifyResult
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -94,6 +95,8 @@ class Fc2ConvGroup(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        if "--debug" in argv[1:]:  # accepted anywhere, as users type it: after the command too
+            argv = ["--debug", *[a for a in argv if a != "--debug"]]
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -179,24 +182,38 @@ def _warn(lines: list[str]) -> None:
         click.echo(f"Warning: {line}", err=True)
 
 
-@click.group(name="fc2conv", cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    name="fc2conv",
+    cls=Fc2ConvGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, "--version", prog_name="fc2conv")
-@click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports).")
-def cli(debug: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports); anywhere on the line.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Turn a network's fully connected layers into convolutions, and prove they compute the same.
 
     \b
     Exit codes: 0 success, 1 a numeric check failed, 2 bad usage or unreadable input.
     """
+    if ctx.invoked_subcommand is None:  # bare `fc2conv`: the help, as git and pip do, and success
+        click.echo(ctx.get_help())
 
 
-_shape_option = click.option(
-    "--input-shape",
-    type=SHAPE,
-    default=None,
-    help="Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C "
-    "(square map). Default: C from the last conv before the first FC, square map. With --model: the "
-    "network's input instead (CxHxW).",
+_MAP_HELP = (
+    "Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C (square map). "
+    "Default: C from the last conv (or BatchNorm) before the first FC, square map; a Keras model says it."
+)
+
+
+def _shape_option(extra: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--input-shape", type=SHAPE, default=None, help=_MAP_HELP + extra)
+
+
+_CONVERT_SHAPE = (
+    " With --model: the network's input instead (CxHxW, e.g. 3x224x224). With an .onnx graph: its input, where the "
+    "graph leaves the size open."
 )
 _order_help = (
     "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last). Default: what a "
@@ -209,17 +226,32 @@ _trust_option = click.option(
     help="Unpickle arbitrary objects (torch.load weights_only=False), e.g. a whole saved nn.Module. "
     "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
 )
-_model_option = click.option(
-    "--model",
-    metavar="PACKAGE.MODULE:FACTORY",
-    default=None,
-    help="Convert the model, not only its weights: FACTORY() builds it (imported from the current folder "
-    "too), CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. "
-    "3x224x224.",
+
+
+def _model_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--model", metavar="PACKAGE.MODULE:FACTORY", default=None, help=help_text)
+
+
+_CONVERT_MODEL = (
+    "Convert the model, not only its weights: FACTORY() builds it (imported from the current folder too), "
+    "CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. 3x224x224."
+)
+_VERIFY_MODEL = (
+    "Also check end to end: FACTORY() builds the model, ORIGINAL's weights go into it and CONVERTED's into its "
+    "conversion, and both run (at --input-shape, the NETWORK input, e.g. 3x224x224, and on a larger input, "
+    "position by position)."
 )
 
 
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
+_key_option = click.option(
+    "--state-dict-key",
+    metavar="KEY",
+    default=None,
+    help="Where a training checkpoint keeps the weights to read: a key such as model_ema, or a dotted path "
+    "(checkpoint.state_dict). Default: the first of state_dict, model_state_dict, model, ... (training weights "
+    "before EMA copies); the key taken and those passed over are reported.",
+)
 _LAYOUTS: dict[str, LayoutChoice] = {"auto": "auto", "out-in": "out_in", "in-out": "in_out"}
 _layout_option = click.option(
     "--weight-layout",
@@ -250,7 +282,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 
 @cli.command()
 @click.argument("checkpoint", type=FILE)
-@_shape_option
+@_shape_option(_CONVERT_SHAPE)
 @click.option(
     "-o",
     "--output",
@@ -267,7 +299,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     "the layout NPUs want for projections. No flatten geometry.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
-@_model_option
+@_model_option(_CONVERT_MODEL)
 @click.option(
     "--export",
     "export_path",
@@ -283,6 +315,12 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
 )
 @click.option(
+    "--dense",
+    is_flag=True,
+    help="With an ONNX graph as input: drop the flatten and open the input's height and width, so the model "
+    "returns a map of scores (N, K, H', W') on larger inputs (checked position by position).",
+)
+@click.option(
     "--keras-out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -296,6 +334,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 )
 @_layout_option
 @_trust_shape_option
+@_key_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -310,10 +349,12 @@ def convert(
     model: str | None,
     export_path: Path | None,
     onnx_path: Path | None,
+    dense: bool,
     keras_out: Path | None,
     fold_batchnorm: bool,
     weight_layout: str,
     trust_shape: bool,
+    state_dict_key: str | None,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -331,7 +372,13 @@ def convert(
     if pointwise and (input_shape is not None or flatten_order is not None):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    source = open_source(checkpoint, trust_pickle=trust_pickle)  # read once, then branch on what it holds
+    # Read once, then branch on what the file holds.
+    source = open_source(checkpoint, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
+    if source.format == "onnx":
+        return _convert_onnx(source, output, dense, force, as_json, model, pointwise, layers, flatten_order,
+                             export_path or onnx_path or keras_out or fold_batchnorm)  # fmt: skip
+    if dense:
+        raise click.UsageError("--dense rewrites an ONNX graph: CHECKPOINT must be an .onnx file")
     if model is not None or source.module is not None:
         if pointwise or layers is not None or flatten_order is not None:
             raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
@@ -356,13 +403,26 @@ def convert(
     return _finish(result, as_json, "convert")
 
 
+def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
+    """``convert model.onnx``: the graph's heads become Conv nodes; the options of checkpoints do not apply."""
+    if any(flags):
+        raise click.UsageError(
+            "an ONNX graph says its own heads, order and layers: no --model, --pointwise, --layers, "
+            "--flatten-order, --export, --onnx, --keras-out or --fold-batchnorm"
+        )
+    from fc2conv.jobs.onnx import convert_onnx_source
+
+    return _finish(convert_onnx_source(source, output, dense=dense, overwrite=force), as_json, "convert")
+
+
 @cli.command()
 @click.argument("checkpoint", type=FILE)
-@_shape_option
+@_shape_option(" With an .onnx graph: its input, where the graph leaves the size open.")
 @click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
 @_layout_option
 @_trust_shape_option
+@_key_option
 @_trust_option
 @_json_option
 def inspect(
@@ -372,6 +432,7 @@ def inspect(
     layers: str | None,
     weight_layout: str,
     trust_shape: bool,
+    state_dict_key: str | None,
     trust_pickle: bool,
     as_json: bool,
 ) -> int:
@@ -385,6 +446,7 @@ def inspect(
     result = inspect_file(
         checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
         weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key,
     )  # fmt: skip
     _emit(result, as_json, "inspect")
     return EXIT_OK
@@ -393,7 +455,10 @@ def inspect(
 @cli.command()
 @click.argument("original", type=FILE)
 @click.argument("converted", type=FILE)
-@_shape_option
+@_shape_option(
+    " Cross-checks the geometry the converted file records. With --model: the network's input (CxHxW). "
+    "With an .onnx graph: its input, where the graph leaves the size open."
+)
 @click.option(
     "--flatten-order",
     type=click.Choice(FLATTEN_ORDERS),
@@ -412,7 +477,8 @@ def inspect(
     default=None,
     help="Tolerance relative to the largest output. Default per dtype, as --atol.",
 )
-@_model_option
+@_model_option(_VERIFY_MODEL)
+@_key_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -424,6 +490,7 @@ def verify(
     atol: float | None,
     rtol: float | None,
     model: str | None,
+    state_dict_key: str | None,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -437,7 +504,13 @@ def verify(
     from fc2conv.report_json import warnings_for
 
     _trust_warning(trust_pickle, original, converted)
-    original_source = open_source(original, trust_pickle=trust_pickle)
+    original_source = open_source(
+        original, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key
+    )
+    if original_source.format == "onnx":
+        from fc2conv.jobs.onnx import verify_onnx_sources
+
+        return _finish(verify_onnx_sources(original_source, converted), as_json, "verify")
     converted_source = open_source(converted, trust_pickle=trust_pickle)
     if model is not None or original_source.module is not None:
         from fc2conv.jobs.model import verify_model_sources

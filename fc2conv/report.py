@@ -182,8 +182,9 @@ def _end_to_end_row(check: ModuleCheck, input_shape: InputShape | None, wide: bo
 
 
 def _proof_notes(checks: tuple[LayerCheck, ...]) -> list[str]:
-    """What the per-layer checks prove, once per distinct statement."""
-    statements = list(dict.fromkeys(c.proves for c in checks if c.problem is None))
+    """What the per-layer checks prove, once per distinct statement (a 1x1 layer's is implied by its head's)."""
+    spatial = [c for c in checks if c.problem is None and c.new_shape[2:] != (1, 1)]
+    statements = list(dict.fromkeys(c.proves for c in (spatial or [c for c in checks if c.problem is None])))
     notes = [f"checked: {s}; rel = abs / max|output|" for s in statements]
     if checks and all(c.exact for c in checks):
         notes.append("checked: every byte of each kernel is its FC weight rearranged")
@@ -212,15 +213,10 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     for line in (*_proof_notes(result.checks), *result.load_notes, *plan.notes, *_skipped_notes(result)):
         _note(console, line)
     if result.end_to_end is not None:
-        e2e = result.end_to_end
-        _note(
-            console,
-            f"end to end: original vs converted model (float64 copies) at {result.model_input_shape}, and on a "
-            f"2x larger input: {e2e.positions_checked} of the {'x'.join(map(str, e2e.dense_grid))} output positions "
-            "against the original head on their windows",
-        )
+        _note(console, f"end to end: {result.end_to_end.how}")
     if plan.mode == "chain":
-        _note(console, f"flatten order: {plan.flatten_order}")
+        origin = f" ({plan.flatten_order_origin})" if plan.flatten_order_origin else ""
+        _note(console, f"flatten order: {plan.flatten_order}{origin}")
     if result.written:
         shards = f", {result.shards} shards + index" if result.shards else ""
         _note(console, f"output: {result.output} ({_bytes(result.output_bytes)}{shards})")
@@ -257,7 +253,7 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         _note(console, f"converts: {layers}")
         for note in (*plan.notes, *_skipped_notes(result)):
             _note(console, note)
-        if plan.input_shape is not None:
+        if plan.input_shape is not None and result.format != "onnx":  # an ONNX graph's input is another shape
             _note(console, f"convert would use: --input-shape {plan.input_shape} --flatten-order {plan.flatten_order}")
     else:
         _note(console, f"no conversion plan: {result.plan_problem or ''}", "yellow")
@@ -284,11 +280,11 @@ def verify_table(result: VerifyResult, width: int) -> Table:
     rows = []
     if result.end_to_end is not None:
         e2e = result.end_to_end
-        rows.append(("(end to end)", "model", "float64", max(e2e.max_abs_error, e2e.dense_max_abs_error),
+        rows.append(("(end to end)", "model", e2e.dtype, max(e2e.max_abs_error, e2e.dense_max_abs_error),
                      max(e2e.max_rel_error, e2e.dense_max_rel_error), e2e.tolerance, "", e2e.ok))  # fmt: skip
     for c in result.checks:
         rows.append((escape(c.name), c.became, c.dtype, c.max_abs_error, c.max_rel_error, c.tolerance,
-                     "yes" if c.exact else "no", c.ok))  # fmt: skip
+                     {True: "yes", False: "no", None: "-"}[c.exact], c.ok))  # fmt: skip
     for name, became, dtype, abs_error, rel_error, tolerance, exact, ok in rows:
         tol = f"{tolerance.atol:g} / {tolerance.rtol:g}"
         if wide:
@@ -305,6 +301,8 @@ def render_verify(console: Console, result: VerifyResult) -> None:
         _note(console, line, "bold red")
     for line in (*_proof_notes(result.checks), *result.notes):
         _note(console, line)
+    if result.end_to_end is not None:
+        _note(console, f"end to end: {result.end_to_end.how}")
     if result.input_shape is not None:
         _note(console, f"geometry: {result.input_shape} ({result.flatten_order})")
     _note(console, f"other tensors: {result.identical} identical, {len(result.mismatches)} not")

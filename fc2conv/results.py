@@ -91,10 +91,8 @@ class LayerCheck:
         if self.pointwise:
             return f"1x1 conv ({self.dtype}) = Linear (float64) on each of {self.window_grid[1]} positions"
         grid = "x".join(map(str, self.window_grid))
-        return (
-            f"conv ({self.dtype}) = FC (float64) on the map flattened {self.flatten_order}, "
-            f"at the traced size and {grid} sliding positions"
-        )
+        on = "" if self.new_shape[2:] == (1, 1) else f" on the map flattened {self.flatten_order}"
+        return f"conv ({self.dtype}) = FC (float64){on}, traced size + {grid} sliding positions"
 
 
 @dataclass(frozen=True)
@@ -128,6 +126,9 @@ class ModuleCheck:
     tolerance: Tolerance
     reference_scale: float = 0.0  # the largest original output at the traced size
     dense_reference_scale: float = 0.0  # the largest original head output on the windows checked
+    problem: str | None = None  # why the check could not run (then it fails)
+    how: str = ""  # what was run against what, in a sentence
+    dtype: str = "float64"  # what the models ran in
 
     @property
     def ok(self) -> bool:
@@ -137,6 +138,8 @@ class ModuleCheck:
     @property
     def failure(self) -> str | None:
         """Why the end-to-end check failed, naming the numbers; None when it passed."""
+        if self.problem is not None:
+            return self.problem
         atol, rtol = self.tolerance.atol, self.tolerance.rtol
         for what, error, scale in (
             ("at the traced size", self.max_abs_error, self.reference_scale),

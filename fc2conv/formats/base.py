@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fc2conv.errors import CheckpointError
-from fc2conv.types import HeadHint, TensorInfo, WeightLayout
+from fc2conv.types import HeadHint, ShapeSpec, TensorInfo, WeightLayout
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,8 @@ class ReadOptions:
     """
 
     trust_pickle: bool = False
+    state_dict_key: str | None = None  # where a training checkpoint keeps the weights to read ("model_ema")
+    input_shape: ShapeSpec | None = None  # a graph's input size (C x H x W), where an ONNX graph leaves it open
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Listing:
     # The heads the file itself describes (a model's config: nothing to infer); None for weights alone.
     heads: tuple[HeadHint, ...] | None = None
     heads_refused: tuple[str, ...] = ()  # why the file's other heads cannot be converted with proof
+    native: Any = None  # the format's own reading of the file (a KerasFile, an OnnxFile), for its own outputs
 
 
 @dataclass
@@ -70,7 +73,6 @@ class Source(Listing):
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     shards: ShardLayout | None = None  # a sharded checkpoint: its files
     module: Any = None  # a whole nn.Module, unpickled because the caller trusted the file
-    native: Any = None  # the format's own reading of the file (a KerasFile), for writing that format back
 
 
 class Reader(Protocol):

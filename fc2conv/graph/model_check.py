@@ -60,10 +60,14 @@ def check_module(
         traced.add(have.reshape(want.shape), want)
     big = torch.randn(1, shape.channels, 2 * shape.height, 2 * shape.width, generator=generator, dtype=torch.float64)
     dense, grid, positions = _dense_errors(reference, candidate, big, generator)
+    how = (
+        f"original vs converted model (float64 copies) at {shape}, and on a 2x larger input: {positions} of the "
+        f"{'x'.join(map(str, grid))} output positions against the original head on their windows"
+    )
     return ModuleCheck(
         max_abs_error=traced.error, max_rel_error=traced.relative, dense_max_abs_error=dense.error,
         dense_max_rel_error=dense.relative, dense_grid=grid, positions_checked=positions, tolerance=tolerance,
-        reference_scale=traced.scale, dense_reference_scale=dense.scale,
+        reference_scale=traced.scale, dense_reference_scale=dense.scale, how=how,
     )  # fmt: skip
 
 

@@ -52,6 +52,7 @@ def convert_file(
     overwrite: bool = False,
     strict: bool = False,
     trust_pickle: bool = False,
+    state_dict_key: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint to safetensors whose FC layers are convolution kernels.
@@ -73,16 +74,18 @@ def convert_file(
         overwrite: Replace existing output files.
         strict: Fail layers with non-finite (NaN/Inf) weights too.
         trust_pickle: Unpickle arbitrary objects (runs the file's code: only for files you trust).
+        state_dict_key: Where a training checkpoint keeps the weights (``"model_ema"``, ``"a.b"``).
         progress: Called after each tensor is written.
 
     Raises:
         CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted
             (an fc2conv conversion already is one), or the output cannot be written.
     """
+    source = open_source(input_path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
     return convert_source(
-        open_source(input_path, trust_pickle=trust_pickle), output_path, input_shape=input_shape,
-        flatten_order=flatten_order, layers=layers, pointwise=pointwise, weight_layout=weight_layout,
-        trust_shape=trust_shape, overwrite=overwrite, strict=strict, progress=progress,
+        source, output_path, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
+        pointwise=pointwise, weight_layout=weight_layout, trust_shape=trust_shape, overwrite=overwrite,
+        strict=strict, progress=progress,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import Plan
 from fc2conv.record import changes_from_metadata
 from fc2conv.results import InspectResult
+from fc2conv.shapes import as_spec
 from fc2conv.types import FlattenOrder, ShapeLike
 
 __all__ = ["inspect_file"]
@@ -26,6 +27,7 @@ def inspect_file(
     weight_layout: LayoutChoice = "auto",
     trust_shape: bool = False,
     trust_pickle: bool = False,
+    state_dict_key: str | None = None,
 ) -> InspectResult:
     """List a checkpoint's layers and the conversion plan, reading only shapes.
 
@@ -33,7 +35,9 @@ def inspect_file(
     the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises
     :class:`~fc2conv.errors.ShapeError`.
     """
-    listing = read_listing(path, trust_pickle=trust_pickle)
+    listing = read_listing(
+        path, trust_pickle=trust_pickle, input_shape=as_spec(input_shape), state_dict_key=state_dict_key
+    )
     notes = list(listing.notes)
     recorded = changes_from_metadata(listing.metadata)
     if recorded is not None:
@@ -42,7 +46,12 @@ def inspect_file(
     plan: Plan | None = None
     problem: str | None = None
     try:
-        plan = plan_for(listing, input_shape, flatten_order, layers, False, weight_layout, trust_shape)
+        if listing.format == "onnx":
+            from fc2conv.jobs.onnx import onnx_file_of, onnx_plan
+
+            plan = onnx_plan(onnx_file_of(listing))
+        else:
+            plan = plan_for(listing, input_shape, flatten_order, layers, False, weight_layout, trust_shape)
     except PlanError as exc:  # a ShapeError (a given shape that does not fit) is the caller's error
         problem = str(exc)
     return InspectResult(

@@ -21,7 +21,7 @@ from fc2conv.types import FlattenOrder, InputShape, ShapeLike, TensorInfo, dtype
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["verify_files", "verify_sources"]
+__all__ = ["difference", "verify_files", "verify_sources"]
 
 
 def verify_files(
@@ -84,7 +84,7 @@ def verify_sources(
         present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True, strict=strict
     )
     others = sorted((original_names & converted_names) - {c.weight for c in changes})
-    different = [TensorMismatch(n, _difference(original.tensors[n], converted.tensors[n])) for n in others
+    different = [TensorMismatch(n, difference(original.tensors[n], converted.tensors[n])) for n in others
                  if not tensors_identical(original.tensors[n], converted.tensors[n])]  # fmt: skip
     if not changes:
         notes.append("no converted layer found: nothing is 2-D in the original and 4-D in the converted file")
@@ -157,7 +157,8 @@ def _changes_from_shapes(
     return changes
 
 
-def _difference(a: torch.Tensor, b: torch.Tensor) -> str:
+def difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two tensors that should be identical differ: dtype, shape, or values (with the largest gap)."""
     if a.dtype != b.dtype:
         return f"dtype changed: {dtype_name(a.dtype)} -> {dtype_name(b.dtype)}"
     if a.shape != b.shape:
