@@ -714,3 +714,19 @@ def test_committed_digits_samples(name: str) -> None:
     model = keras.saving.load_model(SAMPLES / name)
     x = np.random.default_rng(10).uniform(0, 1, (8, 8, 8, 1)).astype("float32")
     assert_close(torch_forward(model, kf, converted_tensors(kf), x), keras_outputs(model, x))
+
+
+def test_weights_are_read_in_place_whether_the_zip_stores_or_compresses_them(tmp_path: Path) -> None:
+    """Keras stores model.weights.h5 uncompressed (read in place, fast); a re-zipped, deflated file reads the same."""
+    path = save(trunk_model(), tmp_path, "keras")
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo("model.weights.h5").compress_type == zipfile.ZIP_STORED
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    deflated = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    stored, compressed = read_keras(path), read_keras(deflated)
+    assert [i.name for i in stored.infos] == [i.name for i in compressed.infos]
+    for name in stored.tensors:
+        assert torch.equal(stored.tensors[name], compressed.tensors[name]), name
