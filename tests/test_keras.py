@@ -730,3 +730,16 @@ def test_weights_are_read_in_place_whether_the_zip_stores_or_compresses_them(tmp
     assert [i.name for i in stored.infos] == [i.name for i in compressed.infos]
     for name in stored.tensors:
         assert torch.equal(stored.tensors[name], compressed.tensors[name]), name
+
+
+def test_a_depthwise_conv_reads_from_both_keras_3_formats(tmp_path: Path) -> None:
+    """Keras 3 saves a DepthwiseConv2D's kernel as "kernel" in .h5 (tf.keras 2: "depthwise_kernel")."""
+    model = keras.Sequential(
+        [keras.Input((6, 6, 3)), L.DepthwiseConv2D(3, name="dw"), L.Flatten(name="flat"), L.Dense(4, name="fc")],
+        name="depthwise",
+    )
+    zipped, legacy = read_keras(save(model, tmp_path, "keras")), read_keras(save(model, tmp_path, "h5"))
+    assert [i.name for i in zipped.infos] == [i.name for i in legacy.infos]
+    for name in zipped.tensors:
+        assert torch.equal(zipped.tensors[name], legacy.tensors[name]), name
+    assert [h.feature_map for h in legacy.heads] == [InputShape(3, 4, 4)]

@@ -332,6 +332,8 @@ class _WeightMapper:
 
     def _h5_layer(self, h5: h5py.File, layer: ConfigLayer, pairs: list[tuple[str, str]]) -> None:
         """One layer's variables, all that its class implies present, in Keras's order."""
+        if layer.class_name in ("DepthwiseConv1D", "DepthwiseConv2D"):  # Keras 3 names it kernel, tf.keras 2 not
+            pairs = [("depthwise_kernel" if v == "kernel" else v, dataset) for v, dataset in pairs]
         expected = _variable_names(layer)
         have = [variable for variable, _ in pairs]
         missing = [variable for variable in expected or [] if variable not in have]
