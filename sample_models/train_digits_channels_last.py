@@ -29,6 +29,7 @@ if __name__ == "__main__":  # run as a script: make the repository importable, a
     sys.path.insert(0, str(HERE.parent))
 
 from sample_models.train_digits import load_data, reproducible  # noqa: E402
+
 FILENAME = "digits_channels_last.safetensors"
 
 
@@ -40,7 +41,7 @@ class ChannelsLastFlatten(nn.Module):
 
 
 class DigitsChannelsLastCNN(nn.Module):
-    """1x8x8 -> conv 3x3 -> 16x6x6 -> conv 3x3 -> 32x4x4 -> NHWC flatten -> Linear(512, 64) -> ReLU -> Linear(64, 10)."""
+    """1x8x8 -> conv 3x3 -> 16x6x6 -> conv 3x3 -> 32x4x4 -> NHWC flatten -> Linear(512, 64) -> ReLU -> Linear(64, 10)"""
 
     input_shape = (1, 8, 8)
     feature_shape = (32, 4, 4)
@@ -48,9 +49,7 @@ class DigitsChannelsLastCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU())
-        self.classifier = nn.Sequential(
-            ChannelsLastFlatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
-        )
+        self.classifier = nn.Sequential(ChannelsLastFlatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
