@@ -79,7 +79,7 @@ def _alone_verdicts(weight: torch.Tensor, shape: tuple[int, int, int], truth: st
         ("smooth_adjacent", "smooth_scale", evidence.MIN_MARGIN),
         ("unexplained", "total", evidence.MIN_MARGIN),
     ):
-        logs = {o: (evidence._cat(parts[o], numerator) / evidence._cat(parts[o], denominator)).log() for o in parts}
+        logs = {o: evidence._per_row_ratio(parts[o], numerator, denominator).log() for o in parts}
         usable = logs["chw"].isfinite() & logs["hwc"].isfinite()
         test = evidence._paired_test(logs["hwc"][usable] - logs["chw"][usable])  # > 0 favours chw
         margin = test.margin if test.margin >= 1 else 1 / test.margin

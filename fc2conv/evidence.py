@@ -229,8 +229,8 @@ def order_evidence(
             return _not_applicable(shape, unmeasured, "the weights hold NaN or Inf values")
         for order in orders:
             parts[order].append(_order_sums(rows, shape, order))
-    smoothness = {o: _cat(parts[o], "smooth_adjacent") / _cat(parts[o], "smooth_scale") for o in orders}
-    unexplained = {o: _cat(parts[o], "unexplained") / _cat(parts[o], "total") for o in orders}
+    smoothness = {o: _per_row_ratio(parts[o], "smooth_adjacent", "smooth_scale") for o in orders}
+    unexplained = {o: _per_row_ratio(parts[o], "unexplained", "total") for o in orders}
     usable = _usable_rows([*smoothness.values(), *unexplained.values()])
     rows_used = int(usable.sum())
     if rows_used == 0:
@@ -339,6 +339,8 @@ def geometry_evidence(
         >>> evidence = geometry_evidence(weight, map_factorisations(weight.shape[1]))
         >>> evidence.ranking[0].shape, evidence.strength
     """
+    import torch
+
     orders = _validated_orders(orders)
     shapes = list(dict.fromkeys(candidates))
     for shape in shapes:
@@ -358,8 +360,6 @@ def geometry_evidence(
         totals.append(rows.squares)
         for shape, order in pairs:
             adjacent[(shape, order)].append(_adjacent_squares(_kernel_view(rows.values, shape, order)).double())
-    import torch
-
     total = torch.cat(totals)
     raw_ratio = {}
     for shape, order in pairs:
@@ -594,10 +594,12 @@ def _smooth_pair_evidence(raw_ratio: torch.Tensor, n_pairs: int) -> torch.Tensor
     return torch.where(s < 1, n_pairs * (s - 1 - s.log()) / 2, torch.zeros_like(s))
 
 
-def _cat(parts: list[_OrderSums], name: str) -> torch.Tensor:
+def _per_row_ratio(parts: list[_OrderSums], numerator: str, denominator: str) -> torch.Tensor:
+    """One per-row ratio of two fields of the chunks' sums, over every sampled row."""
     import torch
 
-    return torch.cat([getattr(part, name) for part in parts])
+    top = torch.cat([getattr(part, numerator) for part in parts])
+    return top / torch.cat([getattr(part, denominator) for part in parts])
 
 
 def _usable_rows(ratios: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -244,6 +244,17 @@ def test_memory_mapped_weights_give_the_same_figures(tmp_path):
     assert from_disk == in_memory and from_disk.favoured == "hwc"
 
 
+def test_weights_memory_mapped_by_fc2conv_give_the_in_memory_figures():
+    """The tensors fc2conv's loader hands out (memory-mapped safetensors) measure like loaded ones."""
+    from fc2conv.io import load_checkpoint
+
+    checkpoint = load_checkpoint(SAMPLES / "digits_channels_last.safetensors")
+    mapped = checkpoint.tensors["classifier.1.weight"]
+    assert order_evidence(mapped, DIGITS_MAP) == order_evidence(
+        channels_last_state()["classifier.1.weight"], DIGITS_MAP
+    )
+
+
 def test_a_sample_of_rows_gives_the_verdict_of_every_row():
     """The default reads 64 seeded rows; on a large layer that gives the verdict of all of them."""
     shape = InputShape(128, 6, 6)
