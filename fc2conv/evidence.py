@@ -494,7 +494,8 @@ def _row_chunks(weight: torch.Tensor, max_rows: int | None, seed: int) -> Iterat
     compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     step = max(1, _CHUNK_VALUES // max(in_features, 1))
     for start in range(0, len(rows), step):
-        chunk = weight.index_select(0, rows[start : start + step]).to(compute_dtype)  # a copy: ours to change
+        # A copy of the sampled rows, ours to change, outside autograd (an nn.Parameter may come in).
+        chunk = weight.detach().index_select(0, rows[start : start + step]).to(compute_dtype).contiguous()
         chunk -= chunk.mean(dim=1, keepdim=True)
         norms = torch.linalg.vector_norm(chunk, dim=1)
         if not bool(norms.isfinite().all()) or bool((norms < 1e-15).any()):

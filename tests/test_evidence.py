@@ -244,6 +244,13 @@ def test_memory_mapped_weights_give_the_same_figures(tmp_path):
     assert from_disk == in_memory and from_disk.favoured == "hwc"
 
 
+def test_a_parameter_or_a_transposed_view_measures_like_the_tensor():
+    weight = digits_weight()
+    reference = order_evidence(weight, DIGITS_MAP)
+    assert order_evidence(torch.nn.Parameter(weight.clone()), DIGITS_MAP) == reference
+    assert order_evidence(weight.T.contiguous().T, DIGITS_MAP) == reference  # a Keras (in, out) kernel's .T
+
+
 def test_weights_memory_mapped_by_fc2conv_give_the_in_memory_figures():
     """The tensors fc2conv's loader hands out (memory-mapped safetensors) measure like loaded ones."""
     from fc2conv.io import load_checkpoint
