@@ -399,7 +399,7 @@ def convert(
             pointwise=pointwise, weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, overwrite=force,
             strict=strict, progress=progress, keras_out=keras_out,
         )  # fmt: skip
-    _warn(warnings_for(result.checks))
+    _warn(warnings_for(result))
     return _finish(result, as_json, "convert")
 
 
@@ -525,7 +525,7 @@ def verify(
         original_source, converted_source, input_shape=input_shape, flatten_order=flatten_order, atol=atol,
         rtol=rtol, strict=strict,
     )  # fmt: skip
-    _warn(warnings_for(result.checks))
+    _warn(warnings_for(result))
     return _finish(result, as_json, "verify")
 
 

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from fc2conv.shapes import FLATTEN_ORDERS, InputShape
+from fc2conv.types import FLATTEN_ORDERS, InputShape
 
 if TYPE_CHECKING:
     import torch
@@ -383,9 +383,9 @@ def geometry_evidence(
     ranking = tuple(sorted(scores, key=lambda g: -g.smooth_pairs))
     top = ranking[0]
     runner_up = next((g for g in ranking if g.shape != top.shape), None)
-    order = order_evidence(weight, top.shape, orders, max_rows=max_rows, seed=seed) if top.shape.channels > 1 else None
+    at_top = order_evidence(weight, top.shape, orders, max_rows=max_rows, seed=seed) if top.shape.channels > 1 else None
     if runner_up is None:
-        return GeometryEvidence(ranking, None, None, math.nan, math.nan, "weak", order,
+        return GeometryEvidence(ranking, None, None, math.nan, math.nan, "weak", at_top,
                                 f"only one geometry was given ({top.shape}): nothing to compare it with")  # fmt: skip
     per_row = evidence[(top.shape, top.order)] - evidence[(runner_up.shape, runner_up.order)]
     t_statistic = _t_statistic(per_row)
@@ -416,7 +416,7 @@ def geometry_evidence(
         margin=margin,
         t_statistic=t_statistic,
         strength="weak" if shortfall else "clear",
-        order=order,
+        order=at_top,
         explanation=explanation,
     )
 
@@ -437,7 +437,7 @@ def map_factorisations(in_features: int) -> tuple[InputShape, ...]:
         raise ValueError(f"in_features must be at least 1, got {in_features}")
     divisors = [d for d in range(1, math.isqrt(in_features) + 1) if in_features % d == 0]
     divisors = sorted({*divisors, *(in_features // d for d in divisors)})
-    shapes = []
+    shapes: list[InputShape] = []
     for channels in divisors:
         area = in_features // channels
         if area == 1:

@@ -10,8 +10,7 @@ is stored in PyTorch's (out, in) layout but its inputs are in (H, W, C) order, a
 from a Keras/TensorFlow model. Its conv kernel is ``weight.reshape(64, 4, 4, 32).permute(0, 3, 1, 2)``
 (``fc2conv convert --flatten-order hwc``); the plain reshape of a chw conversion is silently wrong.
 
-Trained on the same data, split, optimiser, epochs and seeds as ``train_digits.py`` (its
-``load_data()`` and ``reproducible()``), so the two samples differ only in the flatten order; the
+Trained by ``train_digits.train`` itself (same data, split, optimiser, epochs and seeds), so the two samples differ only in the flatten order; the
 weights are evidence for ``fc2conv.evidence``: they are smooth in hwc order, not in chw.
 """
 
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 if __name__ == "__main__":  # run as a script: make the repository importable, as examples/ does
     sys.path.insert(0, str(HERE.parent))
 
-from sample_models.train_digits import load_data, reproducible  # noqa: E402
+from sample_models.train_digits import train as train_digits  # noqa: E402
 
 FILENAME = "digits_channels_last.safetensors"
 
@@ -55,27 +54,13 @@ class DigitsChannelsLastCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def train(epochs: int = 40) -> tuple[DigitsChannelsLastCNN, float]:
-    """Train the channels-last digits CNN as ``train_digits.train`` trains the channels-first one.
+def train(epochs: int = 40) -> tuple[nn.Module, float]:
+    """Train the channels-last digits CNN exactly as ``train_digits.train`` trains the channels-first one.
 
     Returns:
         The model (in eval mode) and its accuracy on the held-out digits.
     """
-    with reproducible():
-        x_train, y_train, x_test, y_test = load_data()
-        model = DigitsChannelsLastCNN()
-        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-        generator = torch.Generator().manual_seed(1)
-        for _ in range(epochs):
-            model.train()
-            for batch in torch.randperm(len(y_train), generator=generator).split(64):
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-                loss.backward()
-                optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+    model, accuracy, _, _ = train_digits(epochs, DigitsChannelsLastCNN)
     return model, accuracy
 
 

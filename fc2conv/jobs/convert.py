@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
 from fc2conv.check import check_changes
-from fc2conv.convert import converted_info, converted_tensor
+from fc2conv.convert import converted_info, converted_tensor, fc_weight
 from fc2conv.errors import PlanError
+from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence
 from fc2conv.formats import Listing, Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
@@ -20,7 +21,7 @@ from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
 from fc2conv.publish import atomic_folder, atomic_output, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
-from fc2conv.results import ConvertResult, Export, LayerCheck
+from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 
 if TYPE_CHECKING:
@@ -114,6 +115,13 @@ def convert_source(
     if keras_out is not None:
         require_keras_model(source)
     plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
+    evidence = weigh_evidence(plan, source.tensors, geometry_given=input_shape is not None)
+    if strict and evidence is not None and evidence.warnings:  # the evidence fails the conversion: write nothing
+        return ConvertResult(
+            input=source.path, output=Path(output_path or default_output(source.path)), plan=plan, checks=(),
+            load_notes=tuple(source.notes), output_bytes=0, written=False, seconds=time.perf_counter() - started,
+            evidence=evidence, strict=True,
+        )  # fmt: skip
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
     writer = _Writer(source, plan, metadata, strict, progress)
@@ -135,7 +143,30 @@ def convert_source(
         seconds=time.perf_counter() - started,
         shards=len(source.shards.files) if source.shards else 0,
         exports=tuple(exports),
+        evidence=evidence,
+        strict=strict,
     )
+
+
+# Where an order is stated by the file (a model's config, a graph), the weights' evidence is not weighed.
+_ORDER_STATED = ("from the model's config", "from the graph")
+
+
+def weigh_evidence(plan: Plan, tensors: Mapping[str, torch.Tensor], *, geometry_given: bool) -> Evidence | None:
+    """What the first head's weights say of the flatten order in use (and of the map, if it was inferred).
+
+    Only for a chain whose order nothing states, and whose map has several channels and positions
+    (otherwise both orders are one). The figures come from a seeded sample of rows: see
+    :mod:`fc2conv.evidence`.
+    """
+    if plan.mode != "chain" or plan.flatten_order_origin in _ORDER_STATED:
+        return None
+    first = next((c for c in plan.layers if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
+    if first is None:
+        return None
+    weight = fc_weight(first, tensors[first.weight])
+    geometry = None if geometry_given else geometry_evidence(weight, map_factorisations(first.old_shape[1]))
+    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map), geometry)
 
 
 def require_keras_model(source: Source) -> None:
