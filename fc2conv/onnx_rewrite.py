@@ -8,16 +8,15 @@ from typing import TYPE_CHECKING
 from fc2conv._version import __version__
 from fc2conv.convert import fc_to_conv_weight
 from fc2conv.errors import PlanError
-from fc2conv.formats.onnx import GraphIndex, OnnxFile, OnnxHead, OnnxLayer, OnnxStep, to_proto
+from fc2conv.formats.onnx import OnnxFile, OnnxHead, OnnxLayer, OnnxStep
+from fc2conv.formats.onnx_io import first_line, to_proto
 from fc2conv.plan import LayerChange
+from fc2conv.record import METADATA_PREFIX
 from fc2conv.types import InputShape
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-# Keys this module adds to the model's metadata_props (other entries are kept).
-METADATA_PREFIX = "fc2conv."
 
 
 def head_changes(head: OnnxHead) -> tuple[LayerChange, ...]:
@@ -120,8 +119,9 @@ def rewrite_onnx(onnx_file: OnnxFile, *, dense: bool = False) -> onnx.ModelProto
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PlanError(f"the rewritten graph of {onnx_file.path.name} fails the ONNX checker: {first}") from exc
+        raise PlanError(
+            f"the rewritten graph of {onnx_file.path.name} fails the ONNX checker: {first_line(exc)}"
+        ) from exc
     return model
 
 
@@ -130,7 +130,7 @@ class _Rewriter:
         self.file = onnx_file
         self.model = model
         self.dense = dense
-        self.g = GraphIndex(onnx_file.model, onnx_file.inferred)
+        self.g = onnx_file.index()
         self.replacements: dict[int, list[onnx.NodeProto]] = {}
         self.changed: set[str] = set()  # tensors whose shape changes (their value_info goes)
         self.new_initializers: dict[str, onnx.TensorProto] = {}
@@ -214,9 +214,9 @@ class _Rewriter:
         owners = {layer.index} | ({layer.add_index} if layer.add_index is not None else set())
         kernel_name = self._store(layer.weight, kernel, owners)
         inputs = [data, kernel_name]
-        if layer.bias is not None:
+        if layer.bias is not None and bias is not None:
             unchanged = layer.beta == 1.0 and self.g.shapes[layer.bias] == (layer.out_features,)
-            inputs.append(layer.bias if unchanged else self._store(layer.bias, bias, owners))  # type: ignore[arg-type]
+            inputs.append(layer.bias if unchanged else self._store(layer.bias, bias, owners))
         result = layer.output
         if last and not self.dense:
             result = self._fresh(f"{layer.output}_map")
@@ -367,4 +367,4 @@ def _drop_new_dead(nodes: list[onnx.NodeProto], graph: onnx.GraphProto, before_u
         nodes = [n for n in nodes if not any(n is d for d in dead)]
 
 
-__all__ = ["METADATA_PREFIX", "fc_weight_and_bias", "rewrite_onnx"]
+__all__ = ["fc_weight_and_bias", "head_changes", "onnx_changes", "rewrite_onnx"]
