@@ -21,6 +21,22 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
+__all__ = [
+    "DenseCheck",
+    "Measured",
+    "OnnxConversion",
+    "OnnxProof",
+    "OnnxVerification",
+    "RuntimeCheck",
+    "check_onnx_dense",
+    "check_onnx_layers",
+    "check_onnx_runtime",
+    "convert_onnx",
+    "prove_onnx",
+    "returns_maps",
+    "verify_onnx",
+]
+
 # Windows compared in the dense check: every position up to this many, else a seeded sample with the corners.
 MAX_POSITIONS = 25
 # The dense check's input is the traced input grown by this factor in height and width.
@@ -44,6 +60,7 @@ class Measured:
 
     @property
     def ok(self) -> bool:
+        """Measured, and within tolerance."""
         if self.problem is not None:
             return False
         return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
@@ -167,6 +184,7 @@ def check_onnx_layers(
 
 
 def _conv_attribute_problem(node: onnx.NodeProto) -> str | None:
+    """Why a Conv is not the plain convolution its kernel was checked as (strides, padding, ...); None if it is."""
     from onnx import helper
 
     plain = {"strides": 1, "dilations": 1, "pads": 0, "group": 1}
@@ -180,6 +198,7 @@ def _conv_attribute_problem(node: onnx.NodeProto) -> str | None:
 
 
 def _failed(change: LayerChange, weight: Any, problem: str) -> LayerCheck:
+    """The check of a layer whose Conv cannot be found in the converted model: failed, with infinite errors."""
     return LayerCheck(
         name=change.name, became=change.became, dtype=change.dtype, old_shape=tuple(weight.shape),
         new_shape=change.new_shape, parameters=change.parameters, max_abs_error=math.inf, max_rel_error=math.inf,
@@ -191,7 +210,12 @@ def _failed(change: LayerChange, weight: Any, problem: str) -> LayerCheck:
 # --- ONNX Runtime -------------------------------------------------------------------------------
 
 
+class _RuntimeProblem(Exception):
+    """A check that could not run: reported as the check's ``problem``, not raised to the caller."""
+
+
 def _session(model: onnx.ModelProto, what: str) -> Any:
+    """An ONNX Runtime session on the CPU (``what``: the model's role, for the message if it cannot load)."""
     try:
         import onnxruntime
     except ImportError as exc:
@@ -204,11 +228,8 @@ def _session(model: onnx.ModelProto, what: str) -> Any:
         raise _RuntimeProblem(f"ONNX Runtime cannot load the {what} model: {first_line(exc)}") from exc
 
 
-class _RuntimeProblem(Exception):
-    """A check that could not run: reported as the check's ``problem``, not raised to the caller."""
-
-
 def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """Every output of one run, by name."""
     try:
         values = session.run(None, feeds)
     except Exception as exc:
@@ -318,6 +339,10 @@ def _compare_output(name: str, want: np.ndarray, have: np.ndarray | None) -> tup
 
 
 def _positions(grid: tuple[int, int], generator: np.random.Generator) -> list[tuple[int, int]]:
+    """The output positions to compare: all, or :data:`MAX_POSITIONS` of them, the four corners always among them.
+
+    The corners are where a wrong padding or offset shows first; the rest are a seeded sample.
+    """
     every = [(i, j) for i in range(grid[0]) for j in range(grid[1])]
     if len(every) <= MAX_POSITIONS:
         return every
@@ -497,20 +522,3 @@ def verify_onnx(
     converted = load_onnx_model(converted_path)
     dense = returns_maps(source, converted)
     return OnnxVerification(source, Path(converted_path), converted, dense, prove_onnx(source, converted, seed=seed))
-
-
-__all__ = [
-    "DenseCheck",
-    "Measured",
-    "OnnxConversion",
-    "OnnxProof",
-    "OnnxVerification",
-    "RuntimeCheck",
-    "check_onnx_dense",
-    "check_onnx_layers",
-    "check_onnx_runtime",
-    "convert_onnx",
-    "prove_onnx",
-    "returns_maps",
-    "verify_onnx",
-]

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+__all__ = ["fc_weight_and_bias", "head_changes", "onnx_changes", "rewrite_onnx"]
+
 
 def head_changes(head: OnnxHead) -> tuple[LayerChange, ...]:
     """One :class:`LayerChange` per layer of a head: the first reads the map, the later ones are 1x1."""
@@ -126,6 +128,12 @@ def rewrite_onnx(onnx_file: OnnxFile, *, dense: bool = False) -> onnx.ModelProto
 
 
 class _Rewriter:
+    """One rewrite of a copy of the model: nodes replaced by index, new initializers, then the graph reassembled.
+
+    Node indices are those of the model as read (the heads' ``index`` fields): replacements are
+    collected per index and applied once, in :meth:`finish`, so no index moves while heads are rewritten.
+    """
+
     def __init__(self, onnx_file: OnnxFile, model: onnx.ModelProto, dense: bool) -> None:
         self.file = onnx_file
         self.model = model
@@ -149,6 +157,7 @@ class _Rewriter:
     # Names ------------------------------------------------------------------------------------
 
     def _fresh(self, base: str) -> str:
+        """A tensor name not yet used in the graph: ``base``, else ``base2``, ``base3``, ..."""
         name, count = base, 1
         while name in self.taken:
             count += 1
@@ -168,6 +177,7 @@ class _Rewriter:
     # Heads ------------------------------------------------------------------------------------
 
     def head(self, head: OnnxHead) -> None:
+        """Replace one head: its flatten goes (the first node after it reads the map), each layer becomes a Conv."""
         if self.dense and head.dense_problem:
             raise PlanError(f"the head after {head.flatten} cannot return a map of scores: {head.dense_problem}")
         nodes = self.model.graph.node
@@ -249,6 +259,7 @@ class _Rewriter:
     # The graph --------------------------------------------------------------------------------
 
     def finish(self) -> None:
+        """Apply the replacements, drop what they left unread, and make shapes and metadata say what the graph is."""
         graph = self.model.graph
         before_used = self.before_used
         nodes = []
@@ -268,6 +279,7 @@ class _Rewriter:
         self._metadata()
 
     def _initializers(self, before_used: set[str]) -> None:
+        """Kernels in place of the weights they replace (new names at the end); weights nothing reads any more go."""
         import onnx
 
         graph = self.model.graph
@@ -299,6 +311,7 @@ class _Rewriter:
         graph.value_info.extend(kept)
 
     def _dense_io(self) -> None:
+        """Open the input's height and width, and declare the heads' outputs as (N, K, H', W') maps."""
         image = self.file.image_input
         if image is None:
             raise PlanError(f"{self.file.path.name} has no single 4-D image input whose height and width could grow")
@@ -320,6 +333,7 @@ class _Rewriter:
                     dim.Clear()  # may depend on the input size now (the rank stays: the checker needs a shape)
 
     def _metadata(self) -> None:
+        """Record the conversion in ``fc2conv.*`` metadata entries (what verify and people can read back)."""
         import onnx
 
         entries = {
@@ -335,6 +349,7 @@ class _Rewriter:
 
 
 def _rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Make ``node`` read ``new`` wherever it read ``old``."""
     for slot, name in enumerate(node.input):
         if name == old:
             node.input[slot] = new
@@ -365,6 +380,3 @@ def _drop_new_dead(nodes: list[onnx.NodeProto], graph: onnx.GraphProto, before_u
         if not dead:
             return nodes
         nodes = [n for n in nodes if not any(n is d for d in dead)]
-
-
-__all__ = ["fc_weight_and_bias", "head_changes", "onnx_changes", "rewrite_onnx"]
