@@ -293,7 +293,7 @@ class _HeadFinder:
         dims = g.shapes.get(data)
         sizes = known_sizes(dims, range(1, 4))
         if dims is None or sizes is None:
-            raise PlanError(self._unknown_map(label, data, dims))
+            raise self._unknown_map(label, data, dims)
         if node.op_type == "Flatten":
             axis = attribute(node, "axis", 1)
             if axis not in (1, -3):
@@ -305,14 +305,16 @@ class _HeadFinder:
             self._check_reshape(flatten_index, dims, math.prod(sizes), fc_label)
         return sizes
 
-    def _unknown_map(self, label: str, data: str, dims: Dims | None) -> str:
+    def _unknown_map(self, label: str, data: str, dims: Dims | None) -> PlanError:
+        """Why the map a flatten reads has no known size: the graph's input is dynamic, or the shape is computed."""
         image = self.image
         if image is not None and image.traced is None:
-            return (
+            return PlanError(
                 f"the graph's input {image.name!r} is dynamic {describe_dims(image.dims)}: the size C x H x W of one "
-                f"input is needed to know the map {label} flattens"
+                f"input is needed to know the map {label} flattens",
+                remedy="model_input_shape",
             )
-        return (
+        return PlanError(
             f"{label} flattens {data!r} {describe_dims(dims)}: its size is not known from the graph "
             f"(data-dependent shape), so no convolution kernel size can be chosen"
         )
