@@ -182,8 +182,9 @@ def _end_to_end_row(check: ModuleCheck, input_shape: InputShape | None, wide: bo
 
 
 def _proof_notes(checks: tuple[LayerCheck, ...]) -> list[str]:
-    """What the per-layer checks prove, once per distinct statement."""
-    statements = list(dict.fromkeys(c.proves for c in checks if c.problem is None))
+    """What the per-layer checks prove, once per distinct statement (a 1x1 layer's is implied by its head's)."""
+    spatial = [c for c in checks if c.problem is None and c.new_shape[2:] != (1, 1)]
+    statements = list(dict.fromkeys(c.proves for c in (spatial or [c for c in checks if c.problem is None])))
     notes = [f"checked: {s}; rel = abs / max|output|" for s in statements]
     if checks and all(c.exact for c in checks):
         notes.append("checked: every byte of each kernel is its FC weight rearranged")
@@ -214,7 +215,8 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     if result.end_to_end is not None:
         _note(console, f"end to end: {result.end_to_end.how}")
     if plan.mode == "chain":
-        _note(console, f"flatten order: {plan.flatten_order}")
+        origin = f" ({plan.flatten_order_origin})" if plan.flatten_order_origin else ""
+        _note(console, f"flatten order: {plan.flatten_order}{origin}")
     if result.written:
         shards = f", {result.shards} shards + index" if result.shards else ""
         _note(console, f"output: {result.output} ({_bytes(result.output_bytes)}{shards})")

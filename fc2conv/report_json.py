@@ -22,6 +22,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "mode": plan.mode,
         "input_shape": plan.input_shape.as_list() if plan.input_shape else None,
         "flatten_order": plan.flatten_order,
+        "flatten_order_origin": plan.flatten_order_origin or None,
         "notes": list(plan.notes),
     }
 
@@ -93,6 +94,7 @@ def _module_check_json(check: ModuleCheck | None) -> dict[str, Any] | None:
         "atol": check.tolerance.atol,
         "rtol": check.tolerance.rtol,
         "problem": check.failure,
+        "how": check.how,
         "ok": check.ok,
     }
 

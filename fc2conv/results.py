@@ -91,10 +91,8 @@ class LayerCheck:
         if self.pointwise:
             return f"1x1 conv ({self.dtype}) = Linear (float64) on each of {self.window_grid[1]} positions"
         grid = "x".join(map(str, self.window_grid))
-        return (
-            f"conv ({self.dtype}) = FC (float64) on the map flattened {self.flatten_order}, "
-            f"at the traced size and {grid} sliding positions"
-        )
+        on = "" if self.new_shape[2:] == (1, 1) else f" on the map flattened {self.flatten_order}"
+        return f"conv ({self.dtype}) = FC (float64){on}, traced size + {grid} sliding positions"
 
 
 @dataclass(frozen=True)
