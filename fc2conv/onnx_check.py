@@ -342,6 +342,8 @@ def _positions(grid: tuple[int, int], generator: np.random.Generator) -> list[tu
     """The output positions to compare: all, or :data:`MAX_POSITIONS` of them, the four corners always among them.
 
     The corners are where a wrong padding or offset shows first; the rest are a seeded sample.
+    (``fc2conv.graph.model_check`` draws its positions the same way with torch's generator: their shared
+    home would be :mod:`fc2conv.check`, above both.)
     """
     every = [(i, j) for i in range(grid[0]) for j in range(grid[1])]
     if len(every) <= MAX_POSITIONS:
