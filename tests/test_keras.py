@@ -27,7 +27,7 @@ h5py = pytest.importorskip("h5py")
 keras = pytest.importorskip("keras")
 
 from fc2conv.convert import apply_plan, fc_to_conv_weight  # noqa: E402
-from fc2conv.errors import CheckpointError, PlanError, ShapeError  # noqa: E402
+from fc2conv.errors import CheckpointError, DependencyError, PlanError, ShapeError  # noqa: E402
 from fc2conv.formats import read_listing  # noqa: E402
 from fc2conv.formats.keras import KerasFile, KerasHead, read_keras  # noqa: E402
 from fc2conv.jobs.convert import plan_for  # noqa: E402
@@ -580,6 +580,14 @@ def test_bfloat16_weights(tmp_path: Path) -> None:
     assert torch.equal(kf.tensors["fc.weight"].float(), kernel.t())
 
 
+def test_reading_without_h5py_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save(trunk_model(), tmp_path, "keras")
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
+    with pytest.raises(DependencyError, match="h5py") as caught:
+        read_keras(path)
+    assert caught.value.extra == "keras"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such file"):
         read_keras(tmp_path / "nothing.keras")
@@ -625,6 +633,19 @@ def test_export_that_fails_its_check_writes_nothing(tmp_path: Path) -> None:
     assert not result.ok and not result.written and result.traced_max_abs_error > 1e-3
     assert not (tmp_path / "wrong.keras").exists()
     assert [p.name for p in tmp_path.iterdir() if "wrong" in p.name] == []
+
+
+def test_export_with_a_nan_kernel_writes_nothing(tmp_path: Path) -> None:
+    """A NaN in a converted kernel is an infinite error, never a pass."""
+    kf = read_keras(save(trunk_model(), tmp_path, "keras"))
+    tensors = dict(apply_plan(plan_keras(kf), kf.tensors))
+    change = head_changes(kf.heads[0], kf)[0]
+    tensors[change.weight] = tensors[change.weight].clone()
+    tensors[change.weight][0, 0, 0, 0] = float("nan")
+    result = export_keras(kf, tensors, tmp_path / "nan.keras")
+    assert not result.ok and not result.written
+    assert result.traced_max_abs_error == result.dense_max_abs_error == float("inf")
+    assert not (tmp_path / "nan.keras").exists()
 
 
 @pytest.mark.parametrize("kind", FORMATS)
