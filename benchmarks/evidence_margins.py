@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from fc2conv import evidence  # noqa: E402
 from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence  # noqa: E402
-from fc2conv.shapes import InputShape  # noqa: E402
+from fc2conv.types import InputShape  # noqa: E402
 from tests.evidence_cases import (  # noqa: E402
     RANDOM_CASES,
     SYNTHETIC_KINDS,

@@ -423,6 +423,12 @@ def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool,
 @_layout_option
 @_trust_shape_option
 @_key_option
+@click.option(
+    "--evidence",
+    is_flag=True,
+    help="Also weigh what the first head's weights say of the flatten order (and of the map, if inferred). "
+    "Reads those weights (and imports torch) where inspect otherwise reads shapes only.",
+)
 @_trust_option
 @_json_option
 def inspect(
@@ -433,6 +439,7 @@ def inspect(
     weight_layout: str,
     trust_shape: bool,
     state_dict_key: str | None,
+    evidence: bool,
     trust_pickle: bool,
     as_json: bool,
 ) -> int:
@@ -446,8 +453,11 @@ def inspect(
     result = inspect_file(
         checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
         weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
+        state_dict_key=state_dict_key, evidence=evidence,
     )  # fmt: skip
+    from fc2conv.report_json import warnings_for
+
+    _warn(warnings_for(result))
     _emit(result, as_json, "inspect")
     return EXIT_OK
 

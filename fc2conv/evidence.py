@@ -229,10 +229,20 @@ def order_evidence(
     if problem:
         return _not_applicable(shape, unmeasured, problem)
 
+    measured = _measure_orders(weight, shape, orders, max_rows, seed)
+    if isinstance(measured, str):
+        return _not_applicable(shape, unmeasured, measured)
+    return _order_verdict(shape, orders, *measured)
+
+
+def _measure_orders(
+    weight: torch.Tensor, shape: InputShape, orders: Sequence[str], max_rows: int | None, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int] | str:
+    """Per usable row and order, the log smoothness and log unexplained variance; or why nothing was measured."""
     parts: dict[str, list[_OrderSums]] = {o: [] for o in orders}
     for rows in _row_chunks(weight, max_rows, seed):
         if rows is None:
-            return _not_applicable(shape, unmeasured, "the weights hold NaN or Inf values")
+            return "the weights hold NaN or Inf values"
         for order in orders:
             parts[order].append(_order_sums(rows, shape, order))
     smoothness = {o: _per_row_ratio(parts[o], "smooth_adjacent", "smooth_scale") for o in orders}
@@ -240,9 +250,20 @@ def order_evidence(
     usable = _usable_rows([*smoothness.values(), *unexplained.values()])
     rows_used = int(usable.sum())
     if rows_used == 0:
-        return _not_applicable(shape, unmeasured, "the sampled weight rows have no variation beyond offsets")
+        return "the sampled weight rows have no variation beyond offsets"
     log_smoothness = {o: smoothness[o][usable].log() for o in orders}
     log_unexplained = {o: unexplained[o][usable].log() for o in orders}
+    return log_smoothness, log_unexplained, rows_used
+
+
+def _order_verdict(
+    shape: InputShape,
+    orders: Sequence[str],
+    log_smoothness: dict[str, torch.Tensor],
+    log_unexplained: dict[str, torch.Tensor],
+    rows_used: int,
+) -> OrderEvidence:
+    """The verdict from the per-row figures: "clear" only when both figures agree, by enough, consistently."""
     scores = tuple(
         LayoutScore(shape, o, math.exp(float(log_smoothness[o].mean())), math.exp(float(log_unexplained[o].mean())))
         for o in orders
@@ -266,8 +287,7 @@ def order_evidence(
     if clear:
         explanation = f"the weights fit {leaning} order: {figures}"
     else:
-        reasons = _shortfall(rows_used, smooth_test, variance_test)
-        explanation = f"no clear flatten order ({reasons}): {figures}"
+        explanation = f"no clear flatten order ({_shortfall(rows_used, smooth_test, variance_test)}): {figures}"
     return OrderEvidence(
         shape=shape,
         scores=scores,
@@ -381,9 +401,21 @@ def geometry_evidence(
         for s, o in pairs
     )
     ranking = tuple(sorted(scores, key=lambda g: -g.smooth_pairs))
+    at_top = None
+    if ranking[0].shape.channels > 1:
+        at_top = order_evidence(weight, ranking[0].shape, orders, max_rows=max_rows, seed=seed)
+    return _geometry_verdict(ranking, evidence, rows_used, at_top)
+
+
+def _geometry_verdict(
+    ranking: tuple[GeometryScore, ...],
+    evidence: dict[tuple[InputShape, str], torch.Tensor],
+    rows_used: int,
+    at_top: OrderEvidence | None,
+) -> GeometryEvidence:
+    """The verdict on the best geometry: "clear" only when it beats the best other one by enough, consistently."""
     top = ranking[0]
     runner_up = next((g for g in ranking if g.shape != top.shape), None)
-    at_top = order_evidence(weight, top.shape, orders, max_rows=max_rows, seed=seed) if top.shape.channels > 1 else None
     if runner_up is None:
         return GeometryEvidence(ranking, None, None, math.nan, math.nan, "weak", at_top,
                                 f"only one geometry was given ({top.shape}): nothing to compare it with")  # fmt: skip

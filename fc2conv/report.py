@@ -265,6 +265,8 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         _note(console, f"converts: {layers}")
         for note in (*plan.notes, *_skipped_notes(result)):
             _note(console, note)
+        for line in _evidence_notes(result.evidence):
+            _note(console, line)
         if plan.input_shape is not None and result.format != "onnx":  # an ONNX graph's input is another shape
             _note(console, f"convert would use: --input-shape {plan.input_shape} --flatten-order {plan.flatten_order}")
     else:

@@ -23,7 +23,7 @@ from fc2conv.evidence import (
     order_warning,
 )
 from fc2conv.plan import LayerChange
-from fc2conv.shapes import InputShape
+from fc2conv.types import InputShape
 from tests.conftest import SAMPLES
 from tests.evidence_cases import (
     RANDOM_CASES,
@@ -253,9 +253,9 @@ def test_a_parameter_or_a_transposed_view_measures_like_the_tensor():
 
 def test_weights_memory_mapped_by_fc2conv_give_the_in_memory_figures():
     """The tensors fc2conv's loader hands out (memory-mapped safetensors) measure like loaded ones."""
-    from fc2conv.io import load_checkpoint
+    from fc2conv.formats import open_source
 
-    checkpoint = load_checkpoint(SAMPLES / "digits_channels_last.safetensors")
+    checkpoint = open_source(SAMPLES / "digits_channels_last.safetensors")
     mapped = checkpoint.tensors["classifier.1.weight"]
     assert order_evidence(mapped, DIGITS_MAP) == order_evidence(
         channels_last_state()["classifier.1.weight"], DIGITS_MAP
