@@ -403,6 +403,13 @@ def convert(
     return _finish(result, as_json, "convert")
 
 
+def _refuse_for_onnx(**options: object) -> None:
+    """An ONNX graph states its own heads, order and layers: the options that choose them do not apply."""
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if given:
+        raise click.UsageError(f"an ONNX graph states its own heads, order and layers: no {', '.join(given)}")
+
+
 def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
     """``convert model.onnx``: the graph's heads become Conv nodes; the options of checkpoints do not apply."""
     if any(flags):
@@ -448,6 +455,9 @@ def inspect(
     For .safetensors (single, or sharded: an index or a folder of shards) only the headers are read.
     """
     from fc2conv.jobs.inspect import inspect_file
+
+    if checkpoint.suffix == ".onnx":
+        _refuse_for_onnx(flatten_order=flatten_order, layers=layers, state_dict_key=state_dict_key)
 
     _trust_warning(trust_pickle, checkpoint)
     result = inspect_file(
@@ -520,7 +530,9 @@ def verify(
     if original_source.format == "onnx":
         from fc2conv.jobs.onnx import verify_onnx_sources
 
-        return _finish(verify_onnx_sources(original_source, converted), as_json, "verify")
+        _refuse_for_onnx(flatten_order=flatten_order, model=model, state_dict_key=state_dict_key)
+        result = verify_onnx_sources(original_source, converted, atol=atol, rtol=rtol)
+        return _finish(result, as_json, "verify")
     converted_source = open_source(converted, trust_pickle=trust_pickle)
     if model is not None or original_source.module is not None:
         from fc2conv.jobs.model import verify_model_sources

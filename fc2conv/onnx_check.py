@@ -262,11 +262,11 @@ def _sample_inputs(original: OnnxFile, generator: np.random.Generator, batch: in
     return feeds
 
 
-def _output_tolerance(original: OnnxFile) -> Tolerance:
-    """fc2conv's tolerance for the dtype of the model's first floating output (float32 if none)."""
+def _output_tolerance(original: OnnxFile, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+    """fc2conv's tolerance for the dtype of the model's first floating output (float32 if none), overridable."""
     elems = [o.type.tensor_type.elem_type for o in original.model.graph.output]
     dtypes = [dtype_name_of(e) for e in elems if dtype_name_of(e) in ("float16", "bfloat16", "float32", "float64")]
-    return tolerance_for(dtypes[0] if dtypes else "float32")
+    return tolerance_for(dtypes[0] if dtypes else "float32", atol, rtol)
 
 
 def _compare(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -285,11 +285,13 @@ def _compare(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float(diff.max()), float(np.abs(expected64[finite]).max())
 
 
-def check_onnx_runtime(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> RuntimeCheck:
+def check_onnx_runtime(
+    original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0, tolerance: Tolerance | None = None
+) -> RuntimeCheck:
     """Run both models in ONNX Runtime at the traced size on the same seeded inputs; compare every output."""
     import numpy as np
 
-    tolerance = _output_tolerance(original)
+    tolerance = tolerance or _output_tolerance(original)
     names = tuple(o.name for o in original.model.graph.output)
     image = original.image_input
     shape: tuple[int, ...] = ()
@@ -384,7 +386,9 @@ def _head_model(original: OnnxFile, head: OnnxHead) -> onnx.ModelProto:
     return extracted
 
 
-def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> DenseCheck:
+def check_onnx_dense(
+    original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0, tolerance: Tolerance | None = None
+) -> DenseCheck:
     """Check a dense model position by position on an input :data:`DENSE_GROWTH` times the traced size.
 
     Why this is a proof: the converted trunk is the original trunk, node for node, so the feature
@@ -396,7 +400,7 @@ def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: in
     """
     import numpy as np
 
-    tolerance = _output_tolerance(original)
+    tolerance = tolerance or _output_tolerance(original)
     image = original.image_input
     if image is None or image.traced is None:
         problem = "the dense check needs the graph's image input at a known size"
@@ -467,11 +471,24 @@ def returns_maps(original: OnnxFile, converted: onnx.ModelProto) -> bool:
     return any(p.key == f"{METADATA_PREFIX}dense" and p.value == "true" for p in converted.metadata_props)
 
 
-def prove_onnx(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> OnnxProof:
-    """Every check of ``converted`` against ``original``: per layer, end to end, and per position if dense."""
-    layers = check_onnx_layers(original, converted, seed=seed)
-    runtime = check_onnx_runtime(original, converted, seed=seed)
-    dense = check_onnx_dense(original, converted, seed=seed) if returns_maps(original, converted) else None
+def prove_onnx(
+    original: OnnxFile,
+    converted: onnx.ModelProto,
+    *,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> OnnxProof:
+    """Every check of ``converted`` against ``original``: per layer, end to end, and per position if dense.
+
+    ``atol`` and ``rtol`` override the dtype's tolerances, for every one of them.
+    """
+    layers = check_onnx_layers(original, converted, seed=seed, atol=atol, rtol=rtol)
+    tolerance = _output_tolerance(original, atol, rtol)
+    runtime = check_onnx_runtime(original, converted, seed=seed, tolerance=tolerance)
+    dense = None
+    if returns_maps(original, converted):
+        dense = check_onnx_dense(original, converted, seed=seed, tolerance=tolerance)
     return OnnxProof(layers, runtime, dense)
 
 

@@ -350,3 +350,14 @@ def test_verify_weighs_the_recorded_order_and_inspect_shows_the_evidence_when_as
 
 def error_line_of(result) -> str:
     return next(line for line in result.stderr.splitlines() if line.startswith("Error: "))
+
+
+def test_tolerances_apply_to_onnx_pairs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    converted = tmp_path / "d.conv.onnx"
+    assert run("convert", SAMPLES / "digits_cnn.onnx", "-o", converted).exit_code == 0
+    assert run("verify", SAMPLES / "digits_cnn.onnx", converted).exit_code == 0
+    exact = run("verify", SAMPLES / "digits_cnn.onnx", converted, "--atol", "0", "--rtol", "0", "--json")
+    payload = json.loads(exact.stdout)
+    assert exact.exit_code == 1 and (payload["end_to_end"]["atol"], payload["end_to_end"]["rtol"]) == (0.0, 0.0)
+    assert {(layer["atol"], layer["rtol"]) for layer in payload["layers"]} == {(0.0, 0.0)}

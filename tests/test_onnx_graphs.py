@@ -692,11 +692,6 @@ def test_cli_convert_refuses_checkpoint_options(option, reshape_case):
     assert not path.with_name("model.conv.onnx").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inspect and verify ignore these options for an .onnx input (fc2conv/cli.py, jobs/inspect.py): "
-    "remove this mark once they refuse them as convert does",
-)
 @pytest.mark.parametrize(
     "command",
     [("inspect", "--flatten-order", "hwc"), ("inspect", "--layers", "dense1"), ("verify", "--flatten-order", "hwc")],

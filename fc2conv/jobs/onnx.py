@@ -78,14 +78,16 @@ def convert_onnx_source(
     )  # fmt: skip
 
 
-def verify_onnx_sources(original: Source, converted_path: str | os.PathLike[str]) -> VerifyResult:
+def verify_onnx_sources(
+    original: Source, converted_path: str | os.PathLike[str], *, atol: float | None = None, rtol: float | None = None
+) -> VerifyResult:
     """A converted graph against its original: per layer, end to end in ONNX Runtime, densely if it is dense.
 
     Initializers that are in both graphs and not converted must be identical, byte for byte.
     """
     onnx_file = onnx_file_of(original)
     converted = load_onnx_model(Path(converted_path))
-    proof = prove_onnx(onnx_file, converted)
+    proof = prove_onnx(onnx_file, converted, atol=atol, rtol=rtol)
     changes = onnx_changes(onnx_file)
     theirs = OnnxTensors(converted)
     ours = onnx_file.tensors
