@@ -401,8 +401,15 @@ def convert(
             pointwise=pointwise, weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, overwrite=force,
             strict=strict, progress=progress, keras_out=keras_out,
         )  # fmt: skip
-    _warn(warnings_for(result.checks))
+    _warn(warnings_for(result))
     return _finish(result, as_json, "convert")
+
+
+def _refuse_for_onnx(**options: object) -> None:
+    """An ONNX graph states its own heads, order and layers: the options that choose them do not apply."""
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if given:
+        raise click.UsageError(f"an ONNX graph states its own heads, order and layers: no {', '.join(given)}")
 
 
 def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
@@ -425,6 +432,12 @@ def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool,
 @_layout_option
 @_trust_shape_option
 @_key_option
+@click.option(
+    "--evidence",
+    is_flag=True,
+    help="Also weigh what the first head's weights say of the flatten order (and of the map, if inferred). "
+    "Reads those weights (and imports torch) where inspect otherwise reads shapes only.",
+)
 @_trust_option
 @_json_option
 def inspect(
@@ -435,6 +448,7 @@ def inspect(
     weight_layout: str,
     trust_shape: bool,
     state_dict_key: str | None,
+    evidence: bool,
     trust_pickle: bool,
     as_json: bool,
 ) -> int:
@@ -444,12 +458,18 @@ def inspect(
     """
     from fc2conv.jobs.inspect import inspect_file
 
+    if checkpoint.suffix == ".onnx":
+        _refuse_for_onnx(flatten_order=flatten_order, layers=layers, state_dict_key=state_dict_key)
+
     _trust_warning(trust_pickle, checkpoint)
     result = inspect_file(
         checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
         weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, trust_pickle=trust_pickle,
-        state_dict_key=state_dict_key,
+        state_dict_key=state_dict_key, evidence=evidence,
     )  # fmt: skip
+    from fc2conv.report_json import warnings_for
+
+    _warn(warnings_for(result))
     _emit(result, as_json, "inspect")
     return EXIT_OK
 
@@ -512,7 +532,9 @@ def verify(
     if original_source.format == "onnx":
         from fc2conv.jobs.onnx import verify_onnx_sources
 
-        return _finish(verify_onnx_sources(original_source, converted), as_json, "verify")
+        _refuse_for_onnx(flatten_order=flatten_order, model=model, state_dict_key=state_dict_key)
+        result = verify_onnx_sources(original_source, converted, atol=atol, rtol=rtol)
+        return _finish(result, as_json, "verify")
     converted_source = open_source(converted, trust_pickle=trust_pickle)
     if model is not None or original_source.module is not None:
         from fc2conv.jobs.model import verify_model_sources
@@ -527,7 +549,7 @@ def verify(
         original_source, converted_source, input_shape=input_shape, flatten_order=flatten_order, atol=atol,
         rtol=rtol, strict=strict,
     )  # fmt: skip
-    _warn(warnings_for(result.checks))
+    _warn(warnings_for(result))
     return _finish(result, as_json, "verify")
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fc2conv.check import tolerance_for
 from fc2conv.errors import CheckpointError, DependencyError, OutputError, PlanError
-from fc2conv.formats.keras import KerasFile, KerasHead
+from fc2conv.formats.keras import KerasFile, KerasHead, KerasLayer
 from fc2conv.publish import atomic_output
 from fc2conv.results import Tolerance
 
@@ -68,6 +68,7 @@ def require_keras() -> None:
 
 
 def _keras() -> Any:
+    """The keras module, on the PyTorch backend unless ``KERAS_BACKEND`` says otherwise."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
         import keras
@@ -93,31 +94,19 @@ def _refuse_unsupported(kf: KerasFile) -> None:
 
 
 def _heads_to_export(kf: KerasFile, converted: Mapping[str, torch.Tensor]) -> list[KerasHead]:
-    heads = []
+    """Every head of the model, each converted (its first Dense a 4-D kernel), and none refused."""
     for head in kf.heads:
         weight = converted.get(f"{head.dense[0]}.weight")
-        if weight is not None and weight.dim() == 4:
-            heads.append(head)
-        else:
+        if weight is None or weight.dim() != 4:
             raise PlanError(
                 f"{kf.path}: the head {head.flatten} -> {' -> '.join(head.dense)} was not converted; the Keras "
                 "export makes the whole model convolutional, so it needs every head converted"
             )
-    for refused in kf.refused:
-        raise PlanError(refused.reason)
-    if not heads:
+    if kf.refused:
+        raise PlanError(kf.refused[0].reason)
+    if not kf.heads:
         raise PlanError(f"{kf.path}: the model has no converted Flatten -> Dense head to export")
-    return heads
-
-
-def _output_layers(kf: KerasFile) -> list[str]:
-    config = kf.config.get("config") or {}
-    if kf.config.get("class_name") == "Sequential":
-        return [kf.layers[-1].name]
-    refs = config.get("output_layers")
-    if isinstance(refs, list) and refs and isinstance(refs[0], str):
-        return [refs[0]]
-    return [ref[0] for ref in refs or []]
+    return list(kf.heads)
 
 
 def _load_reference(kf: KerasFile) -> Any:
@@ -125,8 +114,12 @@ def _load_reference(kf: KerasFile) -> Any:
     try:
         return keras.saving.load_model(kf.path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises many kinds; the message is what matters
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{kf.path}: Keras cannot load the model ({reason})") from exc
+        raise CheckpointError(f"{kf.path}: Keras cannot load the model ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_fully_convolutional(kf: KerasFile, converted: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
@@ -148,17 +141,26 @@ def build_fully_convolutional(kf: KerasFile, converted: Mapping[str, torch.Tenso
     Raises:
         PlanError: the model has layers that are not built into Keras, nested or shared layers, or a
             head that was not converted.
+        CheckpointError: Keras cannot load the original.
     """
     _refuse_unsupported(kf)
     heads = _heads_to_export(kf, converted)
     keras = _keras()
     reference = _load_reference(kf)
-    by_name = {layer.name: layer for layer in reference.layers}
-    head_of_flatten = {head.flatten: head for head in heads}
-    role: dict[str, tuple[KerasHead, int]] = {}
+    channels_first = _channels_first(kf, heads)
+    model = _Rebuild(keras, kf, reference, heads, channels_first).model()
     for head in heads:
-        for name in head.layers:
-            role[name] = (head, head.dense.index(name) if name in head.dense else -1)
+        for dense in head.dense:
+            kernel = converted[f"{dense}.weight"]
+            values = [kernel.permute(2, 3, 1, 0).contiguous().numpy()]  # (out, C, H, W) -> (H, W, C, out)
+            if f"{dense}.bias" in converted and reference.get_layer(dense).use_bias:
+                values.append(converted[f"{dense}.bias"].numpy())
+            model.get_layer(dense).set_weights(values)
+    return model, reference
+
+
+def _channels_first(kf: KerasFile, heads: list[KerasHead]) -> bool:
+    """Whether the model's maps are channels-first; one layout throughout, or the export is refused."""
     formats = {head.map_format for head in heads}
     formats |= {
         str(layer.config.get("data_format"))
@@ -167,80 +169,100 @@ def build_fully_convolutional(kf: KerasFile, converted: Mapping[str, torch.Tenso
     }
     if len(formats) != 1:
         raise PlanError(f"{kf.path}: the model mixes channels-first and channels-last layers; not exported")
-    channels_first = formats == {"channels_first"}
+    return formats == {"channels_first"}
 
-    tensors: dict[str, Any] = {}
-    inputs: list[Any] = []
-    reference_inputs = list(reference.inputs)
-    for layer in kf.layers:
-        if layer.class_name == "InputLayer" or not layer.inputs:
-            shape = tuple(reference_inputs[len(inputs)].shape[1:])
-            if len(shape) == 3:
-                shape = (shape[0], None, None) if channels_first else (None, None, shape[2])
-            tensor = keras.Input(shape=shape, name=layer.name if layer.class_name == "InputLayer" else None)
-            inputs.append(tensor)
-            if layer.class_name == "InputLayer":
-                tensors[layer.name] = tensor
-                continue
-            sources = [tensor]
-        else:
-            sources = [tensors[name] for name in layer.inputs]
-        if layer.name in head_of_flatten:
-            tensors[layer.name] = sources[0]
-            continue
-        original = by_name[layer.name]
-        try:
-            if layer.name in role:
-                head, index = role[layer.name]
-                tensors[layer.name] = _head_layer(keras, layer.name, original, head, index, sources[0], channels_first)
+
+class _Rebuild:
+    """The original's graph called again, layer by layer, on inputs of open H and W, with each head on the map."""
+
+    def __init__(self, keras: Any, kf: KerasFile, reference: Any, heads: list[KerasHead], channels_first: bool) -> None:
+        self.keras = keras
+        self.kf = kf
+        self.reference = reference
+        self.channels_first = channels_first
+        self.flattens = {head.flatten for head in heads}  # dropped: a converted head reads the map itself
+        self.head_of = {name: head for head in heads for name in head.layers}
+        self.tensors: dict[str, Any] = {}  # layer name -> its output in the new graph
+        self.inputs: list[Any] = []
+
+    def model(self) -> Any:
+        """The new ``keras.Model``: the original's inputs and outputs, each layer called in config order."""
+        for layer in self.kf.layers:
+            if layer.class_name == "InputLayer" or not layer.inputs:
+                tensor = self._open_input(layer)
+                if layer.class_name == "InputLayer":
+                    self.tensors[layer.name] = tensor
+                    continue
+                sources = [tensor]
             else:
-                tensors[layer.name] = original(sources[0] if len(sources) == 1 else sources)
-        except (ValueError, TypeError, NotImplementedError) as exc:  # Keras refuses the layer on open-sized maps
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PlanError(
-                f"{kf.path}: layer {layer.name} ({layer.class_name}) does not run on the fully convolutional "
-                f"model's maps ({reason})"
-            ) from exc
-    outputs = [tensors[name] for name in _output_layers(kf)]
-    model = keras.Model(
-        inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0], name=reference.name
-    )
-    for head in heads:
-        for dense in head.dense:
-            kernel = converted[f"{dense}.weight"]
-            values = [kernel.permute(2, 3, 1, 0).contiguous().numpy()]
-            if f"{dense}.bias" in converted and by_name[dense].use_bias:
-                values.append(converted[f"{dense}.bias"].numpy())
-            model.get_layer(dense).set_weights(values)
-    return model, reference
-
-
-def _head_layer(keras: Any, name: str, original: Any, head: KerasHead, index: int, x: Any, channels_first: bool) -> Any:
-    """One layer of a head on the map: a Dense becomes a Conv2D; axis-wise layers move to the channel axis."""
-    data_format = "channels_first" if channels_first else "channels_last"
-    feature_softmax = False
-    if index >= 0:  # a Dense
-        config = original.get_config()
-        activation = config.get("activation", "linear")
-        if channels_first and activation in ("softmax", "log_softmax"):
-            if activation == "log_softmax":
-                raise PlanError(f"layer {name}: log_softmax over channels-first maps has no Keras layer; not exported")
-            activation, feature_softmax = "linear", True
-        size = (head.feature_map.height, head.feature_map.width) if index == 0 else (1, 1)
-        conv = keras.layers.Conv2D(
-            filters=config["units"],
-            kernel_size=size,
-            padding="valid",
-            data_format=data_format,
-            activation=activation,
-            use_bias=config.get("use_bias", True),
-            name=name,
-            dtype=original.dtype_policy,
+                sources = [self.tensors[name] for name in layer.inputs]
+            if layer.name in self.flattens:
+                self.tensors[layer.name] = sources[0]
+                continue
+            self.tensors[layer.name] = self._call(layer, sources)
+        inputs, outputs = self.inputs, [self.tensors[name] for name in self.kf.outputs]
+        return self.keras.Model(
+            inputs if len(inputs) > 1 else inputs[0],
+            outputs if len(outputs) > 1 else outputs[0],
+            name=self.reference.name,
         )
-        out = conv(x)
-        if feature_softmax:
-            out = keras.layers.Softmax(axis=1, name=f"{name}_softmax")(out)
-        return out
+
+    def _open_input(self, layer: KerasLayer) -> Any:
+        """The model's next input, as the original's, but an image input with open H and W."""
+        shape = tuple(self.reference.inputs[len(self.inputs)].shape[1:])
+        if len(shape) == 3:
+            shape = (shape[0], None, None) if self.channels_first else (None, None, shape[2])
+        tensor = self.keras.Input(shape=shape, name=layer.name if layer.class_name == "InputLayer" else None)
+        self.inputs.append(tensor)
+        return tensor
+
+    def _call(self, layer: KerasLayer, sources: list[Any]) -> Any:
+        original = self.reference.get_layer(layer.name)
+        head = self.head_of.get(layer.name)
+        try:
+            if head is not None and layer.name in head.dense:
+                return _dense_as_conv(self.keras, original, head, sources[0], self.channels_first)
+            if head is not None:
+                return _feature_layer_on_map(self.keras, original, sources[0], self.channels_first)
+            return original(sources[0] if len(sources) == 1 else sources)
+        except (ValueError, TypeError, NotImplementedError) as exc:  # Keras refuses the layer on open-sized maps
+            raise PlanError(
+                f"{self.kf.path}: layer {layer.name} ({layer.class_name}) does not run on the fully convolutional "
+                f"model's maps ({_first_line(exc)})"
+            ) from exc
+
+
+def _dense_as_conv(keras: Any, original: Any, head: KerasHead, x: Any, channels_first: bool) -> Any:
+    """A head's Dense as the Conv2D computing it at every position: the first over the map's H x W, later ones 1x1.
+
+    A softmax activation over a channels-first map becomes a Softmax layer over axis 1 after the conv.
+    """
+    config = original.get_config()
+    activation = config.get("activation", "linear")
+    softmax_on_channels = channels_first and activation in ("softmax", "log_softmax")
+    if softmax_on_channels:
+        if activation == "log_softmax":
+            raise _no_channels_first_log_softmax(original.name)
+        activation = "linear"
+    first = original.name == head.dense[0]
+    conv = keras.layers.Conv2D(
+        filters=config["units"],
+        kernel_size=(head.feature_map.height, head.feature_map.width) if first else (1, 1),
+        padding="valid",
+        data_format="channels_first" if channels_first else "channels_last",
+        activation=activation,
+        use_bias=config.get("use_bias", True),
+        name=original.name,
+        dtype=original.dtype_policy,
+    )
+    out = conv(x)
+    if softmax_on_channels:
+        out = keras.layers.Softmax(axis=1, name=_softmax_name(original.name))(out)
+    return out
+
+
+def _feature_layer_on_map(keras: Any, original: Any, x: Any, channels_first: bool) -> Any:
+    """A head's layer over the features (BatchNormalization, softmax) moved to the map's channel axis."""
     cls = type(original).__name__
     if cls == "BatchNormalization":  # built for (N, units): a new one over the channel axis of the map
         config = {**original.get_config(), "axis": 1 if channels_first else -1}
@@ -250,11 +272,21 @@ def _head_layer(keras: Any, name: str, original: Any, head: KerasHead, index: in
         return out
     if not channels_first:
         return original(x)  # the last axis is the channel axis, as it was the feature axis
-    if cls == "Softmax" or (cls == "Activation" and original.get_config().get("activation") == "softmax"):
-        return keras.layers.Softmax(axis=1, name=name)(x)
-    if cls == "Activation" and original.get_config().get("activation") == "log_softmax":
-        raise PlanError(f"layer {name}: log_softmax over channels-first maps has no Keras layer; not exported")
+    activation = original.get_config().get("activation") if cls == "Activation" else None
+    if cls == "Softmax" or activation == "softmax":
+        return keras.layers.Softmax(axis=1, name=original.name)(x)
+    if activation == "log_softmax":
+        raise _no_channels_first_log_softmax(original.name)
     return original(x)
+
+
+def _no_channels_first_log_softmax(name: str) -> PlanError:
+    return PlanError(f"layer {name}: log_softmax over channels-first maps has no Keras layer; not exported")
+
+
+def _softmax_name(dense: str) -> str:
+    """The Softmax layer added after a channels-first head's Dense whose activation was a softmax."""
+    return f"{dense}_softmax"
 
 
 def export_keras(
@@ -311,72 +343,104 @@ class _Discard(Exception):
     """Raised inside the atomic write to drop an export whose check failed."""
 
 
-def _numpy(keras: Any, value: Any) -> Any:
-    return keras.ops.convert_to_numpy(value)
-
-
 def _measure(
     kf: KerasFile, reference: Any, model: Any, target: Path, seed: int, converted: Mapping[str, torch.Tensor]
 ) -> KerasExport:
+    """The written model against the original, in Keras, on seeded inputs: the :class:`KerasExport`."""
     import numpy as np
 
-    keras = _keras()
     rng = np.random.default_rng(seed)
-    heads = list(kf.heads)
+    heads = kf.heads
     dtype = str(converted[f"{heads[0].dense[0]}.weight"].dtype).removeprefix("torch.")
-    tolerance = tolerance_for(dtype)
-
-    # End to end, at the original size: the 1x1 score maps against the original scores.
-    samples = [rng.standard_normal((SAMPLES, *tuple(t.shape[1:]))).astype("float32") for t in reference.inputs]
-    feed_ref = samples if len(samples) > 1 else samples[0]
-    expected = reference(feed_ref, training=False)
-    got = model(feed_ref, training=False)
-    expected = [expected] if not isinstance(expected, (list, tuple)) else list(expected)
-    got = [got] if not isinstance(got, (list, tuple)) else list(got)
-    traced, scale = 0.0, 0.0
-    for want, have in zip(expected, got, strict=True):
-        want, have = _numpy(keras, want).astype("float64"), _numpy(keras, have).astype("float64")
-        have = have.reshape(want.shape)
-        traced = max(traced, float(np.max(np.abs(want - have))))
-        scale = max(scale, float(np.max(np.abs(want))))
-
-    # Position by position: each converted head on a larger map against the original head per window.
+    traced, scale = _end_to_end_error(reference, model, rng)
     dense = 0.0
-    grid = (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
     for head in heads:
-        m = head.feature_map
-        cf = head.map_format == "channels_first"
-        shape = (m.channels, m.height + WINDOW_GROWTH, m.width + WINDOW_GROWTH)
-        big = rng.standard_normal((WINDOW_SAMPLES, *(shape if cf else (shape[1], shape[2], shape[0])))).astype(
-            "float32"
-        )
-        conv_out = big
-        for name in head.layers:
-            conv_out = model.get_layer(name)(conv_out, training=False)
-            if any(layer.name == f"{name}_softmax" for layer in model.layers):
-                conv_out = model.get_layer(f"{name}_softmax")(conv_out)
-        conv_out = _numpy(keras, conv_out).astype("float64")
-        for i in range(grid[0]):
-            for j in range(grid[1]):
-                window = (
-                    big[:, :, i : i + m.height, j : j + m.width] if cf else big[:, i : i + m.height, j : j + m.width]
-                )
-                ref_out = reference.get_layer(head.flatten)(window)
-                for name in head.layers:
-                    ref_out = reference.get_layer(name)(ref_out, training=False)
-                ref_out = _numpy(keras, ref_out).astype("float64")
-                position = conv_out[:, :, i, j] if cf else conv_out[:, i, j, :]
-                dense = max(dense, float(np.max(np.abs(ref_out - position))))
-                scale = max(scale, float(np.max(np.abs(ref_out))))
-    input_shape = tuple(model.inputs[0].shape[1:])
+        head_error, head_scale = _window_error(reference, model, head, rng)
+        dense, scale = max(dense, head_error), max(scale, head_scale)
     return KerasExport(
         path=target,
         written=False,
         heads=tuple(h.flatten for h in heads),
-        input_shape=input_shape,
+        input_shape=tuple(model.inputs[0].shape[1:]),
         traced_max_abs_error=traced,
-        dense_max_abs_error=dense if math.isfinite(dense) else math.inf,
-        dense_grid=grid,
+        dense_max_abs_error=dense,
+        dense_grid=(WINDOW_GROWTH + 1, WINDOW_GROWTH + 1),
         reference_scale=scale,
-        tolerance=tolerance,
+        tolerance=tolerance_for(dtype),
     )
+
+
+def _end_to_end_error(reference: Any, model: Any, rng: Any) -> tuple[float, float]:
+    """At the original input size: the largest difference of the 1x1 score maps from the original
+    scores, every output, and the largest original score (the scale)."""
+    import numpy as np
+
+    samples = [rng.standard_normal((SAMPLES, *tuple(t.shape[1:]))).astype("float32") for t in reference.inputs]
+    feed = samples if len(samples) > 1 else samples[0]
+    expected = _outputs(reference(feed, training=False))
+    got = _outputs(model(feed, training=False))
+    error, scale = 0.0, 0.0
+    for want, have in zip(expected, got, strict=True):
+        want, have = _float64(want), _float64(have)
+        error = max(error, _largest_difference(want, have.reshape(want.shape)))
+        scale = max(scale, float(np.max(np.abs(want))))
+    return error, scale
+
+
+def _window_error(reference: Any, model: Any, head: KerasHead, rng: Any) -> tuple[float, float]:
+    """On a map grown by ``WINDOW_GROWTH``: the largest difference of the converted head's output at
+    each position from the original head on that position's window, and the largest original output."""
+    import numpy as np
+
+    m = head.feature_map
+    channels_first = head.map_format == "channels_first"
+    grown = (m.channels, m.height + WINDOW_GROWTH, m.width + WINDOW_GROWTH)
+    big_shape = grown if channels_first else (grown[1], grown[2], grown[0])
+    big = rng.standard_normal((WINDOW_SAMPLES, *big_shape)).astype("float32")
+    conv_out = _float64(_run_converted_head(model, head, big))
+    error, scale = 0.0, 0.0
+    for i in range(WINDOW_GROWTH + 1):
+        for j in range(WINDOW_GROWTH + 1):
+            if channels_first:
+                window, position = big[:, :, i : i + m.height, j : j + m.width], conv_out[:, :, i, j]
+            else:
+                window, position = big[:, i : i + m.height, j : j + m.width], conv_out[:, i, j, :]
+            ref_out = _float64(_run_original_head(reference, head, window))
+            error = max(error, _largest_difference(ref_out, position))
+            scale = max(scale, float(np.max(np.abs(ref_out))))
+    return error, scale
+
+
+def _largest_difference(want: Any, have: Any) -> float:
+    """The largest absolute difference; infinite if either side has a NaN (``max`` would drop a NaN)."""
+    import numpy as np
+
+    error = float(np.max(np.abs(want - have)))
+    return math.inf if math.isnan(error) else error
+
+
+def _run_converted_head(model: Any, head: KerasHead, x: Any) -> Any:
+    """The converted head's layers (and any Softmax added after a Dense) on a map."""
+    added = {layer.name for layer in model.layers}
+    for name in head.layers:
+        x = model.get_layer(name)(x, training=False)
+        if _softmax_name(name) in added:
+            x = model.get_layer(_softmax_name(name))(x)
+    return x
+
+
+def _run_original_head(reference: Any, head: KerasHead, window: Any) -> Any:
+    """The original head, Flatten included, on one window of the map."""
+    x = reference.get_layer(head.flatten)(window)
+    for name in head.layers:
+        x = reference.get_layer(name)(x, training=False)
+    return x
+
+
+def _outputs(value: Any) -> list[Any]:
+    """A model's outputs as a list, whether it returns one tensor or several."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _float64(value: Any) -> Any:
+    return _keras().ops.convert_to_numpy(value).astype("float64")

@@ -9,22 +9,33 @@ from typing import TYPE_CHECKING, Any
 
 from fc2conv.check import check_layer, tolerance_for
 from fc2conv.errors import DependencyError
-from fc2conv.formats.onnx import (
-    OnnxFile,
-    OnnxHead,
-    OnnxTensors,
-    dtype_name_of,
-    load_onnx_model,
-    read_onnx,
-)
-from fc2conv.onnx_rewrite import METADATA_PREFIX, fc_weight_and_bias, head_changes, rewrite_onnx
+from fc2conv.formats.onnx import OnnxFile, OnnxHead, read_onnx
+from fc2conv.formats.onnx_io import OnnxTensors, dtype_name_of, first_line, load_onnx_model, onnx_bytes
+from fc2conv.onnx_rewrite import fc_weight_and_bias, head_changes, rewrite_onnx
 from fc2conv.plan import LayerChange
+from fc2conv.record import METADATA_PREFIX
 from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import ShapeLike
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+
+__all__ = [
+    "DenseCheck",
+    "Measured",
+    "OnnxConversion",
+    "OnnxProof",
+    "OnnxVerification",
+    "RuntimeCheck",
+    "check_onnx_dense",
+    "check_onnx_layers",
+    "check_onnx_runtime",
+    "convert_onnx",
+    "prove_onnx",
+    "returns_maps",
+    "verify_onnx",
+]
 
 # Windows compared in the dense check: every position up to this many, else a seeded sample with the corners.
 MAX_POSITIONS = 25
@@ -49,6 +60,7 @@ class Measured:
 
     @property
     def ok(self) -> bool:
+        """Measured, and within tolerance."""
         if self.problem is not None:
             return False
         return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
@@ -172,6 +184,7 @@ def check_onnx_layers(
 
 
 def _conv_attribute_problem(node: onnx.NodeProto) -> str | None:
+    """Why a Conv is not the plain convolution its kernel was checked as (strides, padding, ...); None if it is."""
     from onnx import helper
 
     plain = {"strides": 1, "dilations": 1, "pads": 0, "group": 1}
@@ -185,6 +198,7 @@ def _conv_attribute_problem(node: onnx.NodeProto) -> str | None:
 
 
 def _failed(change: LayerChange, weight: Any, problem: str) -> LayerCheck:
+    """The check of a layer whose Conv cannot be found in the converted model: failed, with infinite errors."""
     return LayerCheck(
         name=change.name, became=change.became, dtype=change.dtype, old_shape=tuple(weight.shape),
         new_shape=change.new_shape, parameters=change.parameters, max_abs_error=math.inf, max_rel_error=math.inf,
@@ -196,35 +210,30 @@ def _failed(change: LayerChange, weight: Any, problem: str) -> LayerCheck:
 # --- ONNX Runtime -------------------------------------------------------------------------------
 
 
+class _RuntimeProblem(Exception):
+    """A check that could not run: reported as the check's ``problem``, not raised to the caller."""
+
+
 def _session(model: onnx.ModelProto, what: str) -> Any:
+    """An ONNX Runtime session on the CPU (``what``: the model's role, for the message if it cannot load)."""
     try:
         import onnxruntime
     except ImportError as exc:
         raise DependencyError(f"the end-to-end check needs onnxruntime ({exc.name} is missing)", extra="onnx") from exc
-    from fc2conv.formats.onnx import onnx_bytes
-
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers and the like
     try:
         return onnxruntime.InferenceSession(onnx_bytes(model), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise _RuntimeProblem(f"ONNX Runtime cannot load the {what} model: {_first_line(exc)}") from exc
-
-
-class _RuntimeProblem(Exception):
-    """A check that could not run: reported as the check's ``problem``, not raised to the caller."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise _RuntimeProblem(f"ONNX Runtime cannot load the {what} model: {first_line(exc)}") from exc
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """Every output of one run, by name."""
     try:
         values = session.run(None, feeds)
     except Exception as exc:
-        raise _RuntimeProblem(f"ONNX Runtime cannot run the {what} model: {_first_line(exc)}") from exc
+        raise _RuntimeProblem(f"ONNX Runtime cannot run the {what} model: {first_line(exc)}") from exc
     return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
 
 
@@ -253,11 +262,11 @@ def _sample_inputs(original: OnnxFile, generator: np.random.Generator, batch: in
     return feeds
 
 
-def _output_tolerance(original: OnnxFile) -> Tolerance:
-    """fc2conv's tolerance for the dtype of the model's first floating output (float32 if none)."""
+def _output_tolerance(original: OnnxFile, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+    """fc2conv's tolerance for the dtype of the model's first floating output (float32 if none), overridable."""
     elems = [o.type.tensor_type.elem_type for o in original.model.graph.output]
     dtypes = [dtype_name_of(e) for e in elems if dtype_name_of(e) in ("float16", "bfloat16", "float32", "float64")]
-    return tolerance_for(dtypes[0] if dtypes else "float32")
+    return tolerance_for(dtypes[0] if dtypes else "float32", atol, rtol)
 
 
 def _compare(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -276,11 +285,13 @@ def _compare(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float(diff.max()), float(np.abs(expected64[finite]).max())
 
 
-def check_onnx_runtime(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> RuntimeCheck:
+def check_onnx_runtime(
+    original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0, tolerance: Tolerance | None = None
+) -> RuntimeCheck:
     """Run both models in ONNX Runtime at the traced size on the same seeded inputs; compare every output."""
     import numpy as np
 
-    tolerance = _output_tolerance(original)
+    tolerance = tolerance or _output_tolerance(original)
     names = tuple(o.name for o in original.model.graph.output)
     image = original.image_input
     shape: tuple[int, ...] = ()
@@ -291,36 +302,51 @@ def check_onnx_runtime(original: OnnxFile, converted: onnx.ModelProto, *, seed: 
             )
         feeds = _sample_inputs(original, np.random.default_rng(seed), None)
         if image is not None:
-            shape = feeds[image.name].shape
+            shape = tuple(int(d) for d in feeds[image.name].shape)
         expected = _run(_session(original.model, "original"), feeds, "original")
         got = _run(_session(converted, "converted"), feeds, "converted")
+        abs_error, scale = 0.0, 0.0
+        for name in names:
+            err, ref = _compare_output(name, expected[name], got.get(name))
+            abs_error, scale = max(abs_error, err), max(scale, ref)
     except _RuntimeProblem as problem:
         return RuntimeCheck(input_shape=shape, outputs=names, **_unmeasured(str(problem), tolerance))
-    shape = tuple(int(d) for d in shape)
-    abs_error, scale = 0.0, 0.0
-    for name in names:
-        want, have = expected[name], got.get(name)
-        if have is not None and have.shape != want.shape and have.shape == (*want.shape, 1, 1):
-            have = have.reshape(want.shape)  # a dense model at the traced size: (N, K, 1, 1)
-        problem = None
-        if have is None:
-            problem = f"the converted model has no output {name!r}"
-        elif have.shape != want.shape:
-            problem = f"output {name!r} is {have.shape}, the original's is {want.shape}"
-        elif want.dtype.kind not in "fc" and not np.array_equal(want, have):
-            problem = f"output {name!r} ({want.dtype}) differs in {int((want != have).sum())} of {want.size} values"
-        if problem is not None:
-            return RuntimeCheck(input_shape=shape, outputs=names, **_unmeasured(problem, tolerance))
-        if want.dtype.kind in "fc":
-            err, ref = _compare(want, have)
-            abs_error, scale = max(abs_error, err), max(scale, ref)
     return RuntimeCheck(input_shape=shape, outputs=names, **_measured(abs_error, scale, tolerance))
+
+
+def _compare_output(name: str, want: np.ndarray, have: np.ndarray | None) -> tuple[float, float]:
+    """One graph output, original vs converted: :func:`_compare`'s figures, or a problem if they cannot match.
+
+    A dense model at the traced size returns (N, K, 1, 1) for the original's (N, K): the same values.
+    Outputs that are not floating point (an ArgMax's labels) must be equal.
+    """
+    import numpy as np
+
+    if have is None:
+        raise _RuntimeProblem(f"the converted model has no output {name!r}")
+    if have.shape != want.shape and have.shape == (*want.shape, 1, 1):
+        have = have.reshape(want.shape)
+    if have.shape != want.shape:
+        raise _RuntimeProblem(f"output {name!r} is {have.shape}, the original's is {want.shape}")
+    if want.dtype.kind in "fc":
+        return _compare(want, have)
+    if not np.array_equal(want, have):
+        raise _RuntimeProblem(
+            f"output {name!r} ({want.dtype}) differs in {int((want != have).sum())} of {want.size} values"
+        )
+    return 0.0, 0.0
 
 
 # --- dense ----------------------------------------------------------------------------------------
 
 
 def _positions(grid: tuple[int, int], generator: np.random.Generator) -> list[tuple[int, int]]:
+    """The output positions to compare: all, or :data:`MAX_POSITIONS` of them, the four corners always among them.
+
+    The corners are where a wrong padding or offset shows first; the rest are a seeded sample.
+    (``fc2conv.graph.model_check`` draws its positions the same way with torch's generator: their shared
+    home would be :mod:`fc2conv.check`, above both.)
+    """
     every = [(i, j) for i in range(grid[0]) for j in range(grid[1])]
     if len(every) <= MAX_POSITIONS:
         return every
@@ -353,16 +379,16 @@ def _head_model(original: OnnxFile, head: OnnxHead) -> onnx.ModelProto:
     try:
         extracted = Extractor(original.inferred).extract_model([head.feature_tensor], list(head.outputs))
     except Exception as exc:
-        raise _RuntimeProblem(
-            f"the original head after {head.flatten} cannot be extracted: {_first_line(exc)}"
-        ) from exc
+        raise _RuntimeProblem(f"the original head after {head.flatten} cannot be extracted: {first_line(exc)}") from exc
     stored = {t.name: t for t in original.model.graph.initializer}
     for tensor in extracted.graph.initializer:  # the inferred copy holds the shapes of large tensors only
         tensor.CopyFrom(stored[tensor.name])
     return extracted
 
 
-def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> DenseCheck:
+def check_onnx_dense(
+    original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0, tolerance: Tolerance | None = None
+) -> DenseCheck:
     """Check a dense model position by position on an input :data:`DENSE_GROWTH` times the traced size.
 
     Why this is a proof: the converted trunk is the original trunk, node for node, so the feature
@@ -374,45 +400,63 @@ def check_onnx_dense(original: OnnxFile, converted: onnx.ModelProto, *, seed: in
     """
     import numpy as np
 
-    tolerance = _output_tolerance(original)
+    tolerance = tolerance or _output_tolerance(original)
     image = original.image_input
-    generator = np.random.default_rng(seed)
-
-    def failed(problem: str, shape: tuple[int, ...] = ()) -> DenseCheck:
-        return DenseCheck(input_shape=shape, **_unmeasured(problem, tolerance))
-
     if image is None or image.traced is None:
-        return failed("the dense check needs the graph's image input at a known size")
-    big = list(image.traced)
-    big[0] = big[0] or 1
-    for axis in image.spatial_axes:
-        big[axis] = int(big[axis]) * DENSE_GROWTH  # type: ignore[operator]
-    shape = tuple(int(d) for d in big)  # type: ignore[arg-type]
+        problem = "the dense check needs the graph's image input at a known size"
+        return DenseCheck(input_shape=(), **_unmeasured(problem, tolerance))
+    generator = np.random.default_rng(seed)
+    shape = image.traced_at(batch=image.traced[0] or 1, growth=DENSE_GROWTH)
     try:
         feeds = _sample_inputs(original, generator, shape[0])
         feeds[image.name] = generator.standard_normal(shape).astype(feeds[image.name].dtype)
         features = list(dict.fromkeys(h.feature_tensor for h in original.heads))
         got = _run(_session(_with_outputs(converted, original, features), "converted"), feeds, "converted")
-        grids, count, abs_error, scale = [], 0, 0.0, 0.0
-        for head in original.heads:
-            fmap = got[head.feature_tensor]
-            m = head.feature_map
-            grid = (fmap.shape[2] - m.height + 1, fmap.shape[3] - m.width + 1)
-            grids.append(grid)
-            if min(grid) < 1:
-                return failed(f"the map before {head.flatten} is {fmap.shape[2:]} on a {shape} input", shape)
-            session = _session(_head_model(original, head), "original head")
-            for i, j in _positions(grid, generator):
-                window = np.ascontiguousarray(fmap[:, :, i : i + m.height, j : j + m.width])
-                expected = _run(session, {head.feature_tensor: window}, "original head")
-                for name in head.outputs:
-                    err, ref = _compare(expected[name], got[name][:, :, i, j])
-                    abs_error, scale = max(abs_error, err), max(scale, ref)
-                count += 1
+        tallies = [_dense_head(original, head, got, generator, shape) for head in original.heads]
     except _RuntimeProblem as problem:
-        return failed(str(problem), shape)
-    measured = _measured(abs_error, scale, tolerance)
-    return DenseCheck(input_shape=shape, grids=tuple(grids), positions_checked=count, **measured)
+        return DenseCheck(input_shape=shape, **_unmeasured(str(problem), tolerance))
+    abs_error, scale = max((t.abs_error for t in tallies), default=0.0), max((t.scale for t in tallies), default=0.0)
+    return DenseCheck(
+        input_shape=shape, grids=tuple(t.grid for t in tallies), positions_checked=sum(t.positions for t in tallies),
+        **_measured(abs_error, scale, tolerance),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _HeadTally:
+    """One head's part of the dense check: its grid of output positions, how many were compared, the figures."""
+
+    grid: tuple[int, int]
+    positions: int
+    abs_error: float
+    scale: float
+
+
+def _dense_head(
+    original: OnnxFile,
+    head: OnnxHead,
+    got: dict[str, np.ndarray],
+    generator: np.random.Generator,
+    shape: tuple[int, ...],
+) -> _HeadTally:
+    """The converted model's map of scores for ``head`` (in ``got``) against the original head on each window."""
+    import numpy as np
+
+    fmap = got[head.feature_tensor]
+    m = head.feature_map
+    grid = (fmap.shape[2] - m.height + 1, fmap.shape[3] - m.width + 1)
+    if min(grid) < 1:
+        raise _RuntimeProblem(f"the map before {head.flatten} is {fmap.shape[2:]} on a {shape} input")
+    session = _session(_head_model(original, head), "original head")
+    positions = _positions(grid, generator)
+    abs_error, scale = 0.0, 0.0
+    for i, j in positions:
+        window = np.ascontiguousarray(fmap[:, :, i : i + m.height, j : j + m.width])
+        expected = _run(session, {head.feature_tensor: window}, "original head")
+        for name in head.outputs:
+            err, ref = _compare(expected[name], got[name][:, :, i, j])
+            abs_error, scale = max(abs_error, err), max(scale, ref)
+    return _HeadTally(grid, len(positions), abs_error, scale)
 
 
 # --- the whole proof ----------------------------------------------------------------------------
@@ -427,11 +471,24 @@ def returns_maps(original: OnnxFile, converted: onnx.ModelProto) -> bool:
     return any(p.key == f"{METADATA_PREFIX}dense" and p.value == "true" for p in converted.metadata_props)
 
 
-def prove_onnx(original: OnnxFile, converted: onnx.ModelProto, *, seed: int = 0) -> OnnxProof:
-    """Every check of ``converted`` against ``original``: per layer, end to end, and per position if dense."""
-    layers = check_onnx_layers(original, converted, seed=seed)
-    runtime = check_onnx_runtime(original, converted, seed=seed)
-    dense = check_onnx_dense(original, converted, seed=seed) if returns_maps(original, converted) else None
+def prove_onnx(
+    original: OnnxFile,
+    converted: onnx.ModelProto,
+    *,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> OnnxProof:
+    """Every check of ``converted`` against ``original``: per layer, end to end, and per position if dense.
+
+    ``atol`` and ``rtol`` override the dtype's tolerances, for every one of them.
+    """
+    layers = check_onnx_layers(original, converted, seed=seed, atol=atol, rtol=rtol)
+    tolerance = _output_tolerance(original, atol, rtol)
+    runtime = check_onnx_runtime(original, converted, seed=seed, tolerance=tolerance)
+    dense = None
+    if returns_maps(original, converted):
+        dense = check_onnx_dense(original, converted, seed=seed, tolerance=tolerance)
     return OnnxProof(layers, runtime, dense)
 
 
@@ -484,20 +541,3 @@ def verify_onnx(
     converted = load_onnx_model(converted_path)
     dense = returns_maps(source, converted)
     return OnnxVerification(source, Path(converted_path), converted, dense, prove_onnx(source, converted, seed=seed))
-
-
-__all__ = [
-    "DenseCheck",
-    "Measured",
-    "OnnxConversion",
-    "OnnxProof",
-    "OnnxVerification",
-    "RuntimeCheck",
-    "check_onnx_dense",
-    "check_onnx_layers",
-    "check_onnx_runtime",
-    "convert_onnx",
-    "prove_onnx",
-    "returns_maps",
-    "verify_onnx",
-]

@@ -8,16 +8,17 @@ from typing import TYPE_CHECKING
 from fc2conv._version import __version__
 from fc2conv.convert import fc_to_conv_weight
 from fc2conv.errors import PlanError
-from fc2conv.formats.onnx import GraphIndex, OnnxFile, OnnxHead, OnnxLayer, OnnxStep, to_proto
+from fc2conv.formats.onnx import OnnxFile, OnnxHead, OnnxLayer, OnnxStep
+from fc2conv.formats.onnx_io import first_line, to_proto
 from fc2conv.plan import LayerChange
+from fc2conv.record import METADATA_PREFIX
 from fc2conv.types import InputShape
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-# Keys this module adds to the model's metadata_props (other entries are kept).
-METADATA_PREFIX = "fc2conv."
+__all__ = ["fc_weight_and_bias", "head_changes", "onnx_changes", "rewrite_onnx"]
 
 
 def head_changes(head: OnnxHead) -> tuple[LayerChange, ...]:
@@ -120,17 +121,24 @@ def rewrite_onnx(onnx_file: OnnxFile, *, dense: bool = False) -> onnx.ModelProto
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PlanError(f"the rewritten graph of {onnx_file.path.name} fails the ONNX checker: {first}") from exc
+        raise PlanError(
+            f"the rewritten graph of {onnx_file.path.name} fails the ONNX checker: {first_line(exc)}"
+        ) from exc
     return model
 
 
 class _Rewriter:
+    """One rewrite of a copy of the model: nodes replaced by index, new initializers, then the graph reassembled.
+
+    Node indices are those of the model as read (the heads' ``index`` fields): replacements are
+    collected per index and applied once, in :meth:`finish`, so no index moves while heads are rewritten.
+    """
+
     def __init__(self, onnx_file: OnnxFile, model: onnx.ModelProto, dense: bool) -> None:
         self.file = onnx_file
         self.model = model
         self.dense = dense
-        self.g = GraphIndex(onnx_file.model, onnx_file.inferred)
+        self.g = onnx_file.index()
         self.replacements: dict[int, list[onnx.NodeProto]] = {}
         self.changed: set[str] = set()  # tensors whose shape changes (their value_info goes)
         self.new_initializers: dict[str, onnx.TensorProto] = {}
@@ -149,6 +157,7 @@ class _Rewriter:
     # Names ------------------------------------------------------------------------------------
 
     def _fresh(self, base: str) -> str:
+        """A tensor name not yet used in the graph: ``base``, else ``base2``, ``base3``, ..."""
         name, count = base, 1
         while name in self.taken:
             count += 1
@@ -168,6 +177,7 @@ class _Rewriter:
     # Heads ------------------------------------------------------------------------------------
 
     def head(self, head: OnnxHead) -> None:
+        """Replace one head: its flatten goes (the first node after it reads the map), each layer becomes a Conv."""
         if self.dense and head.dense_problem:
             raise PlanError(f"the head after {head.flatten} cannot return a map of scores: {head.dense_problem}")
         nodes = self.model.graph.node
@@ -214,9 +224,9 @@ class _Rewriter:
         owners = {layer.index} | ({layer.add_index} if layer.add_index is not None else set())
         kernel_name = self._store(layer.weight, kernel, owners)
         inputs = [data, kernel_name]
-        if layer.bias is not None:
+        if layer.bias is not None and bias is not None:
             unchanged = layer.beta == 1.0 and self.g.shapes[layer.bias] == (layer.out_features,)
-            inputs.append(layer.bias if unchanged else self._store(layer.bias, bias, owners))  # type: ignore[arg-type]
+            inputs.append(layer.bias if unchanged else self._store(layer.bias, bias, owners))
         result = layer.output
         if last and not self.dense:
             result = self._fresh(f"{layer.output}_map")
@@ -249,6 +259,7 @@ class _Rewriter:
     # The graph --------------------------------------------------------------------------------
 
     def finish(self) -> None:
+        """Apply the replacements, drop what they left unread, and make shapes and metadata say what the graph is."""
         graph = self.model.graph
         before_used = self.before_used
         nodes = []
@@ -268,6 +279,7 @@ class _Rewriter:
         self._metadata()
 
     def _initializers(self, before_used: set[str]) -> None:
+        """Kernels in place of the weights they replace (new names at the end); weights nothing reads any more go."""
         import onnx
 
         graph = self.model.graph
@@ -299,6 +311,7 @@ class _Rewriter:
         graph.value_info.extend(kept)
 
     def _dense_io(self) -> None:
+        """Open the input's height and width, and declare the heads' outputs as (N, K, H', W') maps."""
         image = self.file.image_input
         if image is None:
             raise PlanError(f"{self.file.path.name} has no single 4-D image input whose height and width could grow")
@@ -320,6 +333,7 @@ class _Rewriter:
                     dim.Clear()  # may depend on the input size now (the rank stays: the checker needs a shape)
 
     def _metadata(self) -> None:
+        """Record the conversion in ``fc2conv.*`` metadata entries (what verify and people can read back)."""
         import onnx
 
         entries = {
@@ -335,6 +349,7 @@ class _Rewriter:
 
 
 def _rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Make ``node`` read ``new`` wherever it read ``old``."""
     for slot, name in enumerate(node.input):
         if name == old:
             node.input[slot] = new
@@ -365,6 +380,3 @@ def _drop_new_dead(nodes: list[onnx.NodeProto], graph: onnx.GraphProto, before_u
         if not dead:
             return nodes
         nodes = [n for n in nodes if not any(n is d for d in dead)]
-
-
-__all__ = ["METADATA_PREFIX", "fc_weight_and_bias", "rewrite_onnx"]

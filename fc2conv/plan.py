@@ -422,20 +422,20 @@ def _batchnorm_notes(layers: Sequence[Layer], changes: Sequence[LayerChange]) ->
 
 
 def _layout_notes(fcs: Sequence[FCShape], changes: Sequence[LayerChange]) -> list[str]:
-    """Say which converted weights are stored (in, out), and how that is known."""
-    converted = {c.name for c in changes if c.layout == "in_out"}
-    by_reason: dict[str, list[str]] = {}
-    for fc in fcs:
-        if fc.name in converted:
-            by_reason.setdefault(fc.why, []).append(fc.name)
+    """Say, in one line, which converted weights are stored (in, out) and how that is known."""
+    transposed = [fc for fc in fcs if fc.name in {c.name for c in changes if c.layout == "in_out"}]
+    if not transposed:
+        return []
+    reasons = dict.fromkeys(_LAYOUT_REASONS.get(fc.why.split(" ")[0], fc.why) for fc in transposed)
+    names = transposed[0].name + (f" and {len(transposed) - 1} more" if len(transposed) > 1 else "")
     return [
-        f"{_some(names)} stored (in, out), as GPT-2's Conv1D and Keras's Dense store weights ({why}): transposed"
-        for why, names in by_reason.items()
+        f"{names} stored (in, out), as GPT-2's Conv1D and Keras's Dense store weights (shown by "
+        f"{', '.join(reasons)}): transposed"
     ]
 
 
-def _some(names: Sequence[str]) -> str:
-    return f"{names[0]} is" if len(names) == 1 else f"{names[0]} and {len(names) - 1} more are"
+# How a transposed layout was known, in a few words (by the first word of FCShape.why).
+_LAYOUT_REASONS = {"its": "biases", "from": "config.json", "a": "names of transformers Conv1D", "as": "the caller"}
 
 
 def _skipped(

@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fc2conv.results import ConvertResult, InspectResult, LayerCheck, ModuleCheck, VerifyResult
+from fc2conv.results import ConvertResult, Evidence, InspectResult, LayerCheck, ModuleCheck, VerifyResult
 from fc2conv.types import InputShape
 
 __all__ = ["PROGRESS_MIN_BYTES", "ByteProgress", "make_console", "render_convert", "render_inspect", "render_verify"]
@@ -191,6 +191,16 @@ def _proof_notes(checks: tuple[LayerCheck, ...]) -> list[str]:
     return notes
 
 
+def _evidence_notes(evidence: Evidence | None) -> list[str]:
+    """What the weights say of the order (and of the map, when it was inferred): evidence, not proof."""
+    if evidence is None:
+        return []
+    lines = [f"order evidence ({evidence.order.strength}): {evidence.order.explanation}"]
+    if evidence.geometry is not None:
+        lines.append(f"map evidence ({evidence.geometry.strength}): {evidence.geometry.explanation}")
+    return lines
+
+
 def _failure_notes(failures: list[str]) -> list[str]:
     return [f"FAIL {failure}" for failure in failures]
 
@@ -217,6 +227,8 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     if plan.mode == "chain":
         origin = f" ({plan.flatten_order_origin})" if plan.flatten_order_origin else ""
         _note(console, f"flatten order: {plan.flatten_order}{origin}")
+    for line in _evidence_notes(result.evidence):
+        _note(console, line)
     if result.written:
         shards = f", {result.shards} shards + index" if result.shards else ""
         _note(console, f"output: {result.output} ({_bytes(result.output_bytes)}{shards})")
@@ -253,6 +265,8 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         _note(console, f"converts: {layers}")
         for note in (*plan.notes, *_skipped_notes(result)):
             _note(console, note)
+        for line in _evidence_notes(result.evidence):
+            _note(console, line)
         if plan.input_shape is not None and result.format != "onnx":  # an ONNX graph's input is another shape
             _note(console, f"convert would use: --input-shape {plan.input_shape} --flatten-order {plan.flatten_order}")
     else:
@@ -305,5 +319,7 @@ def render_verify(console: Console, result: VerifyResult) -> None:
         _note(console, f"end to end: {result.end_to_end.how}")
     if result.input_shape is not None:
         _note(console, f"geometry: {result.input_shape} ({result.flatten_order})")
+    for line in _evidence_notes(result.evidence):
+        _note(console, line)
     _note(console, f"other tensors: {result.identical} identical, {len(result.mismatches)} not")
     console.print("  verdict: " + ("[green]PASS[/]" if result.ok else "[bold red]FAIL[/]"))

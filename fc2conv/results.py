@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fc2conv.evidence import GeometryEvidence, OrderEvidence, order_warning
 from fc2conv.layers import Layer
 from fc2conv.plan import LayerChange, Plan
 from fc2conv.types import FlattenOrder, InputShape, TensorInfo, dtype_itemsize
@@ -181,6 +182,35 @@ class Export:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """What a head's first FC weight says of the map it reads: the order in use, and the map if inferred.
+
+    Evidence, not proof (see :mod:`fc2conv.evidence`): only a "clear" verdict against what is in use
+    gives a warning.
+    """
+
+    layer: str
+    order_in_use: FlattenOrder
+    map_in_use: InputShape
+    order: OrderEvidence
+    geometry: GeometryEvidence | None = None  # measured when the map was inferred, not given
+
+    @property
+    def warnings(self) -> list[str]:
+        found = []
+        order = order_warning(self.order, self.order_in_use)
+        if order is not None:
+            found.append(f"{self.layer}: {order}")
+        favoured = self.geometry.favoured if self.geometry is not None else None
+        if self.geometry is not None and favoured is not None and favoured != self.map_in_use:
+            found.append(
+                f"{self.layer}: the inferred map {self.map_in_use} is in use, but {self.geometry.explanation}; "
+                f"give the map's shape if it is {favoured}"
+            )
+        return found
+
+
+@dataclass(frozen=True)
 class ConvertResult:
     """What ``convert`` did: the plan, the measured checks, and where the output went."""
 
@@ -196,11 +226,19 @@ class ConvertResult:
     end_to_end: ModuleCheck | None = None  # with a model: original model vs converted model
     exports: tuple[Export, ...] = ()  # exported programs / ONNX files written
     model_input_shape: InputShape | None = None  # with a model: the network input it was traced at
+    evidence: Evidence | None = None  # with weights alone: what they say of the flatten order and map
+    strict: bool = False  # evidence against the order or map in use fails the conversion
 
     @property
     def ok(self) -> bool:
         checks_ok = all(c.ok for c in self.checks) and (self.end_to_end is None or self.end_to_end.ok)
-        return self.written and checks_ok and all(e.ok for e in self.exports)
+        refused = self.strict and self.warnings
+        return self.written and checks_ok and all(e.ok for e in self.exports) and not refused
+
+    @property
+    def warnings(self) -> list[str]:
+        """The evidence against the flatten order or the map in use, one line each."""
+        return self.evidence.warnings if self.evidence is not None else []
 
     @property
     def failures(self) -> list[str]:
@@ -208,6 +246,8 @@ class ConvertResult:
         found = [f"{c.name}: {c.failure}" for c in self.checks if c.failure]
         if self.end_to_end is not None and self.end_to_end.failure:
             found.append(f"end to end: {self.end_to_end.failure}")
+        if self.strict:
+            found += [f"evidence (strict): {w}" for w in self.warnings]
         return found + [e.failure for e in self.exports if e.failure]
 
 
@@ -223,6 +263,11 @@ class InspectResult:
     metadata: dict[str, str]
     plan: Plan | None
     plan_problem: str | None
+    evidence: Evidence | None = None  # asked for: what the first head's weights say of its map
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.evidence.warnings if self.evidence is not None else []
 
     @property
     def parameters(self) -> int:
@@ -254,9 +299,18 @@ class VerifyResult:
     mismatches: tuple[TensorMismatch, ...]
     notes: tuple[str, ...] = field(default=())
     end_to_end: ModuleCheck | None = None  # with a model: original model vs converted model
+    evidence: Evidence | None = None  # with weights alone: what they say of the recorded flatten order
+    strict: bool = False
+
+    @property
+    def warnings(self) -> list[str]:
+        """The evidence against the recorded flatten order, one line each."""
+        return self.evidence.warnings if self.evidence is not None else []
 
     @property
     def ok(self) -> bool:
+        if self.strict and self.warnings:
+            return False
         if self.end_to_end is not None and not self.checks and not self.mismatches:
             return self.end_to_end.ok  # checked end to end only (see notes)
         end_to_end_ok = self.end_to_end is None or self.end_to_end.ok
@@ -271,4 +325,6 @@ class VerifyResult:
             found.append(f"end to end: {self.end_to_end.failure}")
         if not self.checks and self.end_to_end is None:
             found.append("no converted layer found in the converted file")
+        if self.strict:
+            found += [f"evidence (strict): {w}" for w in self.warnings]
         return found

@@ -305,3 +305,59 @@ def test_state_dict_key_chooses_the_ema_weights(tmp_path):
                  "-o", tmp_path / "ema.safetensors")  # fmt: skip
     assert chosen.exit_code == 0
     assert torch.equal(load_file(str(tmp_path / "ema.safetensors"))["fc1.bias"], ema["fc1.bias"])
+
+
+# --- 2. flatten order: say what is proven, and bring evidence ----------------------------------------
+
+
+def test_trained_channels_last_weights_converted_as_chw_get_a_warning_with_the_figures(tmp_path):
+    source = SAMPLES / "digits_channels_last.safetensors"
+    result = run("convert", source, "-o", tmp_path / "o.safetensors", "--json")
+    assert result.exit_code == 0  # the conversion is what was asked for; the warning says it is doubtful
+    warning = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warning) == 1 and "flatten order chw is in use, but the weights fit hwc order" in warning[0]
+    evidence = json.loads(result.stdout)["evidence"]
+    assert evidence["order"]["strength"] == "clear" and evidence["order"]["favoured"] == "hwc"
+    assert evidence["order"]["margin"] > 1.1 and evidence["warnings"]
+    assert evidence["geometry"]["favoured"] == [32, 4, 4]  # and the inferred map is the one the weights show
+    strict = run("convert", source, "-o", tmp_path / "s.safetensors", "--strict")
+    assert strict.exit_code == 1 and "evidence (strict)" in error_line_of(strict)
+    assert not (tmp_path / "s.safetensors").exists()
+    right = run("convert", source, "--flatten-order", "hwc", "-o", tmp_path / "h.safetensors", "--strict", "--json")
+    assert right.exit_code == 0 and json.loads(right.stdout)["evidence"]["warnings"] == []
+
+
+def test_the_trained_pytorch_sample_is_evidence_for_chw_and_random_weights_claim_nothing(tmp_path):
+    trained = json.loads(run("convert", SAMPLES / "digits_cnn.pt", "-o", tmp_path / "d.safetensors", "--json").stdout)
+    assert trained["evidence"]["order"]["favoured"] == "chw" and trained["evidence"]["warnings"] == []
+    untrained = run("convert", SAMPLES / "channels_last_head.safetensors", "--input-shape", "8x3x5",
+                    "-o", tmp_path / "u.safetensors", "--json")  # fmt: skip
+    evidence = json.loads(untrained.stdout)["evidence"]
+    assert evidence["order"]["strength"] == "weak" and evidence["warnings"] == [] and untrained.stderr == ""
+
+
+def test_verify_weighs_the_recorded_order_and_inspect_shows_the_evidence_when_asked(tmp_path):
+    source = SAMPLES / "digits_channels_last.safetensors"
+    assert run("convert", source, "-o", tmp_path / "o.safetensors").exit_code == 0
+    verified = run("verify", source, tmp_path / "o.safetensors")
+    assert verified.exit_code == 0 and "Warning: classifier.1: flatten order chw is in use" in verified.stderr
+    assert run("verify", source, tmp_path / "o.safetensors", "--strict").exit_code == 1
+    plain = run("inspect", source)
+    assert "order evidence" not in plain.stdout and plain.stderr == ""
+    asked = run("inspect", source, "--evidence")
+    assert "order evidence (clear): the weights fit hwc order" in asked.stdout
+
+
+def error_line_of(result) -> str:
+    return next(line for line in result.stderr.splitlines() if line.startswith("Error: "))
+
+
+def test_tolerances_apply_to_onnx_pairs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    converted = tmp_path / "d.conv.onnx"
+    assert run("convert", SAMPLES / "digits_cnn.onnx", "-o", converted).exit_code == 0
+    assert run("verify", SAMPLES / "digits_cnn.onnx", converted).exit_code == 0
+    exact = run("verify", SAMPLES / "digits_cnn.onnx", converted, "--atol", "0", "--rtol", "0", "--json")
+    payload = json.loads(exact.stdout)
+    assert exact.exit_code == 1 and (payload["end_to_end"]["atol"], payload["end_to_end"]["rtol"]) == (0.0, 0.0)
+    assert {(layer["atol"], layer["rtol"]) for layer in payload["layers"]} == {(0.0, 0.0)}

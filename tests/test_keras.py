@@ -27,7 +27,7 @@ h5py = pytest.importorskip("h5py")
 keras = pytest.importorskip("keras")
 
 from fc2conv.convert import apply_plan, fc_to_conv_weight  # noqa: E402
-from fc2conv.errors import CheckpointError, PlanError, ShapeError  # noqa: E402
+from fc2conv.errors import CheckpointError, DependencyError, PlanError, ShapeError  # noqa: E402
 from fc2conv.formats import read_listing  # noqa: E402
 from fc2conv.formats.keras import KerasFile, KerasHead, read_keras  # noqa: E402
 from fc2conv.jobs.convert import plan_for  # noqa: E402
@@ -580,6 +580,14 @@ def test_bfloat16_weights(tmp_path: Path) -> None:
     assert torch.equal(kf.tensors["fc.weight"].float(), kernel.t())
 
 
+def test_reading_without_h5py_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save(trunk_model(), tmp_path, "keras")
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
+    with pytest.raises(DependencyError, match="h5py") as caught:
+        read_keras(path)
+    assert caught.value.extra == "keras"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such file"):
         read_keras(tmp_path / "nothing.keras")
@@ -625,6 +633,19 @@ def test_export_that_fails_its_check_writes_nothing(tmp_path: Path) -> None:
     assert not result.ok and not result.written and result.traced_max_abs_error > 1e-3
     assert not (tmp_path / "wrong.keras").exists()
     assert [p.name for p in tmp_path.iterdir() if "wrong" in p.name] == []
+
+
+def test_export_with_a_nan_kernel_writes_nothing(tmp_path: Path) -> None:
+    """A NaN in a converted kernel is an infinite error, never a pass."""
+    kf = read_keras(save(trunk_model(), tmp_path, "keras"))
+    tensors = dict(apply_plan(plan_keras(kf), kf.tensors))
+    change = head_changes(kf.heads[0], kf)[0]
+    tensors[change.weight] = tensors[change.weight].clone()
+    tensors[change.weight][0, 0, 0, 0] = float("nan")
+    result = export_keras(kf, tensors, tmp_path / "nan.keras")
+    assert not result.ok and not result.written
+    assert result.traced_max_abs_error == result.dense_max_abs_error == float("inf")
+    assert not (tmp_path / "nan.keras").exists()
 
 
 @pytest.mark.parametrize("kind", FORMATS)
@@ -693,3 +714,32 @@ def test_committed_digits_samples(name: str) -> None:
     model = keras.saving.load_model(SAMPLES / name)
     x = np.random.default_rng(10).uniform(0, 1, (8, 8, 8, 1)).astype("float32")
     assert_close(torch_forward(model, kf, converted_tensors(kf), x), keras_outputs(model, x))
+
+
+def test_weights_are_read_in_place_whether_the_zip_stores_or_compresses_them(tmp_path: Path) -> None:
+    """Keras stores model.weights.h5 uncompressed (read in place, fast); a re-zipped, deflated file reads the same."""
+    path = save(trunk_model(), tmp_path, "keras")
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo("model.weights.h5").compress_type == zipfile.ZIP_STORED
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    deflated = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    stored, compressed = read_keras(path), read_keras(deflated)
+    assert [i.name for i in stored.infos] == [i.name for i in compressed.infos]
+    for name in stored.tensors:
+        assert torch.equal(stored.tensors[name], compressed.tensors[name]), name
+
+
+def test_a_depthwise_conv_reads_from_both_keras_3_formats(tmp_path: Path) -> None:
+    """Keras 3 saves a DepthwiseConv2D's kernel as "kernel" in .h5 (tf.keras 2: "depthwise_kernel")."""
+    model = keras.Sequential(
+        [keras.Input((6, 6, 3)), L.DepthwiseConv2D(3, name="dw"), L.Flatten(name="flat"), L.Dense(4, name="fc")],
+        name="depthwise",
+    )
+    zipped, legacy = read_keras(save(model, tmp_path, "keras")), read_keras(save(model, tmp_path, "h5"))
+    assert [i.name for i in zipped.infos] == [i.name for i in legacy.infos]
+    for name in zipped.tensors:
+        assert torch.equal(zipped.tensors[name], legacy.tensors[name]), name
+    assert [h.feature_map for h in legacy.heads] == [InputShape(3, 4, 4)]

@@ -96,7 +96,7 @@ def test_config_json_names_gpt2_layouts_even_without_biases(tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert any("config.json: model_type 'gpt2'" in note for note in payload["load_notes"])
-    assert any("stored (in, out)" in note and "from config.json" in note for note in payload["notes"])
+    assert any("stored (in, out)" in note and "shown by config.json" in note for note in payload["notes"])
     converted = load_file(str(tmp_path / "b.safetensors"))
     assert torch.equal(converted["h.0.mlp.c_fc.weight"][:, :, 0, 0], sd["h.0.mlp.c_fc.weight"].T)
 

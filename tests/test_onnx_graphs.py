@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -23,6 +24,8 @@ from fc2conv.errors import CheckpointError, PlanError, ShapeError  # noqa: E402
 from fc2conv.formats.onnx import load_onnx_model, read_onnx, write_onnx  # noqa: E402
 from fc2conv.onnx_check import convert_onnx, verify_onnx  # noqa: E402
 from fc2conv.onnx_rewrite import rewrite_onnx  # noqa: E402
+from tests.conftest import error_line  # noqa: E402
+from tests.conftest import run as run_cli  # noqa: E402
 
 # ONNX Runtime computes in float32; the references here in float64. Relative to the output's scale,
 # float32 rounding over these fan-ins stays below 1e-6; 1e-4 leaves room on any CPU and still fails
@@ -318,8 +321,8 @@ def test_channels_last_transpose_is_absorbed_and_a_chw_kernel_is_caught(tmp_path
     assert not verified.proof.runtime.ok and verified.proof.runtime.max_rel_error > 1e-2
 
 
-def test_dynamic_input_needs_its_size(tmp_path):
-    rng = np.random.default_rng(0)
+def dynamic_input(rng):
+    """Conv 3x3 -> Flatten -> Gemm(6) on an input of open height and width; the Gemm fits an 8x8 input."""
     k, w = weights(rng, 4, 3, 3, 3), weights(rng, 6, 4 * 6 * 6)
     model = make_model(
         [
@@ -331,6 +334,11 @@ def test_dynamic_input_needs_its_size(tmp_path):
         [helper.make_tensor_value_info("out", FLOAT, ["N", 6])],
         {"k": k, "w": w},
     )
+    return model, k, w
+
+
+def test_dynamic_input_needs_its_size(tmp_path):
+    model, k, w = dynamic_input(np.random.default_rng(0))
     path = save(model, tmp_path, "dynamic.onnx")
     with pytest.raises(PlanError, match=r"graph's input 'image' is dynamic") as caught:
         read_onnx(path)
@@ -581,3 +589,133 @@ def test_two_heads_on_one_map_and_a_shared_weight(tmp_path):
     flat = torch.relu(t64(x)).flatten(1)
     assert_close(outputs["out_a"].reshape(2, 6), (flat @ t64(w).T + t64(b1)).numpy())
     assert_close(outputs["out_b"].reshape(2, 6), (2 * flat @ t64(w).T + t64(b2)).numpy())
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reshape_case(tmp_path) -> tuple[Case, Path]:
+    """The Conv -> MaxPool -> Reshape -> MatMul + Add -> Gemm graph, saved as model.onnx."""
+    case = trunk_reshape_matmul(np.random.default_rng(0))
+    return case, save(case.model, tmp_path, "model.onnx")
+
+
+def table_row(output: str, first_cell: str) -> str:
+    """The table row whose first cell is ``first_cell``."""
+    rows = [line.strip() for line in output.splitlines() if line.strip().startswith(first_cell + " ")]
+    assert len(rows) == 1, output
+    return rows[0]
+
+
+def test_cli_convert_writes_model_conv_onnx(reshape_case):
+    case, path = reshape_case
+    result = run_cli("convert", path)
+    assert result.exit_code == 0, result.output
+    assert table_row(result.stdout, "dense1").split()[1:3] == ["Conv", "5x5"]
+    assert table_row(result.stdout, "dense2").split()[1:3] == ["Conv", "1x1"]
+    assert table_row(result.stdout, "(end to end)").split()[-1] == "ok"
+    written = onnx.load(str(path.with_name("model.conv.onnx")))
+    assert {"Gemm", "MatMul"}.isdisjoint(n.op_type for n in written.graph.node)
+    x = np.random.default_rng(1).standard_normal(case.traced).astype(np.float32)
+    assert_close(run(written, {"image": x})["out"], case.reference(x))
+
+
+def test_cli_convert_dense_outputs_maps(reshape_case, tmp_path):
+    case, path = reshape_case
+    out = tmp_path / "dense.onnx"
+    result = run_cli("convert", path, "--dense", "-o", out)
+    assert result.exit_code == 0, result.output
+    # The trunk is a valid 3x3 conv and a 2x2 max pool (stride 2): a 24x22 input gives an 11x10 map, and
+    # a 5x5 kernel on it 7x6 positions. Position (i, j) reads the 12x12 input window at (2i, 2j), so the
+    # original graph run on that crop is its reference.
+    x = np.random.default_rng(2).standard_normal((1, 3, 24, 22)).astype(np.float32)
+    scores = run(onnx.load(str(out)), {"image": x})["out"]
+    assert scores.shape == (1, 10, 7, 6)
+    for i, j in [(0, 0), (3, 2), (6, 5)]:
+        crop = np.ascontiguousarray(x[:, :, 2 * i : 2 * i + 12, 2 * j : 2 * j + 12])
+        assert_close(scores[:, :, i, j], run(case.model, {"image": crop})["out"])
+
+
+def test_cli_convert_json(reshape_case, tmp_path):
+    _, path = reshape_case
+    result = run_cli("convert", path, "--dense", "--json", "-o", tmp_path / "dense.onnx")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["ok"] and payload["written"]
+    layers = {layer["name"]: layer for layer in payload["layers"]}
+    assert set(layers) == {"dense1", "dense2"}
+    assert all(0 <= layer["max_abs_error"] < RTOL and layer["ok"] for layer in layers.values())
+    end_to_end = payload["end_to_end"]
+    assert end_to_end["ok"] and 0 <= end_to_end["max_rel_error"] < RTOL
+    # The dense check runs a 24x24 input (twice the traced 12x12): an 11x11 map, 7x7 positions of a 5x5 kernel.
+    assert end_to_end["dense_grid"] == [7, 7] and end_to_end["positions_checked"] > 0
+
+
+def test_cli_verify_passes_and_a_tampered_kernel_fails(reshape_case, tmp_path):
+    _, path = reshape_case
+    converted = tmp_path / "model.conv.onnx"
+    assert run_cli("convert", path, "-o", converted).exit_code == 0
+    result = run_cli("verify", path, converted)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.stdout
+    model = onnx.load(str(converted))
+    kernel = next(t for t in model.graph.initializer if t.name == "dense1.kernel")
+    values = numpy_helper.to_array(kernel).copy()
+    values[0, 0, 0, 0] += 1.0
+    kernel.CopyFrom(numpy_helper.from_array(values, kernel.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+    result = run_cli("verify", path, tampered)
+    assert result.exit_code == 1
+    assert "dense1" in error_line(result)
+
+
+def test_cli_inspect_lists_the_heads(reshape_case):
+    _, path = reshape_case
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "dense1 (200 -> 32: Conv 5x5), dense2 (32 -> 10: Conv 1x1)" in result.stdout
+    payload = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert [(c["name"], c["became"], c["new_shape"]) for c in payload["chain"]] == [
+        ("dense1", "Conv 5x5", [32, 8, 5, 5]), ("dense2", "Conv 1x1", [10, 32, 1, 1])
+    ]  # fmt: skip
+    assert (payload["input_shape"], payload["flatten_order"]) == ([8, 5, 5], "chw")
+
+
+@pytest.mark.parametrize("option", [("--flatten-order", "hwc"), ("--layers", "dense1")], ids=lambda o: o[0])
+def test_cli_convert_refuses_checkpoint_options(option, reshape_case):
+    _, path = reshape_case
+    result = run_cli("convert", path, *option)
+    assert result.exit_code == 2
+    assert option[0] in error_line(result)
+    assert not path.with_name("model.conv.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("inspect", "--flatten-order", "hwc"), ("inspect", "--layers", "dense1"), ("verify", "--flatten-order", "hwc")],
+    ids=" ".join,
+)
+def test_cli_inspect_and_verify_refuse_checkpoint_options(command, reshape_case, tmp_path):
+    _, path = reshape_case
+    name, *option = command
+    converted = []
+    if name == "verify":
+        converted = [tmp_path / "model.conv.onnx"]
+        assert run_cli("convert", path, "-o", *converted).exit_code == 0
+    assert run_cli(name, path, *converted, *option).exit_code == 2
+
+
+def test_cli_dynamic_input_needs_input_shape(tmp_path):
+    model, k, w = dynamic_input(np.random.default_rng(0))
+    path = save(model, tmp_path, "dynamic.onnx")
+    result = run_cli("convert", path)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "'image' is dynamic" in line and "--input-shape" in line
+    result = run_cli("convert", path, "--input-shape", "3x8x8")
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    expected = (F.conv2d(t64(x), t64(k)).flatten(1) @ t64(w).T).numpy()
+    assert_close(run(onnx.load(str(tmp_path / "dynamic.conv.onnx")), {"image": x})["out"], expected)

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
 from fc2conv.check import check_changes, compare_spans, tensors_identical
-from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
+from fc2conv.convert import converted_info, converted_tensor, fc_weight, keeps_bytes
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import OutputError, PlanError
+from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence
 from fc2conv.formats import Listing, Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
@@ -22,7 +23,7 @@ from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
 from fc2conv.preload import preload_torch
 from fc2conv.publish import atomic_folder, atomic_output, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
-from fc2conv.results import ConvertResult, Export, LayerCheck
+from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 
 if TYPE_CHECKING:
@@ -120,13 +121,23 @@ def convert_source(
     plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
-    writer = _Writer(source, plan, metadata, strict, progress)
-    if source.shards is None:
-        output = Path(output_path) if output_path is not None else default_output(source.path)
-        written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
-    else:
-        output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
-        written = writer.write_shards(output, overwrite=overwrite)
+    # The evidence needs torch: it is weighed on another thread while the bytes are copied, and a
+    # strict conversion it fails publishes nothing.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        weighed = pool.submit(weigh_evidence, plan, source.tensors, geometry_given=input_shape is not None)
+        writer = _Writer(source, plan, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict))
+        if source.shards is None:
+            output = Path(output_path) if output_path is not None else default_output(source.path)
+            written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
+        else:
+            output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
+            written = writer.write_shards(output, overwrite=overwrite)
+        evidence = weighed.result()
+    if _vetoed(evidence, strict):  # the evidence fails the conversion: nothing was written
+        return ConvertResult(
+            input=source.path, output=output, plan=plan, checks=(), load_notes=tuple(source.notes), output_bytes=0,
+            written=False, seconds=time.perf_counter() - started, evidence=evidence, strict=True,
+        )  # fmt: skip
     exports = [_keras_export(source, plan, keras_out, overwrite)] if keras_out is not None and written else []
     return ConvertResult(
         input=source.path,
@@ -139,7 +150,34 @@ def convert_source(
         seconds=time.perf_counter() - started,
         shards=len(source.shards.files) if source.shards else 0,
         exports=tuple(exports),
+        evidence=evidence,
+        strict=strict,
     )
+
+
+def _vetoed(evidence: Evidence | None, strict: bool) -> bool:
+    return strict and evidence is not None and bool(evidence.warnings)
+
+
+# Where an order is stated by the file (a model's config, a graph), the weights' evidence is not weighed.
+_ORDER_STATED = ("from the model's config", "from the graph")
+
+
+def weigh_evidence(plan: Plan, tensors: Mapping[str, torch.Tensor], *, geometry_given: bool) -> Evidence | None:
+    """What the first head's weights say of the flatten order in use (and of the map, if it was inferred).
+
+    Only for a chain whose order nothing states, and whose map has several channels and positions
+    (otherwise both orders are one). The figures come from a seeded sample of rows: see
+    :mod:`fc2conv.evidence`.
+    """
+    if plan.mode != "chain" or plan.flatten_order_origin in _ORDER_STATED:
+        return None
+    first = next((c for c in plan.layers if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
+    if first is None:
+        return None
+    weight = fc_weight(first, tensors[first.weight])
+    geometry = None if geometry_given else geometry_evidence(weight, map_factorisations(first.old_shape[1]))
+    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map), geometry)
 
 
 def require_keras_model(source: Source) -> None:
@@ -208,9 +246,16 @@ class _Writer:
     """Streams converted tensors into output files, checking each file before it is published."""
 
     def __init__(
-        self, source: Source, plan: Plan, metadata: dict[str, str], strict: bool, progress: ProgressCallback | None
+        self,
+        source: Source,
+        plan: Plan,
+        metadata: dict[str, str],
+        strict: bool,
+        progress: ProgressCallback | None,
+        veto: Callable[[], bool] | None = None,
     ) -> None:
         self.source, self.plan, self.metadata, self.strict = source, plan, metadata, strict
+        self.veto = veto  # asked before each file is published: True discards it
         self.out_infos = {info.name: converted_info(plan, info) for info in source.infos}
         self.total = sum(i.nbytes for i in self.out_infos.values())
         self.progress = progress
@@ -251,6 +296,7 @@ class _Writer:
             on_tensor=self._written,
             spans=self.spans,
             untouched=self.source.tensors,
+            veto=self.veto,
         )
         self.checks.extend(checks)
         self.size += size
@@ -298,6 +344,7 @@ def write_checked(
     on_tensor: Callable[[TensorInfo], None] | None = None,
     spans: Mapping[str, ByteSpan] | None = None,
     untouched: Mapping[str, torch.Tensor] | None = None,
+    veto: Callable[[], bool] | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
     """Write a safetensors file atomically, check every byte of it and its converted layers, then publish it.
 
@@ -305,6 +352,7 @@ def write_checked(
     checked while it is flushed to the disk: each converted kernel byte for byte against the exact
     rearrangement of its weight and numerically against the FC; each other tensor, when ``untouched``
     (the input's tensors) is given, byte for byte against the input (a difference is a write failure).
+    ``veto``, asked last, can still discard the file (nothing is published).
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
     nothing is left at ``target``).
@@ -318,7 +366,7 @@ def write_checked(
                 synced = pool.submit(fsync_file, tmp)
                 checks = _check_written(tmp, out_infos, changes, original, spans or {}, untouched, strict)
                 synced.result()
-            if not all(c.ok for c in checks):
+            if not all(c.ok for c in checks) or (veto is not None and veto()):
                 raise _CheckFailed
     except _CheckFailed:
         return checks, 0, False

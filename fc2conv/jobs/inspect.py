@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from fc2conv.errors import PlanError
-from fc2conv.formats import read_listing
-from fc2conv.jobs.convert import plan_for
+from fc2conv.formats import open_source, read_listing
+from fc2conv.jobs.convert import plan_for, weigh_evidence
 from fc2conv.layers import group_layers
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import Plan
@@ -28,12 +28,14 @@ def inspect_file(
     trust_shape: bool = False,
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
+    evidence: bool = False,
 ) -> InspectResult:
     """List a checkpoint's layers and the conversion plan, reading only shapes.
 
-    A safetensors file's header is all that is read. When no plan can be made without an input shape,
-    the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises
-    :class:`~fc2conv.errors.ShapeError`.
+    A safetensors file's header is all that is read, unless ``evidence`` asks what the first head's
+    weights say of the flatten order (and of the map, when it is inferred): that reads those weights.
+    When no plan can be made without an input shape, the reason is returned in ``plan_problem``; a
+    shape given by the caller that does not fit raises :class:`~fc2conv.errors.ShapeError`.
     """
     listing = read_listing(
         path, trust_pickle=trust_pickle, input_shape=as_spec(input_shape), state_dict_key=state_dict_key
@@ -54,7 +56,12 @@ def inspect_file(
             plan = plan_for(listing, input_shape, flatten_order, layers, False, weight_layout, trust_shape)
     except PlanError as exc:  # a ShapeError (a given shape that does not fit) is the caller's error
         problem = str(exc)
+    weighed = None
+    if evidence and plan is not None:
+        source = open_source(path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
+        weighed = weigh_evidence(plan, source.tensors, geometry_given=input_shape is not None)
     return InspectResult(
+        evidence=weighed,
         path=listing.path,
         format=listing.format,
         layers=tuple(group_layers(listing.infos)),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fc2conv.check import tensors_identical
 from fc2conv.errors import PlanError
-from fc2conv.formats import Listing, Source, open_source
+from fc2conv.formats import Listing, Source
 from fc2conv.formats.onnx import OnnxFile, OnnxTensors, load_onnx_model, write_onnx
 from fc2conv.jobs.verify import difference
 from fc2conv.onnx_check import OnnxProof, prove_onnx, returns_maps
@@ -19,7 +19,7 @@ from fc2conv.onnx_rewrite import onnx_changes, rewrite_onnx
 from fc2conv.plan import Plan
 from fc2conv.publish import atomic_output, fsync_file
 from fc2conv.results import ConvertResult, ModuleCheck, TensorMismatch, VerifyResult
-from fc2conv.types import InputShape, ShapeLike
+from fc2conv.types import InputShape
 
 __all__ = ["convert_onnx_source", "default_onnx_output", "onnx_plan", "verify_onnx_sources"]
 
@@ -78,14 +78,16 @@ def convert_onnx_source(
     )  # fmt: skip
 
 
-def verify_onnx_sources(original: Source, converted_path: str | os.PathLike[str]) -> VerifyResult:
+def verify_onnx_sources(
+    original: Source, converted_path: str | os.PathLike[str], *, atol: float | None = None, rtol: float | None = None
+) -> VerifyResult:
     """A converted graph against its original: per layer, end to end in ONNX Runtime, densely if it is dense.
 
     Initializers that are in both graphs and not converted must be identical, byte for byte.
     """
     onnx_file = onnx_file_of(original)
     converted = load_onnx_model(Path(converted_path))
-    proof = prove_onnx(onnx_file, converted)
+    proof = prove_onnx(onnx_file, converted, atol=atol, rtol=rtol)
     changes = onnx_changes(onnx_file)
     theirs = OnnxTensors(converted)
     ours = onnx_file.tensors
@@ -103,13 +105,6 @@ def verify_onnx_sources(original: Source, converted_path: str | os.PathLike[str]
         flatten_order=first.flatten_order, checks=proof.layers, identical=len(others) - len(mismatches),
         mismatches=mismatches, notes=notes, end_to_end=_end_to_end(proof, onnx_file),
     )  # fmt: skip
-
-
-def open_onnx(path: str | os.PathLike[str], input_shape: ShapeLike | None = None) -> Source:
-    """Open an ``.onnx`` file (``input_shape``: the graph input's C x H x W where the graph leaves it open)."""
-    from fc2conv.shapes import as_spec
-
-    return open_source(path, input_shape=as_spec(input_shape))
 
 
 def _input_size(onnx_file: OnnxFile) -> InputShape | None:

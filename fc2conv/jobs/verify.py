@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fc2conv.check import check_changes, compare_spans, tensors_identical
-from fc2conv.convert import keeps_bytes
+from fc2conv.convert import fc_weight, keeps_bytes
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import ShapeError
+from fc2conv.evidence import order_evidence
 from fc2conv.formats import Source, open_source
 from fc2conv.plan import LayerChange
 from fc2conv.preload import preload_torch
 from fc2conv.record import changes_from_metadata
-from fc2conv.results import TensorMismatch, VerifyResult
+from fc2conv.results import Evidence, TensorMismatch, VerifyResult
 from fc2conv.shapes import as_spec, resolve_shape
 from fc2conv.types import FlattenOrder, InputShape, ShapeLike, TensorInfo, dtype_name
 
@@ -95,6 +96,7 @@ def verify_sources(
                  if not _identical(n, compared, original, converted)]  # fmt: skip
     if not changes:
         notes.append("no converted layer found: nothing is 2-D in the original and 4-D in the converted file")
+    evidence = _recorded_evidence(changes, original, converted)
     return VerifyResult(
         original=original.path,
         converted=converted.path,
@@ -104,6 +106,8 @@ def verify_sources(
         identical=len(others) - len(different),
         mismatches=(*mismatches, *different),
         notes=tuple(notes),
+        evidence=evidence,
+        strict=strict,
     )
 
 
@@ -122,6 +126,15 @@ def _identical(name: str, compared: dict[str, int | None], original: Source, con
     if name in compared:
         return compared[name] is None
     return tensors_identical(original.tensors[name], converted.tensors[name])
+
+
+def _recorded_evidence(changes: Sequence[LayerChange], original: Source, converted: Source) -> Evidence | None:
+    """What the original weights say of the order the conversion used (unless a model file stated it)."""
+    first = next((c for c in changes if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
+    if first is None or first.weight not in original.tensors or original.heads is not None:
+        return None
+    weight = fc_weight(first, original.tensors[first.weight])
+    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map))
 
 
 def _converted_layers(
