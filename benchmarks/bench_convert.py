@@ -224,18 +224,20 @@ import json, sys, time
 started = time.perf_counter()
 spent = {"import torch (background)": 0.0, "read": 0.0, "write": 0.0, "fsync": 0.0, "check: bytes": 0.0,
          "check: numeric": 0.0, "wait for torch": 0.0}
-def timed(module, name, key):
+import threading
+def timed(module, name, key, main_thread_only=False):
     real = getattr(module, name)
     def wrapper(*args, **kwargs):
         begin = time.perf_counter()
         try:
             return real(*args, **kwargs)
         finally:
-            spent[key] += time.perf_counter() - begin
+            if not main_thread_only or threading.current_thread() is threading.main_thread():
+                spent[key] += time.perf_counter() - begin
     setattr(module, name, wrapper)
 import fc2conv.preload as preload, fc2conv.check as check
 timed(preload, "_import_torch", "import torch (background)")
-timed(preload, "wait_for_torch", "wait for torch")
+timed(preload, "wait_for_torch", "wait for torch", main_thread_only=True)  # not the evidence's thread
 check.wait_for_torch = preload.wait_for_torch  # imported by name there
 
 import fc2conv.jobs.convert as convert, fc2conv.jobs.verify as verify

@@ -8,14 +8,13 @@ memory speed. Each function falls back to plain reads and writes where the syste
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 __all__ = ["ByteSpan", "MappedFile", "copy_span", "first_differing_byte", "start_writeback"]
 
@@ -74,17 +73,15 @@ def _copy_by_hand(source_fd: int, source_offset: int, target_fd: int, target_off
     return len(data)
 
 
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+@cache
+def _libc() -> Any:
+    """The C library's functions (memcmp, sync_file_range), loaded at first use: importing this is cheap."""
+    import ctypes
+
     try:
-        return ctypes.CDLL(name, use_errno=True)
-    except OSError:
+        return ctypes.CDLL(None, use_errno=True)  # the process's own symbols, the C library's among them
+    except OSError:  # pragma: no cover - every supported system has one
         return None
-
-
-_LIBC = _libc()
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -94,7 +91,9 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     checks, and the fsync has less left to wait for. Durability still comes from the fsync: this call
     only starts writeback early, and is skipped where the system has no such call.
     """
-    function = getattr(_LIBC, "sync_file_range", None)
+    import ctypes
+
+    function = getattr(_libc(), "sync_file_range", None)
     if function is None:
         return
     function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
@@ -105,6 +104,9 @@ class MappedFile:
     """A file mapped read-only (private), with the address of its first byte for ``memcmp``."""
 
     def __init__(self, path: Path) -> None:
+        import ctypes
+        import mmap
+
         with open(path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             # ACCESS_COPY: a private mapping, writable in name only, so ctypes can take its address;
@@ -135,9 +137,12 @@ def mapped(*paths: Path) -> Iterator[dict[Path, MappedFile]]:
 
 
 def _memcmp(a: int, b: int, nbytes: int) -> int:
-    if _LIBC is None:  # pragma: no cover - every supported system has a C library
+    import ctypes
+
+    libc = _libc()
+    if libc is None:  # pragma: no cover - every supported system has a C library
         return 0 if ctypes.string_at(a, nbytes) == ctypes.string_at(b, nbytes) else 1
-    return int(_LIBC.memcmp(ctypes.c_void_p(a), ctypes.c_void_p(b), ctypes.c_size_t(nbytes)))
+    return int(libc.memcmp(ctypes.c_void_p(a), ctypes.c_void_p(b), ctypes.c_size_t(nbytes)))
 
 
 def first_differing_byte(first: MappedFile, a: ByteSpan, second: MappedFile, b: ByteSpan) -> int | None:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError
 from fc2conv.formats.base import Listing, ReadOptions, Source, check_readable
-from fc2conv.formats.pickle_data import MAX_PICKLE_BYTES, BoundedReader, Refused, TensorRef
-from fc2conv.formats.torch_zip import TorchZip, check_pickle_size, data_pickle, read_torch_zip, scan_legacy_pickles
 from fc2conv.types import TensorInfo, dtype_itemsize, tensor_infos
 
 if TYPE_CHECKING:
     import torch
+
+    from fc2conv.formats.pickle_data import BoundedReader, TensorRef
+    from fc2conv.formats.torch_zip import TorchZip
 
 __all__ = [
     "EMA_KEYS",
@@ -79,6 +80,9 @@ def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Sou
 
 def _open_as_data(path: Path, key: str | None) -> Source | None:
     """The checkpoint read without torch, or None when torch's loader must read it (after a guard)."""
+    from fc2conv.formats.pickle_data import Refused
+    from fc2conv.formats.torch_zip import read_torch_zip, scan_legacy_pickles
+
     try:
         if _is_zip(path):
             found = read_torch_zip(path)
@@ -239,6 +243,9 @@ def _foreign_globals(path: Path) -> list[str]:
     ``get_unsafe_globals_in_checkpoint`` names them (its data.pkl is bounded first); otherwise, or
     where that fails, the pickle is scanned as a stream, every read bounded by the size left.
     """
+    from fc2conv.formats.pickle_data import MAX_PICKLE_BYTES, BoundedReader
+    from fc2conv.formats.torch_zip import check_pickle_size, data_pickle
+
     try:
         if _is_zip(path):
             with zipfile.ZipFile(path) as archive:
@@ -358,7 +365,8 @@ def _walk(obj: Any, path: str | Path, key: str, notes: list[str]) -> tuple[Any, 
 
 def _is_tensor(value: Any) -> bool:
     """A ``torch.Tensor`` (torch is then imported: it loaded the file), or a ``TensorRef`` (read as data)."""
-    if isinstance(value, TensorRef):
+    data_reader = sys.modules.get("fc2conv.formats.pickle_data")  # a TensorRef exists only once it is imported
+    if data_reader is not None and isinstance(value, data_reader.TensorRef):
         return True
     tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
     return tensor_type is not None and isinstance(value, tensor_type)
