@@ -86,7 +86,10 @@ class Reader(Protocol):
     :data:`fc2conv.formats.READERS`.
     """
 
-    format: str
+    @property
+    def format(self) -> str:
+        """The format's name, as listings report it (``"torch"``, ``"safetensors"``, ...)."""
+        ...
 
     def claims(self, path: Path) -> bool:
         """Whether this reader is the one for ``path`` (by name or kind; never by reading much)."""

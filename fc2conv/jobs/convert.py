@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
 from fc2conv.check import check_changes, compare_spans, tensors_identical
-from fc2conv.convert import converted_info, converted_tensor, fc_weight, keeps_bytes
+from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import OutputError, PlanError
-from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence
-from fc2conv.formats import Listing, Source, open_source
+from fc2conv.formats import Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
+from fc2conv.jobs.planning import plan_for, weigh_evidence
 from fc2conv.layouts import LayoutChoice
-from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
+from fc2conv.plan import LayerChange, Plan
 from fc2conv.preload import preload_torch
 from fc2conv.publish import atomic_folder, atomic_output, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
@@ -159,27 +159,6 @@ def _vetoed(evidence: Evidence | None, strict: bool) -> bool:
     return strict and evidence is not None and bool(evidence.warnings)
 
 
-# Where an order is stated by the file (a model's config, a graph), the weights' evidence is not weighed.
-_ORDER_STATED = ("from the model's config", "from the graph")
-
-
-def weigh_evidence(plan: Plan, tensors: Mapping[str, torch.Tensor], *, geometry_given: bool) -> Evidence | None:
-    """What the first head's weights say of the flatten order in use (and of the map, if it was inferred).
-
-    Only for a chain whose order nothing states, and whose map has several channels and positions
-    (otherwise both orders are one). The figures come from a seeded sample of rows: see
-    :mod:`fc2conv.evidence`.
-    """
-    if plan.mode != "chain" or plan.flatten_order_origin in _ORDER_STATED:
-        return None
-    first = next((c for c in plan.layers if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
-    if first is None:
-        return None
-    weight = fc_weight(first, tensors[first.weight])
-    geometry = None if geometry_given else geometry_evidence(weight, map_factorisations(first.old_shape[1]))
-    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map), geometry)
-
-
 def require_keras_model(source: Source) -> None:
     """A Keras export needs a Keras model as input, and keras installed: checked before any work."""
     from fc2conv.formats.keras import KerasFile
@@ -203,27 +182,6 @@ def _keras_export(source: Source, plan: Plan, target: str | os.PathLike[str], ov
     result = export_keras(source.native, converted, target, overwrite=overwrite)
     bound = result.tolerance.atol + result.tolerance.rtol * result.reference_scale
     return Export("keras", Path(target), result.max_abs_error, tolerance=bound, written=result.written)
-
-
-def plan_for(
-    listing: Listing,
-    input_shape: ShapeLike | None,
-    flatten_order: FlattenOrder | None,
-    layers: str | None,
-    pointwise: bool,
-    weight_layout: LayoutChoice,
-    trust_shape: bool,
-) -> Plan:
-    """The plan for a checkpoint's listing, with what its reader knows (module order, layout hints)."""
-    if pointwise:
-        return plan_pointwise(listing.infos, layers, weight_layout=weight_layout, layout_hints=listing.layout_hints)
-    if listing.heads is not None and not listing.heads and listing.heads_refused:
-        raise PlanError(listing.heads_refused[0])  # the model has heads, none of them provable: say why
-    return plan_conversion(
-        listing.infos, input_shape, flatten_order, layers, weight_layout=weight_layout,
-        layout_hints=listing.layout_hints, in_module_order=listing.module_order, trust_shape=trust_shape,
-        heads=listing.heads,
-    )  # fmt: skip
 
 
 def _refuse_conversions(source: Source) -> None:
