@@ -100,11 +100,31 @@ def test_the_documented_json_keys_are_the_payload_keys(tmp_path):
     payload = json.loads(result.stdout)
     assert set(documented) == set(payload)
     assert set(documented["layers"][0]) == set(payload["layers"][0])
+    assert set(documented["evidence"]) == set(payload["evidence"])
+    for part in ("order", "geometry"):
+        assert set(documented["evidence"][part]) == set(payload["evidence"][part])
     for sentence in re.findall(r"`end_to_end` is `\{([^}]*)\}`", readme):
         keys = {key.strip() for key in sentence.split(",")}
         model = run("convert", SAMPLES / "digits_cnn.pt", "--model", "sample_models.train_digits:digits_cnn",
                     "--input-shape", "1x8x8", "-o", tmp_path / "d.safetensors", "--json")  # fmt: skip
         assert keys == set(json.loads(model.stdout)["end_to_end"]), model.output
+
+
+def _listed_keys(readme: str, opening: str) -> set[str]:
+    """The top-level keys a paragraph starting with ``opening`` names (backticked, nested ones excluded)."""
+    paragraph = readme[readme.index(opening) :].split("\n\n")[0]
+    paragraph = re.sub(r"\([^()]*\)", "", paragraph)  # asides name nested keys: "(`[{name, reason}]`)"
+    return {key for key in re.findall(r"`([a-z_]+)`", paragraph) if key not in {"verify", "inspect"}}
+
+
+def test_the_documented_verify_and_inspect_keys_are_the_payload_keys(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    converted = tmp_path / "o.safetensors"
+    run("convert", SAMPLES / "small_cnn.pt", "--input-shape", "32x4x4", "-o", converted)
+    verify = json.loads(run("verify", SAMPLES / "small_cnn.pt", converted, "--json").stdout)
+    inspect = json.loads(run("inspect", SAMPLES / "small_cnn.pt", "--input-shape", "32x4x4", "--json").stdout)
+    assert _listed_keys(readme, "`verify --json` has") == set(verify)
+    assert _listed_keys(readme, "`inspect --json` has") == set(inspect)
 
 
 def test_readme_commands_are_the_ci_commands():
