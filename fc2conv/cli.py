@@ -21,6 +21,7 @@ import click
 from fc2conv._version import __version__
 from fc2conv.errors import Fc2ConvError, Remedy
 from fc2conv.layouts import LayoutChoice
+from fc2conv.names import printable
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
 
@@ -127,6 +128,7 @@ class Fc2ConvGroup(click.Group):
 
 def _fail(message: str, code: int, argv: list[str]) -> int:
     """Print the one ``Error:`` line on stderr (and a JSON verdict on stdout with ``--json``)."""
+    message = printable(message)  # names from the file cannot break the line (or forge another)
     click.echo(f"Error: {message}", err=True)
     if "--json" in argv:
         click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
@@ -158,7 +160,7 @@ def _progress_bar(as_json: bool) -> Any:
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        click.echo(f"Warning: {line}", err=True)
+        click.echo(f"Warning: {printable(line)}", err=True)
 
 
 @click.group(name="fc2conv", cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,6 +11,7 @@ from fc2conv.errors import PlanError, ShapeError
 from fc2conv.heads import RoleOf, assign_roles, channel_evidence, structural_roles
 from fc2conv.layers import Layer, group_layers
 from fc2conv.layouts import FCShape, LayoutChoice, resolve_layouts
+from fc2conv.names import NamePattern, compile_pattern
 from fc2conv.shapes import as_spec, resolve_shape, square_map
 from fc2conv.types import (
     FLATTEN_ORDERS,
@@ -197,21 +197,16 @@ def plan_conversion(
     return Plan(shape, flatten_order, tuple(changes), untouched, tuple(notes), skipped=skipped)
 
 
-def layer_pattern(layers: str | None) -> re.Pattern[str] | None:
-    """The compiled ``--layers`` regex (matched with ``search`` on layer names), or None for every layer.
+def layer_pattern(layers: str | None) -> NamePattern | None:
+    """The compiled ``--layers`` regex (RE2, matched with ``search`` on layer names), or None for every layer.
 
     Raises:
         PlanError: not a valid regular expression.
     """
-    if layers is None:
-        return None
-    try:
-        return re.compile(layers)
-    except re.error as exc:
-        raise PlanError(f"layer pattern {layers!r} is not a valid regular expression: {exc}") from exc
+    return None if layers is None else compile_pattern(layers)
 
 
-def _selected(fc: FCShape, pattern: re.Pattern[str] | None) -> bool:
+def _selected(fc: FCShape, pattern: NamePattern | None) -> bool:
     return pattern is None or pattern.search(fc.name) is not None
 
 
@@ -221,7 +216,7 @@ def _layers_of(infos: list[TensorInfo]) -> list[Layer]:
     return group_layers(infos)
 
 
-def _fc_layers(layers: Sequence[Layer], pattern: re.Pattern[str] | None) -> list[Layer]:
+def _fc_layers(layers: Sequence[Layer], pattern: NamePattern | None) -> list[Layer]:
     """Linear layers (2-D weights), and embeddings where the layer pattern names them."""
     return [
         layer
@@ -342,7 +337,7 @@ def _batchnorm_notes(layers: Sequence[Layer], changes: Sequence[LayerChange]) ->
 
 
 def _skipped(
-    layers: Sequence[Layer], roles: Sequence[RoleOf], converted: set[str], pattern: re.Pattern[str] | None
+    layers: Sequence[Layer], roles: Sequence[RoleOf], converted: set[str], pattern: NamePattern | None
 ) -> tuple[SkippedLayer, ...]:
     """Every 2-D floating weight that stays as it is, with the reason."""
     reasons = {r.fc.name: r.reason for r in roles if r.reason}

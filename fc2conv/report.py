@@ -8,7 +8,7 @@ import sys
 
 from rich import box
 from rich.console import Console, JustifyMethod
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -20,10 +20,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fc2conv.names import printable
 from fc2conv.results import ConvertResult, InspectResult, LayerCheck, ModuleCheck, VerifyResult
 from fc2conv.types import InputShape
 
 __all__ = ["PROGRESS_MIN_BYTES", "ByteProgress", "make_console", "render_convert", "render_inspect", "render_verify"]
+
+
+def escape(text: str) -> str:
+    """Text from a file, safe to print: no rich markup, and every unprintable character as an escape.
+
+    So a tensor name holding a newline cannot add a line (a forged ``verdict: PASS``) to a table.
+    """
+    return escape_markup(printable(text))
+
 
 # Width used when stdout is not a terminal and COLUMNS is unset: wide enough for the tables.
 _PIPE_WIDTH = 132

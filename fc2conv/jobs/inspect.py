@@ -9,7 +9,7 @@ from fc2conv.formats import read_listing
 from fc2conv.jobs.convert import plan_for
 from fc2conv.layers import group_layers
 from fc2conv.layouts import LayoutChoice
-from fc2conv.plan import Plan
+from fc2conv.plan import Plan, layer_pattern
 from fc2conv.record import changes_from_metadata
 from fc2conv.results import InspectResult
 from fc2conv.types import FlattenOrder, ShapeLike
@@ -31,8 +31,9 @@ def inspect_file(
 
     A safetensors file's header is all that is read. When no plan can be made without an input shape,
     the reason is returned in ``plan_problem``; a shape given by the caller that does not fit raises
-    :class:`~fc2conv.errors.ShapeError`.
+    :class:`~fc2conv.errors.ShapeError`, and a layer pattern that is not valid a PlanError.
     """
+    layer_pattern(layers)  # the caller's mistake, as in convert: not a "no plan" for this checkpoint
     listing = read_listing(path, trust_pickle=trust_pickle)
     notes = list(listing.notes)
     recorded = changes_from_metadata(listing.metadata)
