@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fc2conv.cli import cli
-from tests.conftest import ROOT, SAMPLES, head_state_dict, st_bytes, st_entry
+from tests.conftest import ROOT, SAMPLES, head_state_dict, run_capped, st_bytes, st_entry
 
 # --- payloads that run code when unpickled: each would create the file MARKER -------------------
 
@@ -113,6 +115,9 @@ class Case:
     make: Callable[[Path], list[str]]  # builds the bad input in the folder, returns the CLI args
     exit_code: int
     message: str  # must appear in the one Error: line
+    # Run in a new process with its memory capped and a timeout (run_capped): a regression that would
+    # block (a FIFO) or allocate gigabytes fails the test instead of hanging it or exhausting the machine.
+    isolated: bool = False
 
 
 def _pt(tmp: Path, obj: object, name: str = "model.pt") -> str:
@@ -148,6 +153,65 @@ def _float_head(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     else:
         sd["fc1.weight"] = (sd["fc1.weight"] * 10).to(dtype)
     return sd
+
+
+def _fifo(tmp: Path, name: str) -> str:
+    os.mkfifo(tmp / name)
+    return str(tmp / name)
+
+
+def _fifo_shard(tmp: Path) -> str:
+    folder = tmp / "shards"
+    folder.mkdir()
+    _bytes(folder, st_bytes({"fc.weight": st_entry()}, b"\0" * 8), "model-00001-of-00002.safetensors")
+    _fifo(folder, "model-00002-of-00002.safetensors")
+    return str(folder)
+
+
+def _index(tmp: Path, content: bytes | None = None, *, size: int = 0, link: str | None = None) -> str:
+    """A shard folder whose index is ``content``, or a sparse file of ``size`` bytes, or a link to ``link``."""
+    folder = tmp / "shards"
+    folder.mkdir()
+    _bytes(folder, st_bytes({"fc.weight": st_entry()}, b"\0" * 8), "a.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if link is not None:
+        index.symlink_to(link)
+    elif size:
+        with open(index, "wb") as f:  # sparse: 2 GiB declared, nothing on the disk
+            f.write(b'{"weight_map": {"fc.weight": "a.safetensors"}, "metadata": {"x": "')
+            f.truncate(size)
+    else:
+        index.write_bytes(content or b"")
+    return str(index)
+
+
+def _shard_linked_outside(tmp: Path) -> str:
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    _bytes(outside, st_bytes({"private.weight": st_entry()}, b"\0" * 8), "private.safetensors")
+    folder = tmp / "shards"
+    folder.mkdir()
+    _bytes(folder, st_bytes({"fc.weight": st_entry()}, b"\0" * 8), "model-00001-of-00002.safetensors")
+    (folder / "model-00002-of-00002.safetensors").symlink_to(outside / "private.safetensors")
+    return str(folder)
+
+
+def _layer_listed_twice(tmp: Path) -> list[str]:
+    source = _pt(tmp, head_state_dict())
+    out = tmp / "conv.safetensors"
+    assert CliRunner().invoke(cli, ["convert", source, "--input-shape", "8x3x3", "-o", str(out)]).exit_code == 0
+    with safe_open(str(out), "pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    layers = json.loads(metadata["fc2conv.layers"])
+    save_file(tensors, str(out), metadata={**metadata, "fc2conv.layers": json.dumps([*layers, layers[0]])})
+    return ["verify", source, str(out)]
+
+
+def _forged_name(tmp: Path) -> list[str]:
+    """An int8 FC weight whose name would put a forged ``verdict: PASS`` line into the error."""
+    forged = {"fc\nverdict: PASS\nx.weight": torch.zeros(5, 72, dtype=torch.int8)}
+    save_file({"features.0.weight": torch.zeros(8, 3, 3, 3), **forged}, str(tmp / "forged.safetensors"))
+    return _convert(str(tmp / "forged.safetensors"), "--pointwise", "--layers", "fc")
 
 
 def _convert(path: str, *extra: str) -> list[str]:
@@ -284,6 +348,63 @@ CASES = [
         ]
     ],
     Case(
+        "st-dtype-as-list",
+        lambda tmp: _convert(_bytes(tmp, st_bytes({"w": st_entry(dtype=["F32"])}, b"\0" * 8), "a.safetensors")),
+        2,
+        "unknown dtype ['F32']",
+    ),
+    Case(
+        "st-header-nested-deep",
+        lambda tmp: _convert(_bytes(tmp, st_bytes(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "a.safetensors")),
+        2,
+        "not valid JSON (nested too deeply)",
+    ),
+    *[
+        Case(f"fifo-{kind}", lambda tmp, m=make: _convert(m(tmp)), 2, "is not a regular file (a FIFO)", isolated=True)
+        for kind, make in [
+            ("safetensors", lambda tmp: _fifo(tmp, "a.safetensors")),
+            ("pt", lambda tmp: _fifo(tmp, "a.pt")),
+            ("shard", _fifo_shard),
+            ("index", lambda tmp: _index(tmp, link=_fifo(tmp, "fifo"))),
+        ]
+    ],
+    Case("device-as-input", lambda tmp: _convert("/dev/zero"), 2, "is not a regular file (a character device)"),
+    Case(
+        "index-2GiB-sparse",
+        lambda tmp: _convert(_index(tmp, size=2 * 2**30)),
+        2,
+        "is 2147483648 bytes, more than a safetensors index can be",
+        isolated=True,
+    ),
+    Case(
+        "index-linked-to-dev-zero",
+        lambda tmp: _convert(_index(tmp, link="/dev/zero")),
+        2,
+        "is not a regular file (a character device)",
+        isolated=True,
+    ),
+    Case(
+        "index-nested-deep",
+        lambda tmp: _convert(_index(tmp, b"[" * 100_000 + b"]" * 100_000)),
+        2,
+        "not a valid safetensors index (JSON nested too deeply)",
+    ),
+    Case("shard-linked-outside", lambda tmp: _convert(_shard_linked_outside(tmp)), 2, "outside the checkpoint folder"),
+    Case(
+        "layers-not-a-regex-inspect",
+        lambda tmp: ["inspect", str(SAMPLES / "small_cnn.pt"), "--layers", "(("],
+        2,
+        "layer pattern '((' is not a valid regular expression",
+    ),
+    Case("verify-layer-listed-twice", _layer_listed_twice, 2, "it lists layer 'fc1' twice"),
+    Case("name-with-newlines", _forged_name, 2, "fc\\nverdict: PASS\\nx.weight is int8"),
+    Case(
+        "shape-5000-digits",
+        lambda tmp: _convert(str(SAMPLES / "small_cnn.pt"), "--input-shape", "9" * 5000),
+        2,
+        "a part of 5000 digits is too large",
+    ),
+    Case(
         "output-folder-missing",
         lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", str(tmp / "nowhere" / "o.safetensors")],
         2,
@@ -310,21 +431,42 @@ CASES = [
 ]
 
 
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):  # a piece at a time: a test input may be a 2 GiB sparse file
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+    """Every entry under ``folder`` (links and FIFOs by kind), with the hash of every regular file."""
+    kinds = {str(p.relative_to(folder)): _kind(p) for p in folder.rglob("*")}
+    return {name: _digest(folder / name) if kind == "file" else kind for name, kind in kinds.items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def _kind(path: Path) -> str:
+    return "link" if path.is_symlink() else "file" if path.is_file() else "dir" if path.is_dir() else "special"
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c.isolated else c for c in CASES], ids=[c.id for c in CASES]
+)
 def test_bad_input(tmp_path, case):
     args = case.make(tmp_path)
     before = _snapshot(tmp_path)
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == case.exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    if case.isolated:
+        done = run_capped(*args, timeout=30)
+        code, stdout, stderr = done.returncode, done.stdout, done.stderr
+    else:
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        code, stdout, stderr = result.exit_code, result.stdout, result.stderr
+    assert code == case.exit_code, stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     assert case.message in lines[0]
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
+    assert "Traceback" not in stdout + stderr
+    assert stdout == ""
     assert _snapshot(tmp_path) == before  # no output, no temporary file, inputs unchanged
     assert not (tmp_path / MARKER).exists()
 
@@ -529,3 +671,39 @@ def test_signal_during_write_leaves_no_output_and_no_litter(tmp_path, sig, expec
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt"]  # not even a temporary file
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+
+
+# --- zero-size and absurd shapes: nothing is materialised (memory capped) --------------------------
+
+
+def _declared(tmp: Path, name: str, shape: list[int], **more: dict) -> Path:
+    """A safetensors file of a few hundred bytes declaring ``fc.weight`` of ``shape`` with no data."""
+    path = tmp / name
+    path.write_bytes(st_bytes({"fc.weight": st_entry(shape=tuple(shape), offsets=(0, 0)), **more}))
+    return path
+
+
+@pytest.mark.slow
+def test_a_zero_size_layer_converts_and_verifies_without_allocating(tmp_path):
+    """[0, 4194304] is 0 bytes; the check used to draw 4M-wide maps for it (1.6 GB)."""
+    source = _declared(tmp_path, "z.safetensors", [0, 4194304])
+    out = tmp_path / "z.conv.safetensors"
+    done = run_capped("convert", source, "--input-shape", "1024x64x64", "-o", out, "--json")
+    assert done.returncode == 0, done.stderr
+    layer = json.loads(done.stdout)["layers"][0]
+    assert layer["new_shape"] == [0, 1024, 64, 64] and layer["ok"] and layer["rows_checked"] == 0
+    assert out.stat().st_size < 2048
+    verified = run_capped("verify", source, out, "--json")
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["layers"][0]["exact"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [[2**31, 0], [10, 0], [2**62, 0]])
+def test_pointwise_on_a_layer_without_inputs(tmp_path, shape):
+    source = _declared(tmp_path, "p.safetensors", shape)
+    done = run_capped("convert", source, "--pointwise", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["layers"][0]["new_shape"] == [*shape, 1, 1]
+    verified = run_capped("verify", source, tmp_path / "p.conv.safetensors")
+    assert verified.returncode == 0, verified.stderr
