@@ -22,6 +22,7 @@ from fc2conv._version import __version__
 from fc2conv.errors import Fc2ConvError, Remedy
 from fc2conv.layouts import LayoutChoice
 from fc2conv.names import printable
+from fc2conv.publish import published
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
 
@@ -55,8 +56,35 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
-def _on_signal(signum: int, frame: object) -> NoReturn:
+class _Run:
+    """What the running command has put in place, so that an interrupt is reported as it happened."""
+
+    def __init__(self, outputs: int = 0) -> None:
+        self.outputs = outputs  # how many outputs the command writes (set by the command)
+        self.start = len(published())
+
+    def written(self) -> tuple[Path, ...]:
+        return published()[self.start :]
+
+    def finished(self) -> bool:
+        """Every output of the command is in place: it has succeeded, whatever comes now."""
+        return self.outputs > 0 and len(self.written()) >= self.outputs
+
+
+_run = _Run()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _run.finished():
+        return  # once the output is renamed into place the run has succeeded: it finishes and says so
     raise _Signalled(signum)
+
+
+def _interrupted(what: str) -> str:
+    written = _run.written()
+    if not written:
+        return f"{what}; no output was written"
+    return f"{what} after writing {', '.join(map(str, written))}; no other output was written"
 
 
 class ShapeType(click.ParamType):
@@ -90,18 +118,20 @@ class Fc2ConvGroup(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        global _run
+        _run = _Run()
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             code = super().main(argv, prog_name or "fc2conv", complete_var, standalone_mode=False, **extra)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            code = _fail("interrupted; no output was written", EXIT_INTERRUPTED, argv)
+            code = _fail(_interrupted("interrupted"), EXIT_INTERRUPTED, argv)
         except _Signalled as exc:
             if exc.signum == signal.SIGINT:
-                code = _fail("interrupted (Ctrl-C); no output was written", EXIT_INTERRUPTED, argv)
+                code = _fail(_interrupted("interrupted (Ctrl-C)"), EXIT_INTERRUPTED, argv)
             else:
-                code = _fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED, argv)
+                code = _fail(_interrupted("terminated (SIGTERM)"), EXIT_TERMINATED, argv)
         except click.ClickException as exc:
             context = getattr(exc, "ctx", None)  # usage errors carry the command they were raised in
             command = context.command_path if context is not None else "fc2conv"
@@ -235,7 +265,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a string: a trailing '/' (a folder) must reach the library
     default=None,
     help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.",
 )
@@ -252,14 +282,14 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 @click.option(
     "--export",
     "export_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     help="With --model: also save a torch.export program of the converted model (dynamic H and W).",
 )
 @click.option(
     "--onnx",
     "onnx_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
 )
@@ -276,14 +306,14 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 def convert(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
-    output: Path | None,
+    output: str | None,
     flatten_order: FlattenOrder,
     layers: str | None,
     pointwise: bool,
     force: bool,
     model: str | None,
-    export_path: Path | None,
-    onnx_path: Path | None,
+    export_path: str | None,
+    onnx_path: str | None,
     fold_batchnorm: bool,
     weight_layout: str,
     trust_shape: bool,
@@ -304,6 +334,7 @@ def convert(
     if pointwise and (input_shape is not None or flatten_order != "chw"):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
+    _run.outputs = 1 + (export_path is not None) + (onnx_path is not None)
     source = open_source(checkpoint, trust_pickle=trust_pickle)  # read once, then branch on what it holds
     if model is not None or source.module is not None:
         if pointwise or layers is not None or flatten_order != "chw":

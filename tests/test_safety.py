@@ -214,6 +214,20 @@ def _forged_name(tmp: Path) -> list[str]:
     return _convert(str(tmp / "forged.safetensors"), "--pointwise", "--layers", "fc")
 
 
+def _link(tmp: Path, to: str) -> str:
+    (tmp / "link.safetensors").symlink_to(to)
+    return str(tmp / "link.safetensors")
+
+
+def _over_a_folder_holding_a_folder(tmp: Path) -> list[str]:
+    """A sharded conversion with --force onto an earlier output that has a directory where a shard goes."""
+    out = tmp / "out"
+    out.mkdir()
+    (out / "model-00001-of-00004.safetensors").write_bytes(b"old")
+    (out / "model-00003-of-00004.safetensors").mkdir()
+    return ["convert", str(_shards(tmp)), "-o", str(out), "--input-shape", "16x3x3", "--force"]
+
+
 def _convert(path: str, *extra: str) -> list[str]:
     return ["convert", path, "-o", str(Path(path).parent / "out.safetensors"), *extra]
 
@@ -423,6 +437,30 @@ CASES = [
         "already exists; pass --force",
     ),
     Case(
+        "output-trailing-slash",
+        lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", f"{tmp}/newdir/"],
+        2,
+        "ends with '/', so it names a folder; the output is a file",
+    ),
+    Case(
+        "output-link-to-a-device",
+        lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", _link(tmp, "/dev/null"), "--force"],
+        2,
+        "/dev/null: is not a regular file; refusing to replace it",
+    ),
+    Case(
+        "output-dangling-link",
+        lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", _link(tmp, str(tmp / "nowhere")), "--force"],
+        2,
+        "which does not exist; refusing to create a file through it",
+    ),
+    Case(
+        "output-folder-holds-a-folder",
+        _over_a_folder_holding_a_folder,
+        2,
+        "holds the folder 'model-00003-of-00004.safetensors', which replacing the output folder would delete",
+    ),
+    Case(
         "output-is-a-device",
         lambda tmp: ["convert", _pt(tmp, head_state_dict()), "-o", "/dev/null", "--force"],
         2,
@@ -589,6 +627,7 @@ def test_full_disk_leaves_nothing(tmp_path, tmpfs):
     result = CliRunner().invoke(cli, ["convert", source, "-o", str(small / "o.safetensors")])
     assert result.exit_code == 2
     assert "No space left on device" in result.stderr and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"Error: {small / 'o.safetensors'}: ") and "/proc/" not in result.stderr
     assert list(small.iterdir()) == []
 
 
@@ -618,7 +657,29 @@ def test_file_size_limit_is_a_clean_write_failure(tmp_path):
         check=False,
     )
     assert done.returncode == 2 and "File too large" in done.stderr and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"Error: {tmp_path / 'o.safetensors'}: write failed (File too large)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.slow
+def test_a_write_from_memory_that_vanished_names_the_output(tmp_path):
+    """EFAULT: the write reads a mapped file that was cut short meanwhile; the error names the output."""
+    mapped = tmp_path / "mapped.bin"
+    mapped.write_bytes(b"\0" * 2**22)
+    code = (
+        "import os, sys, torch\n"
+        "from fc2conv.errors import OutputError\n"
+        "from fc2conv.publish import save_safetensors\n"
+        f"t = torch.from_file({str(mapped)!r}, shared=True, size=2**20, dtype=torch.float32)\n"
+        f"os.truncate({str(mapped)!r}, 0)\n"
+        "try:\n"
+        f"    save_safetensors({{'w': t}}, {str(tmp_path / 'o.safetensors')!r})\n"
+        "except OutputError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert done.stdout.strip() == f"{tmp_path / 'o.safetensors'}: write failed (Bad address)", done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mapped.bin"]
 
 
 # --- signals during the write of a large output -------------------------------------------------
@@ -707,3 +768,159 @@ def test_pointwise_on_a_layer_without_inputs(tmp_path, shape):
     assert json.loads(done.stdout)["layers"][0]["new_shape"] == [*shape, 1, 1]
     verified = run_capped("verify", source, tmp_path / "p.conv.safetensors")
     assert verified.returncode == 0, verified.stderr
+
+
+# --- a signal or SIGKILL at a chosen moment of publishing -----------------------------------------
+
+
+def _signal_at(function: str, when: str, sig: int, call: int = 1) -> str:
+    """Code making ``module.function`` send ``sig`` to its own process before or after its ``call``-th run."""
+    module, _, name = function.rpartition(".")
+    return (
+        "import importlib as _il, os as _os\n"
+        f"_module = _il.import_module({module!r})\n"
+        f"_real, _calls = getattr(_module, {name!r}), []\n"
+        "def _wrapped(*args, **kwargs):\n"
+        "    _calls.append(1)\n"
+        f"    if {when == 'before'} and len(_calls) == {call}:\n"
+        f"        _os.kill(_os.getpid(), {int(sig)})\n"
+        "    result = _real(*args, **kwargs)\n"
+        f"    if {when == 'after'} and len(_calls) == {call}:\n"
+        f"        _os.kill(_os.getpid(), {int(sig)})\n"
+        "    return result\n"
+        f"setattr(_module, {name!r}, _wrapped)\n"
+    )
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def single(tmp_path):
+    """A checkpoint, its conversion made once as the reference, and an old output to be replaced."""
+    source = Path(_pt(tmp_path, head_state_dict(c=16, h=4, w=4, widths=(64, 10))))
+    reference = tmp_path / "reference.safetensors"
+    made = CliRunner().invoke(cli, ["convert", str(source), "--input-shape", "16x4x4", "-o", str(reference)])
+    assert made.exit_code == 0
+    out = tmp_path / "out" / "o.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"old output")
+    return source, reference.read_bytes(), out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig, function, when, code, new",
+    [
+        # interrupted while writing: nothing is put in place, and the run says so
+        (signal.SIGTERM, "fc2conv.jobs.convert.write_safetensors", "after", 143, False),
+        # once the file is renamed into place, the run has succeeded: it finishes and reports success
+        (signal.SIGTERM, "fc2conv.publish._move", "after", 0, True),
+        # between the hidden link and the rename (with --force): the signal waits, no *.tmp is left
+        (signal.SIGTERM, "fc2conv.publish._move", "before", 0, True),
+        (signal.SIGINT, "fc2conv.publish.fsync_dir", "before", 0, True),
+        (signal.SIGKILL, "fc2conv.jobs.convert.write_safetensors", "after", -9, False),
+        (signal.SIGKILL, "fc2conv.publish._link_descriptor", "before", -9, False),
+        (signal.SIGKILL, "fc2conv.publish._move", "before", -9, False),  # may leave a hidden link (cleared below)
+        (signal.SIGKILL, "fc2conv.publish._move", "after", -9, True),
+    ],
+)
+def test_a_signal_at_any_moment_leaves_the_old_or_the_complete_new_output(single, sig, function, when, code, new):
+    source, reference, out = single
+    args = ["convert", source, "--input-shape", "16x4x4", "-o", out, "--force"]
+    done = run_capped(*args, before=_signal_at(function, when, sig))
+    assert done.returncode == code, done.stderr
+    assert out.read_bytes() == (reference if new else b"old output")
+    if code == 0:
+        assert done.stderr == "" and "output:" in done.stdout  # success, reported as such
+    elif code > 0:
+        assert done.stderr.count("\n") == 1 and "no output was written" in done.stderr
+    leftovers = _hidden(out.parent)
+    assert leftovers == [] or (sig == signal.SIGKILL and function.endswith("_move") and when == "before")
+    again = run_capped(*args)  # the next run into that folder clears what a killed one left
+    assert again.returncode == 0 and out.read_bytes() == reference and _hidden(out.parent) == []
+
+
+@pytest.mark.slow
+def test_sigkill_right_after_a_new_output_is_named_leaves_it_complete(single):
+    source, reference, out = single
+    out.unlink()
+    before = _signal_at("fc2conv.publish._link_descriptor", "after", signal.SIGKILL)
+    done = run_capped("convert", source, "--input-shape", "16x4x4", "-o", out, before=before)
+    assert done.returncode == -9 and out.read_bytes() == reference and os.listdir(out.parent) == ["o.safetensors"]
+
+
+def _shards(tmp: Path) -> Path:
+    folder = tmp / "in"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    weights = {
+        "features.0.weight": torch.randn(16, 3, 3, 3, generator=g),
+        "fc1.weight": torch.randn(64, 144, generator=g),
+        "fc1.bias": torch.randn(64, generator=g),
+        "fc2.weight": torch.randn(10, 64, generator=g),
+    }
+    weight_map = {}
+    for i, name in enumerate(weights):
+        file = f"model-{i + 1:05d}-of-00004.safetensors"
+        save_file({name: weights[name]}, str(folder / file))
+        weight_map[name] = file
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "function, when, call, replace, new",
+    [
+        ("fc2conv.jobs.convert.write_safetensors", "after", 2, True, False),  # while writing shard 2
+        ("fc2conv.jobs.convert.write_safetensors", "after", 2, False, False),
+        ("fc2conv.publish._swap_in", "before", 1, True, False),  # all written and named, not yet in place
+        ("fc2conv.publish._swap_in", "after", 1, True, True),  # swapped in; the old folder not yet removed
+        ("fc2conv.publish._swap_in", "after", 1, False, True),
+        ("shutil.rmtree", "before", 1, True, True),  # removing the old folder
+    ],
+)
+def test_sigkill_of_a_sharded_conversion_leaves_the_old_or_the_complete_new_folder(
+    tmp_path, function, when, call, replace, new
+):
+    source = _shards(tmp_path)
+    args = ["convert", source, "--input-shape", "16x3x3"]
+    reference = tmp_path / "reference"
+    assert CliRunner().invoke(cli, [*map(str, args), "-o", str(reference)]).exit_code == 0
+    out = tmp_path / "out"
+    if replace:
+        out.mkdir()
+        (out / "model-00001-of-00004.safetensors").write_bytes(b"old")
+        (out / "model.safetensors.index.json").write_text("{}")
+    old = _files(out) if replace else None
+    done = run_capped(*args, "-o", out, "--force", before=_signal_at(function, when, signal.SIGKILL, call))
+    assert done.returncode == -9, done.stderr
+    if new:
+        assert _files(out) == _files(reference)  # complete, nothing staged inside it
+    else:
+        assert (_files(out) if out.exists() else None) == old
+    leftovers = _hidden(tmp_path)  # only hidden .fc2conv-<pid>-* beside it, and only from the last moments
+    assert all(name.startswith(".fc2conv-") for name in leftovers)
+    assert not leftovers or function in ("fc2conv.publish._swap_in", "shutil.rmtree")
+    again = run_capped(*args, "-o", out, "--force")
+    assert again.returncode == 0 and _files(out) == _files(reference) and _hidden(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded", [False, True])
+def test_two_runs_to_the_same_new_output_one_wins_the_other_says_it_exists(tmp_path, sharded):
+    source = _shards(tmp_path) if sharded else _big_checkpoint(tmp_path)
+    shape = "16x3x3" if sharded else "64x16x16"
+    out = tmp_path / ("out" if sharded else "o.safetensors")
+    args = [sys.executable, "-m", "fc2conv", "convert", str(source), "--input-shape", shape, "-o", str(out)]
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((run.wait(timeout=120), run.stderr.read()) for run in runs)
+    assert [code for code, _ in results] == [0, 2], results
+    assert "already exists; pass --force" in results[1][1]
+    assert _hidden(tmp_path) == []

@@ -18,7 +18,7 @@ from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
-from fc2conv.publish import atomic_folder, atomic_output, fsync_file
+from fc2conv.publish import FolderOutput, atomic_folder, atomic_output, file_path, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
 from fc2conv.results import ConvertResult, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
@@ -26,7 +26,15 @@ from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CONVERTED_SUFFIX", "ProgressCallback", "convert_file", "convert_source", "default_output", "write_checked"]
+__all__ = [
+    "CONVERTED_SUFFIX",
+    "ProgressCallback",
+    "convert_file",
+    "convert_source",
+    "default_output",
+    "shared_storage_notes",
+    "write_checked",
+]
 
 CONVERTED_SUFFIX = ".conv.safetensors"
 
@@ -108,7 +116,7 @@ def convert_source(
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
     writer = _Writer(source, plan, metadata, strict, progress)
     if source.shards is None:
-        output = Path(output_path) if output_path is not None else default_output(source.path)
+        output = file_path(output_path) if output_path is not None else default_output(source.path)
         written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
     else:
         output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
@@ -118,7 +126,7 @@ def convert_source(
         output=output,
         plan=plan,
         checks=tuple(writer.checks),
-        load_notes=tuple(source.notes),
+        load_notes=(*source.notes, *shared_storage_notes(source.tensors)),
         output_bytes=writer.size if written else 0,
         written=written,
         seconds=time.perf_counter() - started,
@@ -155,6 +163,50 @@ def _refuse_conversions(source: Source) -> None:
         )
 
 
+def shared_storage_notes(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Say which tensors share memory (tied weights, overlapping views): each is written as its own copy.
+
+    safetensors has no shared tensors (``safetensors.torch.save_file`` refuses them), and dropping a
+    name would change the checkpoint's keys; so every name is written whole, and the output says so.
+    Only a loaded state dict can share memory: lazily read formats (safetensors) never do.
+    """
+    if not isinstance(tensors, dict):
+        return []
+    import torch
+
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for name, tensor in tensors.items():
+        if tensor.layout is not torch.strided or tensor.is_quantized or tensor.numel() == 0:
+            continue
+        size = tensor.element_size()
+        last = tensor.storage_offset() + sum(
+            (n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True)
+        )
+        spans.setdefault(tensor.untyped_storage().data_ptr(), []).append(
+            (tensor.storage_offset() * size, (last + 1) * size, name)
+        )
+    notes = []
+    for group in (names for entries in spans.values() for names in _overlapping(entries)):
+        notes.append(
+            f"{', '.join(group)} share memory in the input (tied weights); safetensors has no shared tensors, so "
+            "each is written as a copy of its own"
+        )
+    return notes
+
+
+def _overlapping(spans: list[tuple[int, int, str]]) -> list[list[str]]:
+    """Groups (of two or more) of names whose byte spans overlap."""
+    groups: list[list[str]] = []
+    end = -1
+    for begin, stop, name in sorted(spans):
+        if groups and begin < end:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        end = max(end, stop) if len(groups[-1]) > 1 else stop
+    return [group for group in groups if len(group) > 1]
+
+
 def _default_output_folder(folder: Path) -> Path:
     folder = folder.resolve()
     return folder.parent / f"{folder.name}.conv"
@@ -183,7 +235,13 @@ class _Writer:
             self.progress(self.done, self.total, info.name)
 
     def write_file(
-        self, target: Path, infos: Sequence[TensorInfo], *, overwrite: bool, protect: Sequence[Path] = ()
+        self,
+        target: Path,
+        infos: Sequence[TensorInfo],
+        *,
+        overwrite: bool,
+        protect: Sequence[Path] = (),
+        into: FolderOutput | None = None,
     ) -> bool:
         """Write ``infos`` (converted) to ``target`` atomically; False (nothing written) if a check fails."""
         names = {info.name for info in infos}
@@ -198,28 +256,28 @@ class _Writer:
             protect=protect,
             strict=self.strict,
             on_tensor=self._written,
+            into=into,
         )
         self.checks.extend(checks)
         self.size += size
         return written
 
     def write_shards(self, folder: Path, *, overwrite: bool) -> bool:
-        """Write every shard into a staging folder, then move them and a new index into ``folder``."""
+        """Write every shard and a new index, each checked, then put them in place as ``folder`` at once."""
         layout = self.source.shards
         assert layout is not None
         index_name = layout.index.name if layout.index else f"model{INDEX_SUFFIX}"
         by_file = layout.tensors_by_file
+        inputs = [layout.folder / file for file in (*layout.files, *([index_name] if layout.index else []))]
         try:
-            with atomic_folder(
-                folder, [*layout.files, index_name], overwrite=overwrite, protect=layout.folder
-            ) as staging:
+            with atomic_folder(folder, overwrite=overwrite, protect=layout.folder, inputs=inputs) as output:
                 for file in layout.files:
                     infos = [self.out_infos[name] for name in by_file.get(file, ())]
-                    if not self.write_file(staging / file, infos, overwrite=False):
-                        raise _CheckFailed  # nothing is published: the staging folder goes
+                    if not self.write_file(Path(file), infos, overwrite=False, into=output):
+                        raise _CheckFailed  # nothing is published: the finished shards go
                 weight_map = {name: file for file in layout.files for name in by_file.get(file, ())}
                 index_metadata = {k: v for k, v in layout.index_metadata.items() if k != "total_size"}
-                with atomic_output(staging / index_name) as tmp:
+                with output.file(index_name) as tmp:
                     tmp.write_text(index_json(weight_map, self.total, index_metadata))
                     fsync_file(tmp)
         except _CheckFailed:
@@ -243,15 +301,18 @@ def write_checked(
     protect: Sequence[Path] = (),
     strict: bool = False,
     on_tensor: Callable[[TensorInfo], None] | None = None,
+    into: FolderOutput | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
     """Write a safetensors file atomically, check its converted layers from the file, then publish it.
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
-    nothing is left at ``target``).
+    nothing is left at ``target``). With ``into``, the file is the one named ``target.name`` of that
+    output folder, published with the whole folder.
     """
     checks: list[LayerCheck] = []
+    output = into.file(target.name) if into is not None else atomic_output(target, overwrite=overwrite, protect=protect)
     try:
-        with atomic_output(target, overwrite=overwrite, protect=protect) as tmp:
+        with output as tmp:
             size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor)
             # The disk flush (I/O) and the check of the written file (CPU) overlap.
             with ThreadPoolExecutor(max_workers=1) as pool:
