@@ -4,6 +4,15 @@ The library is pure: state dict in, state dict out. Importing it does not import
 functions that need torch import it when called.
 """
 
+import os as _os
+import sys as _sys
+
+# `python -m fc2conv` puts the current folder first on the module path, so a rich.py, json.py or
+# torch.py there would be imported (and run) in place of the real module. This package is imported by
+# then, before anything else of it: drop that entry first. (Only under -m: a script keeps its path.)
+if _sys.argv[:1] == ["-m"] and _sys.path and _sys.path[0] in ("", _os.getcwd()):
+    del _sys.path[0]
+
 from fc2conv._version import __version__
 from fc2conv.check import DEFAULT_TOLERANCES, check_changes, check_layer
 from fc2conv.convert import apply_plan, convert_state_dict, fc_to_conv_weight
