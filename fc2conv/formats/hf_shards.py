@@ -76,9 +76,13 @@ def _inside(found: _Index) -> _Index:
     """Refuse a shard (or an index found in a folder) that is a link to a file outside the checkpoint's folder.
 
     Otherwise a downloaded folder could make fc2conv read, and copy into its output, any file the
-    user can read (``model-00002.safetensors -> ~/private/other.safetensors``).
+    user can read (``model-00002.safetensors -> ~/private/other.safetensors``). In a Hugging Face cache
+    every file of ``<repo>/snapshots/<revision>/`` is a link to ``<repo>/blobs/<hash>``: there the
+    repository's cache folder is the one links must stay in.
     """
     folder = found.folder.resolve()
+    if folder.parent.name == "snapshots":
+        folder = folder.parent.parent
     for name in (*found.files, *([found.index.name] if found.index is not None else [])):
         target = (found.folder / name).resolve()
         if not target.is_relative_to(folder):
