@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fc2conv import publish
 from fc2conv.errors import OutputError
 from fc2conv.publish import atomic_folder, atomic_output, published, save_safetensors
 
@@ -241,3 +242,22 @@ def test_published_lists_what_was_put_in_place(tmp_path):
     with pytest.raises(RuntimeError), atomic_output(tmp_path / "c"):
         raise RuntimeError("not published")
     assert published() == (*before, tmp_path / "a", tmp_path / "b")
+
+
+def test_when_descriptors_run_out_the_finished_files_are_named_and_writing_goes_on(tmp_path, monkeypatch):
+    real, calls = publish._try_anonymous, []
+
+    def scarce(folder):
+        calls.append(folder)
+        if len(calls) == 3:  # the third file finds no descriptor left
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(folder)
+
+    monkeypatch.setattr(publish, "_try_anonymous", scarce)
+    with atomic_folder(tmp_path / "out") as output:
+        for number in range(4):
+            with output.file(f"{number}.safetensors") as path:
+                path.write_bytes(b"%d" % number)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert written == {f"{n}.safetensors": b"%d" % n for n in range(4)}
+    assert os.listdir(tmp_path) == ["out"]

@@ -166,7 +166,10 @@ class _ShardedTensors(Mapping[str, "torch.Tensor"]):
         if handle is None:
             from safetensors import safe_open
 
-            handle = self._handles[file] = safe_open(str(self._folder / file), framework="pt")
+            try:
+                handle = self._handles[file] = safe_open(str(self._folder / file), framework="pt")
+            except Exception as exc:  # safetensors raises its own types; too many open files, say
+                raise CheckpointError(f"{self._folder / file}: cannot open as safetensors ({exc})") from exc
         return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
