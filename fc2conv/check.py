@@ -182,7 +182,7 @@ def check_layer(
         name=change.name, became=change.became, dtype=dtype, old_shape=tuple(weight.shape),
         new_shape=tuple(kernel.shape), parameters=change.parameters, max_abs_error=math.inf,
         max_rel_error=math.inf, window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
-        tolerance=tolerance or tolerance_for(dtype),
+        tolerance=tolerance or tolerance_for(dtype), flatten_order=change.flatten_order, pointwise=change.pointwise,
     )  # fmt: skip
     kernel_bias = bias if kernel_bias is None else kernel_bias
     problem = _shape_problem(change, weight, kernel, bias, kernel_bias)

@@ -14,17 +14,21 @@ import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from fc2conv._version import __version__
-from fc2conv.errors import Fc2ConvError, Remedy
+from fc2conv.errors import DependencyError, Fc2ConvError, Remedy
 from fc2conv.layouts import LayoutChoice
 from fc2conv.names import printable
 from fc2conv.publish import published
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
+
+if TYPE_CHECKING:
+    from fc2conv.formats import Source
+    from fc2conv.results import ConvertResult, VerifyResult
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -43,7 +47,9 @@ REMEDIES: dict[Remedy, str] = {
 
 
 def error_message(exc: Fc2ConvError) -> str:
-    """The one line a user reads: the library's message, then what to pass to fix it."""
+    """The one line a user reads: the library's message, then what to pass (or install) to fix it."""
+    if isinstance(exc, DependencyError):  # fc2conv is installed from its folder, not from an index
+        return f'{exc}; install it from fc2conv\'s folder: pip install -e ".[{exc.extra}]"'
     remedy = REMEDIES.get(exc.remedy) if exc.remedy else None
     return f"{exc}; {remedy}" if remedy else str(exc)
 
@@ -118,6 +124,8 @@ class Fc2ConvGroup(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        if "--debug" in argv[1:]:  # accepted anywhere, as users type it: after the command too
+            argv = ["--debug", *[a for a in argv if a != "--debug"]]
         global _run
         _run = _Run()
         previous = {}
@@ -188,31 +196,61 @@ def _progress_bar(as_json: bool) -> Any:
     return report.ByteProgress(report.make_console())
 
 
+def _finish(result: ConvertResult | VerifyResult, as_json: bool, command: str) -> int:
+    """Print the result; when a check failed, also one ``Error:`` line saying which and why (exit 1)."""
+    _emit(result, as_json, command)
+    if result.ok:
+        return EXIT_OK
+    failures = result.failures
+    shown = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+    what = "check failed" if len(failures) == 1 else f"{len(failures)} checks failed"
+    written = "" if command != "convert" or getattr(result, "written", True) else "; no output was written"
+    click.echo(printable(f"Error: {what}: {shown}{written}"), err=True)
+    return EXIT_CHECK_FAILED
+
+
 def _warn(lines: list[str]) -> None:
     for line in lines:
         click.echo(f"Warning: {printable(line)}", err=True)
 
 
-@click.group(name="fc2conv", cls=Fc2ConvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    name="fc2conv",
+    cls=Fc2ConvGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, "--version", prog_name="fc2conv")
-@click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports).")
-def cli(debug: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show a traceback for errors (for bug reports); anywhere on the line.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Turn a network's fully connected layers into convolutions, and prove they compute the same.
 
     \b
     Exit codes: 0 success, 1 a numeric check failed, 2 bad usage or unreadable input.
     """
+    if ctx.invoked_subcommand is None:  # bare `fc2conv`: the help, as git and pip do, and success
+        click.echo(ctx.get_help())
 
 
-_shape_option = click.option(
-    "--input-shape",
-    type=SHAPE,
-    default=None,
-    help="Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C "
-    "(square map). Default: C from the last conv before the first FC, square map. With --model: the "
-    "network's input instead (CxHxW).",
+_MAP_HELP = (
+    "Feature map flattened into the first FC layer: CxHxW (256x4x4 or 256,4,4), HxW, or C (square map). "
+    "Default: C from the last conv (or BatchNorm) before the first FC, square map; a Keras model says it."
 )
-_order_help = "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last)."
+
+
+def _shape_option(extra: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--input-shape", type=SHAPE, default=None, help=_MAP_HELP + extra)
+
+
+_CONVERT_SHAPE = (
+    " With --model: the network's input instead (CxHxW, e.g. 3x224x224). With an .onnx graph: its input, where the "
+    "graph leaves the size open."
+)
+_order_help = (
+    "How the source flattened the map: chw (PyTorch) or hwc (Keras/TensorFlow channels-last). Default: what a "
+    "model file says (a Keras config), else chw."
+)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
 _trust_option = click.option(
     "--trust-pickle",
@@ -220,17 +258,32 @@ _trust_option = click.option(
     help="Unpickle arbitrary objects (torch.load weights_only=False), e.g. a whole saved nn.Module. "
     "This RUNS ANY CODE THE FILE CONTAINS: only for files you trust.",
 )
-_model_option = click.option(
-    "--model",
-    metavar="PACKAGE.MODULE:FACTORY",
-    default=None,
-    help="Convert the model, not only its weights: FACTORY() builds it (imported from the current folder "
-    "too), CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. "
-    "3x224x224.",
+
+
+def _model_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--model", metavar="PACKAGE.MODULE:FACTORY", default=None, help=help_text)
+
+
+_CONVERT_MODEL = (
+    "Convert the model, not only its weights: FACTORY() builds it (imported from the current folder too), "
+    "CHECKPOINT's weights are loaded strictly, and --input-shape is then the NETWORK input, e.g. 3x224x224."
+)
+_VERIFY_MODEL = (
+    "Also check end to end: FACTORY() builds the model, ORIGINAL's weights go into it and CONVERTED's into its "
+    "conversion, and both run (at --input-shape, the NETWORK input, e.g. 3x224x224, and on a larger input, "
+    "position by position)."
 )
 
 
 _strict_option = click.option("--strict", is_flag=True, help="Fail layers with NaN/Inf weights (exit 1).")
+_key_option = click.option(
+    "--state-dict-key",
+    metavar="KEY",
+    default=None,
+    help="Where a training checkpoint keeps the weights to read: a key such as model_ema, or a dotted path "
+    "(checkpoint.state_dict). Default: the first of state_dict, model_state_dict, model, ... (training weights "
+    "before EMA copies); the key taken and those passed over are reported.",
+)
 _LAYOUTS: dict[str, LayoutChoice] = {"auto": "auto", "out-in": "out_in", "in-out": "in_out"}
 _layout_option = click.option(
     "--weight-layout",
@@ -261,7 +314,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 
 @cli.command()
 @click.argument("checkpoint", type=FILE)
-@_shape_option
+@_shape_option(_CONVERT_SHAPE)
 @click.option(
     "-o",
     "--output",
@@ -269,7 +322,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     default=None,
     help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.",
 )
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
 @click.option(
     "--pointwise",
@@ -278,7 +331,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     "the layout NPUs want for projections. No flatten geometry.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
-@_model_option
+@_model_option(_CONVERT_MODEL)
 @click.option(
     "--export",
     "export_path",
@@ -294,12 +347,26 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
     help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
 )
 @click.option(
+    "--dense",
+    is_flag=True,
+    help="With an ONNX graph as input: drop the flatten and open the input's height and width, so the model "
+    "returns a map of scores (N, K, H', W') on larger inputs (checked position by position).",
+)
+@click.option(
+    "--keras-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With a Keras model as input: also write the fully convolutional Keras model (FILE.keras; input of any "
+    "size), proven in Keras before it is written. Needs keras (the keras-export extra).",
+)
+@click.option(
     "--fold-batchnorm",
     is_flag=True,
     help="With --model: fold an eval-mode BatchNorm1d that follows a Linear into the conv.",
 )
 @_layout_option
 @_trust_shape_option
+@_key_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -307,16 +374,19 @@ def convert(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
     output: str | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
     pointwise: bool,
     force: bool,
     model: str | None,
     export_path: str | None,
     onnx_path: str | None,
+    dense: bool,
+    keras_out: str | None,
     fold_batchnorm: bool,
     weight_layout: str,
     trust_shape: bool,
+    state_dict_key: str | None,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -331,13 +401,19 @@ def convert(
     from fc2conv.formats import open_source
     from fc2conv.report_json import warnings_for
 
-    if pointwise and (input_shape is not None or flatten_order != "chw"):
+    if pointwise and (input_shape is not None or flatten_order is not None):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
-    _run.outputs = 1 + (export_path is not None) + (onnx_path is not None)
-    source = open_source(checkpoint, trust_pickle=trust_pickle)  # read once, then branch on what it holds
+    _run.outputs = 1 + sum(path is not None for path in (export_path, onnx_path, keras_out))
+    # Read once, then branch on what the file holds.
+    source = open_source(checkpoint, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
+    if source.format == "onnx":
+        return _convert_onnx(source, output, dense, force, as_json, model, pointwise, layers, flatten_order,
+                             export_path or onnx_path or keras_out or fold_batchnorm)  # fmt: skip
+    if dense:
+        raise click.UsageError("--dense rewrites an ONNX graph: CHECKPOINT must be an .onnx file")
     if model is not None or source.module is not None:
-        if pointwise or layers is not None or flatten_order != "chw":
+        if pointwise or layers is not None or flatten_order is not None:
             raise click.UsageError("--model converts the module's own head: no --pointwise, --layers, --flatten-order")
         from fc2conv.jobs.model import convert_model_source
 
@@ -345,8 +421,7 @@ def convert(
             source, output, model=model, input_shape=input_shape, fold_batchnorm=fold_batchnorm,
             export=export_path, onnx=onnx_path, overwrite=force,
         )  # fmt: skip
-        _emit(result, as_json, "convert")
-        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+        return _finish(result, as_json, "convert")
     if export_path or onnx_path or fold_batchnorm:
         raise click.UsageError("--export, --onnx and --fold-batchnorm need --model (the network to rebuild)")
     from fc2conv.jobs.convert import convert_source
@@ -355,29 +430,56 @@ def convert(
         result = convert_source(
             source, output, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
             pointwise=pointwise, weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, overwrite=force,
-            strict=strict, progress=progress,
+            strict=strict, progress=progress, keras_out=keras_out,
         )  # fmt: skip
-    _warn(warnings_for(result.checks))
-    _emit(result, as_json, "convert")
-    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    _warn(warnings_for(result))
+    return _finish(result, as_json, "convert")
+
+
+def _refuse_for_onnx(**options: object) -> None:
+    """An ONNX graph states its own heads, order and layers: the options that choose them do not apply."""
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if given:
+        raise click.UsageError(f"an ONNX graph states its own heads, order and layers: no {', '.join(given)}")
+
+
+def _convert_onnx(source: Source, output: str | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
+    """``convert model.onnx``: the graph's heads become Conv nodes; the options of checkpoints do not apply."""
+    if any(flags):
+        raise click.UsageError(
+            "an ONNX graph says its own heads, order and layers: no --model, --pointwise, --layers, "
+            "--flatten-order, --export, --onnx, --keras-out or --fold-batchnorm"
+        )
+    from fc2conv.jobs.onnx import convert_onnx_source
+
+    return _finish(convert_onnx_source(source, output, dense=dense, overwrite=force), as_json, "convert")
 
 
 @cli.command()
 @click.argument("checkpoint", type=FILE)
-@_shape_option
-@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default="chw", show_default=True, help=_order_help)
+@_shape_option(" With an .onnx graph: its input, where the graph leaves the size open.")
+@click.option("--flatten-order", type=click.Choice(FLATTEN_ORDERS), default=None, help=_order_help)
 @click.option("--layers", metavar="REGEX", default=None, help="Only FC layers whose name matches REGEX.")
 @_layout_option
 @_trust_shape_option
+@_key_option
+@click.option(
+    "--evidence",
+    is_flag=True,
+    help="Also weigh what the first head's weights say of the flatten order (and of the map, if inferred). "
+    "Reads those weights (and imports torch) where inspect otherwise reads shapes only.",
+)
 @_trust_option
 @_json_option
 def inspect(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
     weight_layout: str,
     trust_shape: bool,
+    state_dict_key: str | None,
+    evidence: bool,
     trust_pickle: bool,
     as_json: bool,
 ) -> int:
@@ -387,11 +489,18 @@ def inspect(
     """
     from fc2conv.jobs.inspect import inspect_file
 
+    if checkpoint.suffix == ".onnx":
+        _refuse_for_onnx(flatten_order=flatten_order, layers=layers, state_dict_key=state_dict_key)
+
     _trust_warning(trust_pickle, checkpoint)
     result = inspect_file(
         checkpoint, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
         weight_layout=_LAYOUTS[weight_layout], trust_shape=trust_shape, trust_pickle=trust_pickle,
+        state_dict_key=state_dict_key, evidence=evidence,
     )  # fmt: skip
+    from fc2conv.report_json import warnings_for
+
+    _warn(warnings_for(result))
     _emit(result, as_json, "inspect")
     return EXIT_OK
 
@@ -399,7 +508,10 @@ def inspect(
 @cli.command()
 @click.argument("original", type=FILE)
 @click.argument("converted", type=FILE)
-@_shape_option
+@_shape_option(
+    " Cross-checks the geometry the converted file records. With --model: the network's input (CxHxW). "
+    "With an .onnx graph: its input, where the graph leaves the size open."
+)
 @click.option(
     "--flatten-order",
     type=click.Choice(FLATTEN_ORDERS),
@@ -418,7 +530,8 @@ def inspect(
     default=None,
     help="Tolerance relative to the largest output. Default per dtype, as --atol.",
 )
-@_model_option
+@_model_option(_VERIFY_MODEL)
+@_key_option
 @_strict_option
 @_trust_option
 @_json_option
@@ -430,6 +543,7 @@ def verify(
     atol: float | None,
     rtol: float | None,
     model: str | None,
+    state_dict_key: str | None,
     strict: bool,
     trust_pickle: bool,
     as_json: bool,
@@ -443,23 +557,31 @@ def verify(
     from fc2conv.report_json import warnings_for
 
     _trust_warning(trust_pickle, original, converted)
-    original_source = open_source(original, trust_pickle=trust_pickle)
+    original_source = open_source(
+        original, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key
+    )
+    if original_source.format == "onnx":
+        from fc2conv.jobs.onnx import verify_onnx_sources
+
+        _refuse_for_onnx(flatten_order=flatten_order, model=model, state_dict_key=state_dict_key)
+        result = verify_onnx_sources(original_source, converted, atol=atol, rtol=rtol)
+        return _finish(result, as_json, "verify")
     converted_source = open_source(converted, trust_pickle=trust_pickle)
     if model is not None or original_source.module is not None:
         from fc2conv.jobs.model import verify_model_sources
 
-        result = verify_model_sources(original_source, converted_source, model=model, input_shape=input_shape)
-        _emit(result, as_json, "verify")
-        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+        result = verify_model_sources(
+            original_source, converted_source, model=model, input_shape=input_shape, atol=atol, rtol=rtol
+        )
+        return _finish(result, as_json, "verify")
     from fc2conv.jobs.verify import verify_sources
 
     result = verify_sources(
         original_source, converted_source, input_shape=input_shape, flatten_order=flatten_order, atol=atol,
         rtol=rtol, strict=strict,
     )  # fmt: skip
-    _warn(warnings_for(result.checks))
-    _emit(result, as_json, "verify")
-    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    _warn(warnings_for(result))
+    return _finish(result, as_json, "verify")
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -85,7 +85,7 @@ def apply_plan(plan: Plan, state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
 def convert_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rewrite the FC chain of a state dict as convolution kernels.

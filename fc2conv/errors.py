@@ -69,4 +69,8 @@ class ModelError(Fc2ConvError):
 
 
 class DependencyError(Fc2ConvError):
-    """An optional dependency that the request needs is not installed (the message names the extra)."""
+    """An optional dependency that the request needs is not installed; ``extra`` names fc2conv's extra."""
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra

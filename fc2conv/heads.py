@@ -61,8 +61,14 @@ def channel_evidence(layers: Sequence[Layer], first_fc: Layer) -> ChannelEvidenc
     return None
 
 
-def structural_roles(fcs: Sequence[FCShape], layers: Sequence[Layer], in_module_order: bool) -> list[RoleOf]:
-    """FCs that read no flattened map whatever its geometry: inside the conv trunk, or squeeze-and-excitation."""
+def structural_roles(
+    fcs: Sequence[FCShape], layers: Sequence[Layer], in_module_order: bool, map_features: int | None = None
+) -> list[RoleOf]:
+    """FCs that read no flattened map whatever its geometry: inside the conv trunk, or squeeze-and-excitation.
+
+    ``map_features`` is the size of the flattened map when the caller gave it: a pair whose first layer
+    reads exactly that many values is then a head, not a squeeze.
+    """
     roles: list[RoleOf] = []
     convs = [layer for layer in layers if layer.kind in ("Conv1d", "Conv2d", "Conv3d")]
     last_conv = convs[-1] if convs else None
@@ -73,48 +79,56 @@ def structural_roles(fcs: Sequence[FCShape], layers: Sequence[Layer], in_module_
                 in_trunk.add(fc.name)
                 roles.append(RoleOf(fc, "trunk", f"inside the conv trunk ({last_conv.name}, a conv, comes after it)"))
     rest = [fc for fc in fcs if fc.name not in in_trunk]
-    for squeeze, excite in zip(rest, rest[1:], strict=False):
-        evidence = channel_evidence(layers, squeeze.layer)
-        if evidence is None or not evidence.strong:
-            continue
-        channels = evidence.channels
-        if squeeze.in_features == channels == excite.out_features and excite.in_features == squeeze.out_features:
-            if squeeze.out_features < channels:
-                why = f"a squeeze-and-excitation pair ({channels} -> {squeeze.out_features} -> {channels} channels)"
-                roles += [RoleOf(squeeze, "squeeze_excitation", why), RoleOf(excite, "squeeze_excitation", why)]
+    for index, (squeeze, excite) in enumerate(zip(rest, rest[1:], strict=False)):
+        if squeeze.in_features != map_features and _squeeze_excitation(squeeze, excite, rest[index + 2 :], layers):
+            channels, width = squeeze.in_features, squeeze.out_features
+            why = f"a squeeze-and-excitation pair ({channels} -> {width} -> {channels} channels)"
+            roles += [RoleOf(squeeze, "squeeze_excitation", why), RoleOf(excite, "squeeze_excitation", why)]
     return roles
+
+
+def _squeeze_excitation(squeeze: FCShape, excite: FCShape, after: Sequence[FCShape], layers: Sequence[Layer]) -> bool:
+    """``C -> r -> C`` on the channels of the conv before it, with a head after it that reads a C x H x W map.
+
+    The head is what makes the pair an SE block rather than a small MLP head on a 1x1 map (which has
+    the same shapes).
+    """
+    evidence = channel_evidence(layers, squeeze.layer)
+    if evidence is None or not evidence.strong:
+        return False
+    channels = evidence.channels
+    pair = squeeze.in_features == channels == excite.out_features and excite.in_features == squeeze.out_features
+    head_after = any(fc.in_features % channels == 0 and fc.in_features > channels for fc in after)
+    return pair and squeeze.out_features < channels and head_after
 
 
 def assign_roles(candidates: Sequence[FCShape], map_features: int, in_module_order: bool) -> list[RoleOf]:
     """Heads (reading the map), later layers (reading a converted layer), and the FCs nothing feeds.
 
-    In module order a later layer must come after the first head; in name order (safetensors) any
-    FC whose inputs are a converted layer's outputs is taken, until nothing changes.
+    Candidates are taken in order: one whose inputs are an earlier converted layer's outputs is a later
+    layer (a chain goes on: ``512 -> 512 -> 10`` on a 512-value map is one head, not three); else one
+    reading the map starts a head. In name order (safetensors) the order proves little, so later
+    layers are then looked for again among the rest until nothing changes.
     """
-    heads = [fc for fc in candidates if fc.in_features == map_features]
-    if not heads:
-        return [RoleOf(fc, "not_fed", _not_fed(fc, map_features)) for fc in candidates]
-    start = min(fc.layer.position for fc in heads) if in_module_order else -1
-    converted = {fc.name for fc in heads}
-    widths = {fc.out_features for fc in heads}
-    changed = True
+    roles: dict[str, RoleOf] = {}
+    widths: set[int] = set()
+    for fc in sorted(candidates, key=lambda fc: fc.layer.position):
+        if fc.in_features in widths:
+            roles[fc.name] = RoleOf(fc, "later")
+        elif fc.in_features == map_features:
+            roles[fc.name] = RoleOf(fc, "head")
+        else:
+            continue
+        widths.add(fc.out_features)
+    changed = not in_module_order
     while changed:
         changed = False
         for fc in candidates:
-            if fc.name not in converted and fc.layer.position > start and fc.in_features in widths:
-                converted.add(fc.name)
+            if fc.name not in roles and fc.in_features in widths:
+                roles[fc.name] = RoleOf(fc, "later")
                 widths.add(fc.out_features)
                 changed = True
-        changed = changed and not in_module_order  # in module order one pass, in order, is the rule
-    roles = []
-    for fc in candidates:
-        if fc.in_features == map_features:
-            roles.append(RoleOf(fc, "head"))
-        elif fc.name in converted:
-            roles.append(RoleOf(fc, "later"))
-        else:
-            roles.append(RoleOf(fc, "not_fed", _not_fed(fc, map_features)))
-    return roles
+    return [roles.get(fc.name) or RoleOf(fc, "not_fed", _not_fed(fc, map_features)) for fc in candidates]
 
 
 def _not_fed(fc: FCShape, map_features: int) -> str:

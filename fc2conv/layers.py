@@ -50,10 +50,10 @@ class Layer:
 
     @property
     def channels(self) -> int | None:
-        """Output channels of a conv, features of a BatchNorm; None for other kinds."""
+        """Output channels of a conv, features of a BatchNorm; None for other kinds (and for none at all)."""
         if self.weight is None or self.kind not in ("Conv1d", "Conv2d", "Conv3d", "BatchNorm"):
             return None
-        return self.weight.shape[0] if self.weight.shape else None
+        return self.weight.shape[0] if self.weight.shape and self.weight.shape[0] > 0 else None
 
     @property
     def parameters(self) -> int:

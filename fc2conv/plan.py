@@ -17,6 +17,7 @@ from fc2conv.types import (
     FLATTEN_ORDERS,
     FLOAT_DTYPES,
     FlattenOrder,
+    HeadHint,
     InputShape,
     ShapeLike,
     ShapeSpec,
@@ -101,6 +102,7 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     mode: PlanMode = "chain"
     skipped: tuple[SkippedLayer, ...] = field(default=())  # FC-like weights left as they are, and why
+    flatten_order_origin: str = ""  # where the order comes from: given, the default, a model config
 
     def change_for(self, tensor_name: str) -> LayerChange | None:
         """The change whose weight is ``tensor_name``, if any (biases are never reshaped)."""
@@ -125,13 +127,14 @@ def fc_candidates(infos: Sequence[TensorInfo], layers: str | None = None) -> lis
 def plan_conversion(
     infos: Iterable[TensorInfo],
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     *,
     weight_layout: LayoutChoice = "auto",
     layout_hints: Mapping[str, WeightLayout] | None = None,
     in_module_order: bool = True,
     trust_shape: bool = False,
+    heads: Sequence[HeadHint] | None = None,
 ) -> Plan:
     """Decide which FC layers become convolutions, and how, from names and shapes alone.
 
@@ -145,7 +148,8 @@ def plan_conversion(
         infos: Every tensor of the checkpoint, in checkpoint order.
         input_shape: The flattened feature map: complete, partial (``"4x4"``, ``"256"``) or ``None``
             to infer it from the last convolution (or BatchNorm) before the first FC layer.
-        flatten_order: ``"chw"`` (PyTorch) or ``"hwc"`` (Keras/TensorFlow channels-last flatten).
+        flatten_order: ``"chw"`` (PyTorch) or ``"hwc"`` (Keras/TensorFlow channels-last flatten);
+            ``None``: as ``heads`` say, else ``"chw"``.
         layers: Optional regex: only FC layers whose name matches are converted (their role, H x W or
             1x1, still comes from the whole network).
         weight_layout: ``"auto"`` (PyTorch's ``(out, in)`` unless a bias or a hint shows ``(in, out)``),
@@ -154,6 +158,9 @@ def plan_conversion(
         in_module_order: Whether ``infos`` come in module order (PyTorch state dicts do; safetensors
             keeps names sorted): then an FC before the last conv is inside the trunk.
         trust_shape: Use a given shape even where the checkpoint shows another channel count.
+        heads: What the file itself says of its heads (a Keras config): their layers, map and order.
+            Nothing is then inferred, and a given shape or order must agree with them. ``None``: the
+            file holds weights alone.
 
     Returns:
         The plan; its ``notes`` say what was inferred.
@@ -170,31 +177,103 @@ def plan_conversion(
         ['Conv 4x4', 'Conv 1x1']
     """
     infos = list(infos)
-    if flatten_order not in FLATTEN_ORDERS:
+    if flatten_order is not None and flatten_order not in FLATTEN_ORDERS:
         raise PlanError(f"flatten order must be one of {', '.join(FLATTEN_ORDERS)}, got {flatten_order!r}")
     pattern = layer_pattern(layers)
     all_layers = _layers_of(infos)
     fcs = resolve_layouts(_fc_layers(all_layers, pattern), weight_layout, layout_hints)
-    roles = structural_roles(fcs, all_layers, in_module_order)
+    spec = as_spec(input_shape)
+    if heads is not None:
+        if not heads:
+            raise PlanError("the model describes no Flatten feeding an FC layer", remedy="inspect")
+        return _plan_from_heads(infos, all_layers, fcs, heads, spec, flatten_order, pattern)
+    order: FlattenOrder = flatten_order or "chw"
+    given = spec.channels * spec.height * spec.width if spec and spec.channels and spec.height and spec.width else None
+    roles = structural_roles(fcs, all_layers, in_module_order, given)
     set_aside = {role.fc.name for role in roles}
     candidates = [fc for fc in fcs if fc.name not in set_aside]
     if not candidates:
         raise PlanError(_nothing_found(layers, fcs), remedy="inspect")
     notes: list[str] = []
-    shape = _geometry(all_layers, candidates, as_spec(input_shape), trust_shape, notes)
+    shape = _geometry(all_layers, candidates, spec, trust_shape, notes)
     roles += assign_roles(candidates, shape.features, in_module_order)
     converted = [r for r in roles if r.role in ("head", "later") and _selected(r.fc, pattern)]
     if not converted:
         raise PlanError(_nothing_found(layers, fcs, shape), remedy="inspect")
     changes = [
         _change(r.fc, shape if r.role == "head" else InputShape(r.fc.in_features, 1, 1),
-                flatten_order if r.role == "head" else "chw")
+                order if r.role == "head" else "chw")
         for r in sorted(converted, key=lambda r: r.fc.layer.position)
     ]  # fmt: skip
     notes.extend(_batchnorm_notes(all_layers, changes))
+    notes.extend(_layout_notes(fcs, changes))
     skipped = _skipped(all_layers, roles, {c.name for c in changes}, pattern)
     untouched = tuple(info.name for info in infos if info.name not in {c.weight for c in changes})
-    return Plan(shape, flatten_order, tuple(changes), untouched, tuple(notes), skipped=skipped)
+    origin = "given" if flatten_order else "PyTorch's, the default: not given"
+    return Plan(shape, order, tuple(changes), untouched, tuple(notes), skipped=skipped, flatten_order_origin=origin)
+
+
+def _plan_from_heads(
+    infos: Sequence[TensorInfo],
+    layers: Sequence[Layer],
+    fcs: Sequence[FCShape],
+    heads: Sequence[HeadHint],
+    spec: ShapeSpec | None,
+    flatten_order: FlattenOrder | None,
+    pattern: NamePattern | None,
+) -> Plan:
+    """The plan of heads the file describes: each first layer reads its map, each later one the one before."""
+    by_name = {fc.name: fc for fc in fcs}
+    roles: list[RoleOf] = []
+    changes: list[LayerChange] = []
+    for head in heads:
+        _agree(head, spec, flatten_order, by_name)
+        in_map, order = head.feature_map, head.flatten_order
+        for name in head.layers:
+            fc = by_name[name]
+            if fc.in_features != in_map.features:
+                raise PlanError(
+                    f"{name} takes {fc.in_features} inputs, but its head gives it {in_map} = {in_map.features}"
+                )
+            roles.append(RoleOf(fc, "head" if in_map == head.feature_map else "later"))
+            if _selected(fc, pattern):
+                changes.append(_change(fc, in_map, order))
+            in_map, order = InputShape(fc.out_features, 1, 1), "chw"
+    if not changes:
+        raise PlanError(
+            _nothing_found(pattern.pattern if pattern else None, fcs, heads[0].feature_map), remedy="inspect"
+        )
+    in_heads = {r.fc.name for r in roles}
+    roles += [
+        RoleOf(fc, "not_fed", "not in a head the model's config describes") for fc in fcs if fc.name not in in_heads
+    ]
+    notes = [head.source for head in heads] + _batchnorm_notes(layers, changes)
+    skipped = _skipped(layers, roles, {c.name for c in changes}, pattern)
+    untouched = tuple(info.name for info in infos if info.name not in {c.weight for c in changes})
+    first = heads[0]
+    return Plan(first.feature_map, first.flatten_order, tuple(changes), untouched, tuple(notes), skipped=skipped,
+                flatten_order_origin="from the model's config")  # fmt: skip
+
+
+def _agree(
+    head: HeadHint, spec: ShapeSpec | None, flatten_order: FlattenOrder | None, fcs: Mapping[str, FCShape]
+) -> None:
+    """A shape or order the caller gives must be what the file says; a head's layers must be FC layers."""
+    missing = [name for name in head.layers if name not in fcs]
+    if missing:
+        raise PlanError(f"{missing[0]}: the model describes it as an FC layer, but it has no 2-D weight")
+    if spec is not None:
+        given = resolve_shape(spec, head.feature_map.features, head.layers[0])
+        if given != head.feature_map:
+            raise ShapeError(
+                f"{head.layers[0]} reads a {head.feature_map} map (C x H x W) as the model says ({head.source}); "
+                f"the given input shape {spec} means {given}"
+            )
+    if flatten_order is not None and flatten_order != head.flatten_order:
+        raise PlanError(
+            f"{head.layers[0]} reads its map flattened {head.flatten_order}, as the model says ({head.source}); "
+            f"the given order is {flatten_order}"
+        )
 
 
 def layer_pattern(layers: str | None) -> NamePattern | None:
@@ -308,10 +387,11 @@ def _infer_geometry(layers: Sequence[Layer], candidates: Sequence[FCShape], note
             f"cannot infer the input shape from {evidence.layer.name} (C = {evidence.channels}): {exc}{hint}",
             remedy="input_shape",
         ) from exc
-    where = "the last before" if evidence.strong else "the last in name order; none comes before"
+    kind = "BatchNorm" if evidence.layer.kind == "BatchNorm" else "conv"
+    where = f"the last {kind} before" if evidence.strong else f"the last {kind} in name order; none comes before"
     notes.append(
-        f"input shape {shape} inferred: C = {evidence.channels} from {evidence.source} ({where} {first.name}), "
-        f"square map assumed ({first.in_features} = {shape})"
+        f"input shape {shape} inferred: C = {evidence.channels} from {evidence.layer.name} ({where} "
+        f"{first.name}), square map assumed ({first.in_features} = {shape})"
     )
     return shape
 
@@ -334,6 +414,23 @@ def _batchnorm_notes(layers: Sequence[Layer], changes: Sequence[LayerChange]) ->
         for layer in layers
         if layer.kind == "BatchNorm" and layer.position > first and layer.channels in widths
     ]
+
+
+def _layout_notes(fcs: Sequence[FCShape], changes: Sequence[LayerChange]) -> list[str]:
+    """Say, in one line, which converted weights are stored (in, out) and how that is known."""
+    transposed = [fc for fc in fcs if fc.name in {c.name for c in changes if c.layout == "in_out"}]
+    if not transposed:
+        return []
+    reasons = dict.fromkeys(_LAYOUT_REASONS.get(fc.why.split(" ")[0], fc.why) for fc in transposed)
+    names = transposed[0].name + (f" and {len(transposed) - 1} more" if len(transposed) > 1 else "")
+    return [
+        f"{names} stored (in, out), as GPT-2's Conv1D and Keras's Dense store weights (shown by "
+        f"{', '.join(reasons)}): transposed"
+    ]
+
+
+# How a transposed layout was known, in a few words (by the first word of FCShape.why).
+_LAYOUT_REASONS = {"its": "biases", "from": "config.json", "a": "names of transformers Conv1D", "as": "the caller"}
 
 
 def _skipped(
@@ -395,4 +492,5 @@ def plan_pointwise(
     where = f" matching {layers!r}" if layers else ""
     note = f"pointwise: {len(changes)} Linear layers{where} -> 1x1 convolutions (activations laid out N x C x 1 x S)"
     skipped = _skipped(all_layers, [], converted, pattern)
-    return Plan(None, "chw", tuple(changes), untouched, (note,), mode="pointwise", skipped=skipped)
+    notes = (note, *_layout_notes(fcs, changes))
+    return Plan(None, "chw", tuple(changes), untouched, notes, mode="pointwise", skipped=skipped)

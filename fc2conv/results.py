@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fc2conv.evidence import GeometryEvidence, OrderEvidence, order_warning
 from fc2conv.layers import Layer
 from fc2conv.plan import LayerChange, Plan
 from fc2conv.types import FlattenOrder, InputShape, TensorInfo, dtype_itemsize
@@ -56,13 +57,43 @@ class LayerCheck:
     exact: bool | None = None
     problem: str | None = None
     strict: bool = False
+    flatten_order: FlattenOrder = "chw"
+    pointwise: bool = False
 
     @property
     def ok(self) -> bool:
         """Within tolerance. Non-finite outputs pass where FC and conv agree on them, unless ``strict``."""
         if self.problem is not None or (self.strict and self.nonfinite):
             return False
-        return self.max_abs_error <= self.tolerance.atol + self.tolerance.rtol * self.reference_scale
+        return self.max_abs_error <= self.bound
+
+    @property
+    def bound(self) -> float:
+        """The largest error that passes: ``atol + rtol * max|reference output|``."""
+        return self.tolerance.atol + self.tolerance.rtol * self.reference_scale
+
+    @property
+    def failure(self) -> str | None:
+        """Why the layer failed, in one phrase naming the numbers; None when it passed."""
+        if self.problem is not None:
+            return self.problem
+        if self.strict and self.nonfinite:
+            return "non-finite (NaN/Inf) weights or outputs, refused as strict"
+        if not self.ok:
+            return (
+                f"max abs error {self.max_abs_error:.3g} > {self.bound:.3g} allowed ({self.dtype}: atol "
+                f"{self.tolerance.atol:g} + rtol {self.tolerance.rtol:g} x max|output| {self.reference_scale:.3g})"
+            )
+        return None
+
+    @property
+    def proves(self) -> str:
+        """What a pass proves, exactly: the conv computes the FC on inputs flattened in this order."""
+        if self.pointwise:
+            return f"1x1 conv ({self.dtype}) = Linear (float64) on each of {self.window_grid[1]} positions"
+        grid = "x".join(map(str, self.window_grid))
+        on = "" if self.new_shape[2:] == (1, 1) else f" on the map flattened {self.flatten_order}"
+        return f"conv ({self.dtype}) = FC (float64){on}, traced size + {grid} sliding positions"
 
 
 @dataclass(frozen=True)
@@ -93,14 +124,37 @@ class ModuleCheck:
     dense_max_rel_error: float
     dense_grid: tuple[int, int]
     positions_checked: int
-    tolerance: float  # on the relative errors (relative to the largest output)
+    tolerance: Tolerance
+    reference_scale: float = 0.0  # the largest original output at the traced size
+    dense_reference_scale: float = 0.0  # the largest original head output on the windows checked
+    problem: str | None = None  # why the check could not run (then it fails)
+    how: str = ""  # what was run against what, in a sentence
+    dtype: str = "float64"  # what the models ran in
 
     @property
     def ok(self) -> bool:
-        return max(self.max_rel_error, self.dense_max_rel_error) <= self.tolerance
+        """Both errors within ``atol + rtol * max|output|`` (the outputs' scale where each was measured)."""
+        return self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the end-to-end check failed, naming the numbers; None when it passed."""
+        if self.problem is not None:
+            return self.problem
+        atol, rtol = self.tolerance.atol, self.tolerance.rtol
+        for what, error, scale in (
+            ("at the traced size", self.max_abs_error, self.reference_scale),
+            ("densely", self.dense_max_abs_error, self.dense_reference_scale),
+        ):
+            if not error <= atol + rtol * scale:
+                return (
+                    f"max abs error {what} {error:.3g} > {atol + rtol * scale:.3g} allowed "
+                    f"(atol {atol:g} + rtol {rtol:g} x max|output| {scale:.3g})"
+                )
+        return None
 
 
-ExportKind = Literal["torch.export", "onnx"]
+ExportKind = Literal["torch.export", "onnx", "keras"]
 
 
 @dataclass(frozen=True)
@@ -109,12 +163,51 @@ class Export:
 
     kind: ExportKind
     path: Path
-    max_abs_error: float | None  # vs the converted torch model on a larger input; None if not run
+    max_abs_error: float | None  # vs the converted model (or the original, for keras); None if not run
     tolerance: float = 1e-4
+    written: bool = True  # an export that fails its check before it is renamed into place is not written
 
     @property
     def ok(self) -> bool:
         return self.max_abs_error is None or self.max_abs_error <= self.tolerance
+
+    @property
+    def failure(self) -> str | None:
+        if self.ok:
+            return None
+        error = f"{self.max_abs_error:.3g} > {self.tolerance:.3g}"
+        against = "the original in Keras" if self.kind == "keras" else "torch"
+        kept = "" if self.written else "; not written"
+        return f"{self.kind} file {self.path.name}: max abs error {error} against {against}{kept}"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a head's first FC weight says of the map it reads: the order in use, and the map if inferred.
+
+    Evidence, not proof (see :mod:`fc2conv.evidence`): only a "clear" verdict against what is in use
+    gives a warning.
+    """
+
+    layer: str
+    order_in_use: FlattenOrder
+    map_in_use: InputShape
+    order: OrderEvidence
+    geometry: GeometryEvidence | None = None  # measured when the map was inferred, not given
+
+    @property
+    def warnings(self) -> list[str]:
+        found = []
+        order = order_warning(self.order, self.order_in_use)
+        if order is not None:
+            found.append(f"{self.layer}: {order}")
+        favoured = self.geometry.favoured if self.geometry is not None else None
+        if self.geometry is not None and favoured is not None and favoured != self.map_in_use:
+            found.append(
+                f"{self.layer}: the inferred map {self.map_in_use} is in use, but {self.geometry.explanation}; "
+                f"give the map's shape if it is {favoured}"
+            )
+        return found
 
 
 @dataclass(frozen=True)
@@ -133,11 +226,29 @@ class ConvertResult:
     end_to_end: ModuleCheck | None = None  # with a model: original model vs converted model
     exports: tuple[Export, ...] = ()  # exported programs / ONNX files written
     model_input_shape: InputShape | None = None  # with a model: the network input it was traced at
+    evidence: Evidence | None = None  # with weights alone: what they say of the flatten order and map
+    strict: bool = False  # evidence against the order or map in use fails the conversion
 
     @property
     def ok(self) -> bool:
         checks_ok = all(c.ok for c in self.checks) and (self.end_to_end is None or self.end_to_end.ok)
-        return self.written and checks_ok and all(e.ok for e in self.exports)
+        refused = self.strict and self.warnings
+        return self.written and checks_ok and all(e.ok for e in self.exports) and not refused
+
+    @property
+    def warnings(self) -> list[str]:
+        """The evidence against the flatten order or the map in use, one line each."""
+        return self.evidence.warnings if self.evidence is not None else []
+
+    @property
+    def failures(self) -> list[str]:
+        """Each failed check as ``"<layer>: <why>"``."""
+        found = [f"{c.name}: {c.failure}" for c in self.checks if c.failure]
+        if self.end_to_end is not None and self.end_to_end.failure:
+            found.append(f"end to end: {self.end_to_end.failure}")
+        if self.strict:
+            found += [f"evidence (strict): {w}" for w in self.warnings]
+        return found + [e.failure for e in self.exports if e.failure]
 
 
 @dataclass(frozen=True)
@@ -152,6 +263,11 @@ class InspectResult:
     metadata: dict[str, str]
     plan: Plan | None
     plan_problem: str | None
+    evidence: Evidence | None = None  # asked for: what the first head's weights say of its map
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.evidence.warnings if self.evidence is not None else []
 
     @property
     def parameters(self) -> int:
@@ -183,10 +299,32 @@ class VerifyResult:
     mismatches: tuple[TensorMismatch, ...]
     notes: tuple[str, ...] = field(default=())
     end_to_end: ModuleCheck | None = None  # with a model: original model vs converted model
+    evidence: Evidence | None = None  # with weights alone: what they say of the recorded flatten order
+    strict: bool = False
+
+    @property
+    def warnings(self) -> list[str]:
+        """The evidence against the recorded flatten order, one line each."""
+        return self.evidence.warnings if self.evidence is not None else []
 
     @property
     def ok(self) -> bool:
+        if self.strict and self.warnings:
+            return False
         if self.end_to_end is not None and not self.checks and not self.mismatches:
             return self.end_to_end.ok  # checked end to end only (see notes)
         end_to_end_ok = self.end_to_end is None or self.end_to_end.ok
         return bool(self.checks) and not self.mismatches and all(c.ok for c in self.checks) and end_to_end_ok
+
+    @property
+    def failures(self) -> list[str]:
+        """Each failed check as ``"<layer or tensor>: <why>"``."""
+        found = [f"{c.name}: {c.failure}" for c in self.checks if c.failure]
+        found += [f"{m.name}: {m.reason}" for m in self.mismatches]
+        if self.end_to_end is not None and self.end_to_end.failure:
+            found.append(f"end to end: {self.end_to_end.failure}")
+        if not self.checks and self.end_to_end is None:
+            found.append("no converted layer found in the converted file")
+        if self.strict:
+            found += [f"evidence (strict): {w}" for w in self.warnings]
+        return found

@@ -14,6 +14,7 @@ __all__ = [
     "FLATTEN_ORDERS",
     "FLOAT_DTYPES",
     "FlattenOrder",
+    "HeadHint",
     "InputShape",
     "ShapeLike",
     "ShapeSpec",
@@ -104,6 +105,21 @@ class ShapeSpec:
     @property
     def is_complete(self) -> bool:
         return None not in self.parts()
+
+
+@dataclass(frozen=True)
+class HeadHint:
+    """What a model file itself says about one head (a Keras config, an ONNX graph), so nothing is guessed.
+
+    ``layers`` are the FC layers of the head in order (the first reads the flattened map, the others
+    each read the previous one); ``feature_map`` is the map that is flattened, as (C, H, W), and
+    ``flatten_order`` the order its values are flattened in; ``source`` says where this was read.
+    """
+
+    layers: tuple[str, ...]
+    feature_map: InputShape
+    flatten_order: FlattenOrder
+    source: str
 
 
 # Every form the public API accepts for a feature-map or network input shape.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -76,15 +76,21 @@ def reproducible() -> Iterator[None]:
         torch.set_rng_state(rng)
 
 
-def train(epochs: int = 40) -> tuple[DigitsCNN, float, torch.Tensor, torch.Tensor]:
-    """Train the digits CNN; returns the model, its test accuracy and the test split."""
+def train(
+    epochs: int = 40, model_factory: Callable[[], nn.Module] = DigitsCNN
+) -> tuple[nn.Module, float, torch.Tensor, torch.Tensor]:
+    """Train the digits CNN (or another network on the same data, seeds and schedule).
+
+    Returns:
+        The model (in eval mode), its test accuracy and the test split.
+    """
     with reproducible():
-        return _train(epochs)
+        return _train(epochs, model_factory)
 
 
-def _train(epochs: int) -> tuple[DigitsCNN, float, torch.Tensor, torch.Tensor]:
+def _train(epochs: int, model_factory: Callable[[], nn.Module]) -> tuple[nn.Module, float, torch.Tensor, torch.Tensor]:
     x_train, y_train, x_test, y_test = load_data()
-    model = DigitsCNN()
+    model = model_factory()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(1)
     for _ in range(epochs):

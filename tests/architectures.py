@@ -144,3 +144,43 @@ def build(cls: type[nn.Module], seed: int = 0) -> nn.Module:
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.2)
     return model
+
+
+class TimmLinear(nn.Linear):
+    """timm's ``Linear``: an nn.Linear subclass whose forward calls F.linear itself (torch.fx traces into it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class TimmStyle(nn.Module):
+    """A classifier whose head layers are TimmLinear."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc1, self.fc2 = TimmLinear(8 * 3 * 3, 16), TimmLinear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.flatten(self.features(x), 1))))
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.flatten(feature_map, 1))))
+
+
+class TwoHeadsStyle(nn.Module):
+    """A classifier and a box regressor on one flattened map; the forward returns both, as a tuple."""
+
+    input_shape = (3, 6, 6)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.cls = nn.Linear(4 * 4 * 4, 5)
+        self.box = nn.Sequential(nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = torch.flatten(self.features(x), 1)
+        return self.cls(flat), self.box(flat)

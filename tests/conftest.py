@@ -129,8 +129,10 @@ def _restore_torch_settings():
     """A test that changes torch's global settings (threads, deterministic mode) does not change the next."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call costs seconds: only if needed
+        torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture

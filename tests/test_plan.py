@@ -41,7 +41,10 @@ def test_seed_head_plan_with_given_shape():
 def test_geometry_inferred_from_last_conv_before_first_fc_and_said():
     plan = plan_conversion(SEED)
     assert plan.input_shape == InputShape(256, 4, 4)
-    assert any("inferred" in n and "features.0 (conv, 256 channels)" in n and "4096 = 256x4x4" in n for n in plan.notes)
+    assert any(
+        "inferred" in n and "from features.0 (the last conv before fc1)" in n and "4096 = 256x4x4" in n
+        for n in plan.notes
+    )
 
 
 @pytest.mark.parametrize("spec, expected", [("4x4", (256, 4, 4)), ("256", (256, 4, 4)), ((256, 4, 4), (256, 4, 4))])

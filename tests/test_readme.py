@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -11,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, run
+
+# A measured error as printed: 7.91e-07. Its digits depend on the CPU's float rounding (another
+# x86 CPU prints 1.31e-06 for the same layer), so they are compared with a tolerance, not as text.
+_FIGURE = re.compile(r"\d\.\d\de[-+]\d\d")
+_FIGURE_FACTOR = 10.0
+# Printed versions of other packages (Keras) change with the installed release.
+_VERSION = re.compile(r"(Keras) [0-9][0-9.]*")
 
 
 def _block_after(readme: str, marker: str) -> str:
@@ -19,16 +28,10 @@ def _block_after(readme: str, marker: str) -> str:
     return readme[start : readme.index("```", start)]
 
 
-# A measured error as printed: 7.91e-07. Its digits depend on the CPU's float rounding (another
-# x86 CPU prints 1.31e-06 for the same layer), so they are compared with a tolerance, not as text.
-_FIGURE = re.compile(r"\d\.\d\de[-+]\d\d")
-_FIGURE_FACTOR = 10.0
-
-
 def _normalise(text: str) -> list[str]:
     lines = [line.rstrip() for line in text.strip("\n").splitlines()]
     lines = [re.sub(r"time: [0-9.]+ s", "time: T s", line) for line in lines if line.strip()]
-    return [_FIGURE.sub("F.FFe-FF", line) for line in lines]
+    return [_VERSION.sub(r"\1 V", _FIGURE.sub("F.FFe-FF", line)) for line in lines]
 
 
 def _figures(text: str) -> list[float]:
@@ -51,18 +54,57 @@ def _run(cwd: Path, *args: str) -> str:
     return done.stdout
 
 
+def _command_block(readme: str, marker: str) -> tuple[list[str], str]:
+    """A tested block that starts with its command (``$ fc2conv ...``): the arguments and the output shown."""
+    block = _block_after(readme, marker)
+    command, shown = block.split("\n", 1)
+    return command.removeprefix("$ fc2conv ").split(), shown
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copytree(SAMPLES, tmp_path / "sample_models")
+    return tmp_path
+
+
 @pytest.mark.slow
-def test_main_job_and_verify_print_what_the_readme_shows(tmp_path):
+def test_main_job_and_verify_print_what_the_readme_shows(workdir):
     readme = (ROOT / "README.md").read_text()
-    (tmp_path / "sample_models").mkdir()
-    shutil.copy(SAMPLES / "small_cnn.pt", tmp_path / "sample_models")
     shown = _block_after(readme, "<!-- tested: the output of the command above")
-    printed = _run(tmp_path, "convert", "sample_models/small_cnn.pt", "--input-shape", "32x4x4", "--force")
+    printed = _run(workdir, "convert", "sample_models/small_cnn.pt", "--input-shape", "32x4x4", "--force")
     assert_same_output(printed, shown)
-    verify_shown = _block_after(readme, "<!-- tested: the output of fc2conv verify")
-    verify_shown = verify_shown.split("\n", 1)[1]  # drop the "$ fc2conv verify ..." line
-    printed = _run(tmp_path, "verify", "sample_models/small_cnn.pt", "sample_models/small_cnn.conv.safetensors")
-    assert_same_output(printed, verify_shown)
+    args, verify_shown = _command_block(readme, "<!-- tested: the output of fc2conv verify")
+    assert_same_output(_run(workdir, *args), verify_shown)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marker, extra", [("Keras command", "keras"), ("ONNX command", "onnxruntime")])
+def test_the_keras_and_onnx_commands_print_what_the_readme_shows(workdir, marker, extra):
+    if importlib.util.find_spec(extra) is None:  # not imported here: keras would pick its default backend
+        pytest.skip(f"{extra} is not installed")
+    args, shown = _command_block((ROOT / "README.md").read_text(), f"<!-- tested: the output of the {marker}")
+    assert_same_output(_run(workdir, *args), shown)
+
+
+def _jsonc(readme: str, marker: str) -> dict:
+    """The annotated JSON example after ``marker``, comments and the elided "..." stripped."""
+    start = readme.index("```jsonc\n", readme.index(marker)) + len("```jsonc\n")
+    text = readme[start : readme.index("```", start)]
+    return json.loads(re.sub(r"\s+//.*", "", text))
+
+
+def test_the_documented_json_keys_are_the_payload_keys(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    documented = _jsonc(readme, "<!-- tested: every key of this example")
+    result = run("convert", SAMPLES / "small_cnn.pt", "-o", tmp_path / "o.safetensors", "--json")
+    payload = json.loads(result.stdout)
+    assert set(documented) == set(payload)
+    assert set(documented["layers"][0]) == set(payload["layers"][0])
+    for sentence in re.findall(r"`end_to_end` is `\{([^}]*)\}`", readme):
+        keys = {key.strip() for key in sentence.split(",")}
+        model = run("convert", SAMPLES / "digits_cnn.pt", "--model", "sample_models.train_digits:digits_cnn",
+                    "--input-shape", "1x8x8", "-o", tmp_path / "d.safetensors", "--json")  # fmt: skip
+        assert keys == set(json.loads(model.stdout)["end_to_end"]), model.output
 
 
 def test_readme_commands_are_the_ci_commands():

@@ -378,6 +378,8 @@ CASES = [
         for kind, make in [
             ("safetensors", lambda tmp: _fifo(tmp, "a.safetensors")),
             ("pt", lambda tmp: _fifo(tmp, "a.pt")),
+            ("keras", lambda tmp: _fifo(tmp, "a.keras")),  # the Keras reader opens a file to tell it apart
+            ("onnx", lambda tmp: _fifo(tmp, "a.onnx")),
             ("shard", _fifo_shard),
             ("index", lambda tmp: _index(tmp, link=_fifo(tmp, "fifo"))),
         ]

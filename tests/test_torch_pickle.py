@@ -137,3 +137,39 @@ def test_missing_and_directory_paths(tmp_path):
         open_source(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="is a directory"):
         open_source(tmp_path)
+
+
+EMA = OrderedDict(w=torch.full((2, 3), 7.0), b=torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "wrapped, taken, passed_over",
+    [
+        ({"model": SD, "model_ema": EMA}, "['model']", "'model_ema'"),
+        ({"model_ema": EMA, "model": SD}, "['model']", "'model_ema'"),  # the order in the file does not matter
+        ({"state_dict": SD, "state_dict_ema": EMA}, "['state_dict']", "'state_dict_ema'"),
+    ],
+)
+def test_training_weights_are_taken_before_ema_copies_and_both_are_reported(save_pt, wrapped, taken, passed_over):
+    source = open_source(save_pt(wrapped))
+    assert torch.equal(source.tensors["w"], SD["w"])
+    assert source.notes[0] == f"state dict found under checkpoint{taken}"
+    assert any(f"also holds {passed_over}, not converted" in note for note in source.notes), source.notes
+
+
+def test_an_ema_copy_alone_is_taken_and_a_named_key_chooses(save_pt):
+    assert torch.equal(open_source(save_pt({"model_ema": EMA, "epoch": 3})).tensors["w"], EMA["w"])
+    both = save_pt({"model": SD, "model_ema": EMA}, "both.pt")
+    assert torch.equal(open_source(both, state_dict_key="model_ema").tensors["w"], EMA["w"])
+    nested = save_pt({"checkpoint": {"state_dict": SD, "state_dict_ema": EMA}}, "nested.pt")
+    assert torch.equal(open_source(nested, state_dict_key="checkpoint.state_dict_ema").tensors["w"], EMA["w"])
+    with pytest.raises(
+        CheckpointError, match=r"has no state-dict key 'modle' \(checkpoint holds 'model', 'model_ema'\)"
+    ):
+        open_source(both, state_dict_key="modle")
+
+
+def test_nested_wrapper_prefixes_are_all_stripped(save_pt):
+    source = open_source(save_pt({f"_orig_mod.module.{k}": v for k, v in SD.items()}))
+    assert list(source.tensors) == ["w", "b"]
+    assert "stripped the '_orig_mod.module.' prefix shared by every key" in source.notes

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fc2conv.formats import hf_shards, safetensors, torch_pickle
-from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source
+from fc2conv.formats import hf_shards, keras, onnx, safetensors, torch_pickle
+from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source, check_readable
 from fc2conv.formats.hf_config import add_layout_hints
+from fc2conv.types import ShapeSpec
 
 __all__ = [
     "READERS",
@@ -30,16 +31,31 @@ __all__ = [
 READERS: tuple[Reader, ...] = (
     hf_shards.READER,  # an index file or a folder of shards
     safetensors.READER,  # *.safetensors
+    keras.READER,  # .keras, .h5, .hdf5: Keras models (config and weights read as data, with h5py)
+    onnx.READER,  # .onnx graphs (their heads are rewritten in the graph: fc2conv.jobs.onnx)
     torch_pickle.READER,  # everything else: .pt, .pth, .bin, .ckpt, ...
 )
 
 
 def reader_for(path: str | os.PathLike[str]) -> Reader:
-    """The reader for ``path``: the first in :data:`READERS` that claims it."""
+    """The reader for ``path``: the first in :data:`READERS` that claims it.
+
+    Raises:
+        CheckpointError: ``path`` is neither a folder (of shards) nor a readable regular file: a FIFO
+            would block a reader that opens it to look (before any reader is asked), a device never ends.
+    """
+    if not Path(path).is_dir():
+        check_readable(Path(path))
     return next(reader for reader in READERS if reader.claims(Path(path)))
 
 
-def read_listing(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Listing:
+def read_listing(
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    input_shape: ShapeSpec | None = None,
+    state_dict_key: str | None = None,
+) -> Listing:
     """Names, shapes and dtypes of a checkpoint's tensors, its metadata and loading notes.
 
     For safetensors (single or sharded) only the headers are read, and torch is not imported.
@@ -47,15 +63,23 @@ def read_listing(path: str | os.PathLike[str], *, trust_pickle: bool = False) ->
     Raises:
         CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
     """
-    return add_layout_hints(reader_for(path).listing(Path(path), ReadOptions(trust_pickle=trust_pickle)))
+    options = ReadOptions(trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
+    return add_layout_hints(reader_for(path).listing(Path(path), options))
 
 
-def open_source(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Source:
+def open_source(
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    input_shape: ShapeSpec | None = None,
+    state_dict_key: str | None = None,
+) -> Source:
     """Open a checkpoint without running code from it (unless ``trust_pickle``); tensors are lazy.
 
     Raises:
         CheckpointError: the file is missing, unreadable, corrupt, or holds pickled code.
     """
-    source = reader_for(path).open(Path(path), ReadOptions(trust_pickle=trust_pickle))
+    options = ReadOptions(trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
+    source = reader_for(path).open(Path(path), options)
     add_layout_hints(source)
     return source

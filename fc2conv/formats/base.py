@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from fc2conv.errors import CheckpointError
-from fc2conv.types import TensorInfo, WeightLayout
+from fc2conv.types import HeadHint, ShapeSpec, TensorInfo, WeightLayout
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,8 @@ class ReadOptions:
     """
 
     trust_pickle: bool = False
+    state_dict_key: str | None = None  # where a training checkpoint keeps the weights to read ("model_ema")
+    input_shape: ShapeSpec | None = None  # a graph's input size (C x H x W), where an ONNX graph leaves it open
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class Listing:
     notes: list[str] = field(default_factory=list)
     module_order: bool = False  # infos come in module order (a PyTorch state dict), not sorted by name
     layout_hints: dict[str, WeightLayout] = field(default_factory=dict)  # FC layouts known from elsewhere
+    # The heads the file itself describes (a model's config: nothing to infer); None for weights alone.
+    heads: tuple[HeadHint, ...] | None = None
+    heads_refused: tuple[str, ...] = ()  # why the file's other heads cannot be converted with proof
+    native: Any = None  # the format's own reading of the file (a KerasFile, an OnnxFile), for its own outputs
 
 
 @dataclass

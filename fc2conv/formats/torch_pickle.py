@@ -19,23 +19,23 @@ from fc2conv.types import tensor_infos
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["READER", "SUFFIXES", "WRAPPER_KEYS", "WRAPPER_PREFIXES", "find_state_dict", "open_torch_checkpoint"]
+__all__ = [
+    "EMA_KEYS",
+    "READER",
+    "SUFFIXES",
+    "WRAPPER_KEYS",
+    "WRAPPER_PREFIXES",
+    "find_state_dict",
+    "open_torch_checkpoint",
+]
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-# Keys under which training scripts nest the state dict, most specific first.
-WRAPPER_KEYS = (
-    "state_dict",
-    "model_state_dict",
-    "state_dict_ema",
-    "model_ema",
-    "model",
-    "net",
-    "network",
-    "module",
-    "weights",
-    "params",
-)
+# Keys under which training scripts nest the state dict, most specific first. The training weights
+# are taken; an EMA copy (exponential moving average, timm's model_ema) only when it is the only one,
+# or when the caller names its key. Every key passed over is reported.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model")
 # Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -58,7 +58,7 @@ def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Sou
     obj = _torch_load(path, options is not None and options.trust_pickle)
     notes: list[str] = []
     module = obj if _is_module(obj) else None
-    state_dict = find_state_dict(obj, path, notes)
+    state_dict = find_state_dict(obj, path, notes, key=options.state_dict_key if options else None)
     _check_storage_sizes(state_dict, path)
     state_dict = _strip_wrapper_prefix(state_dict, notes)
     return Source(
@@ -195,25 +195,20 @@ def _globals_in(data: bytes) -> list[str]:
 # --- the state dict inside ------------------------------------------------------------------------
 
 
-def find_state_dict(obj: Any, path: str | Path, notes: list[str]) -> dict[str, torch.Tensor]:
+def find_state_dict(obj: Any, path: str | Path, notes: list[str], key: str | None = None) -> dict[str, torch.Tensor]:
     """The name -> tensor mapping inside a loaded checkpoint object.
 
-    Accepts a plain state dict, or one nested under a known key (:data:`WRAPPER_KEYS`, up to two
-    levels), or the only dict of tensors in the object. Non-tensor entries are dropped and reported.
+    Accepts a plain state dict, one nested under a known key (:data:`WRAPPER_KEYS`, then
+    :data:`EMA_KEYS`, up to three levels), or the only dict of tensors in the object; ``key`` names the
+    nesting instead (``"model_ema"``, or ``"checkpoint.state_dict"`` for two levels). The key taken and
+    those passed over are reported in ``notes``; non-tensor entries are dropped and reported.
 
     Raises:
-        CheckpointError: if no tensors are found.
+        CheckpointError: no tensors found, or ``key`` names nothing in the checkpoint.
     """
     import torch
 
-    where: list[str] = []
-    current = _module_state(obj, notes)
-    for _ in range(3):
-        key = _wrapper_key(current)
-        if key is None:
-            break
-        where.append(str(key))
-        current = _module_state(current[key], notes)
+    current, where = _walk(obj, path, key, notes) if key is not None else _descend(obj, notes)
     if not isinstance(current, Mapping):
         raise CheckpointError(f"{path}: holds a {type(current).__name__}, not a state dict of tensors")
     tensors = {str(k): v for k, v in current.items() if isinstance(v, torch.Tensor)}
@@ -221,12 +216,54 @@ def find_state_dict(obj: Any, path: str | Path, notes: list[str]) -> dict[str, t
         keys = ", ".join(map(str, list(current)[:8])) or "none"
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys})")
     if where:
-        notes.append(f"state dict found under checkpoint{''.join(f'[{k!r}]' for k in where)}")
+        notes.insert(0, f"state dict found under checkpoint{''.join(f'[{k!r}]' for k in where)}")
     dropped = [str(k) for k, v in current.items() if not isinstance(v, torch.Tensor)]
     if dropped:
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         notes.append(f"ignored {len(dropped)} non-tensor entries ({shown})")
     return tensors
+
+
+def _descend(obj: Any, notes: list[str]) -> tuple[Any, list[str]]:
+    """Follow wrapper keys down to the state dict, noting at each level the state dicts passed over."""
+    where: list[str] = []
+    current = _module_state(obj, notes)
+    for _ in range(3):
+        key = _wrapper_key(current)
+        if key is None:
+            break
+        others = [str(k) for k in (*WRAPPER_KEYS, *EMA_KEYS) if k != key and _is_state(current.get(k))]
+        if others:
+            notes.append(
+                f"checkpoint{''.join(f'[{k!r}]' for k in where)} also holds {', '.join(map(repr, others))}, "
+                f"not converted ({key!r} was taken: the training weights come before EMA copies); "
+                "a state-dict key chooses another"
+            )
+        where.append(str(key))
+        current = _module_state(current[key], notes)
+    return current, where
+
+
+def _walk(obj: Any, path: str | Path, key: str, notes: list[str]) -> tuple[Any, list[str]]:
+    """The object under a named key: the key itself, or dotted parts for nested dicts."""
+    current = _module_state(obj, notes)
+    if isinstance(current, Mapping) and key in current:
+        return _module_state(current[key], notes), [key]
+    where: list[str] = []
+    for part in key.split("."):
+        if not isinstance(current, Mapping) or part not in current:
+            available = ", ".join(map(repr, list(current)[:8])) if isinstance(current, Mapping) else "none"
+            level = "".join(f"[{k!r}]" for k in where)
+            raise CheckpointError(f"{path}: has no state-dict key {key!r} (checkpoint{level} holds {available})")
+        where.append(part)
+        current = _module_state(current[part], notes)
+    return current, where
+
+
+def _is_state(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, (Mapping, torch.nn.Module))
 
 
 def _wrapper_key(current: Any) -> Any:
@@ -235,7 +272,7 @@ def _wrapper_key(current: Any) -> Any:
 
     if not isinstance(current, Mapping) or (current and all(isinstance(v, torch.Tensor) for v in current.values())):
         return None
-    key = next((k for k in WRAPPER_KEYS if isinstance(current.get(k), (Mapping, torch.nn.Module))), None)
+    key = next((k for k in (*WRAPPER_KEYS, *EMA_KEYS) if _is_state(current.get(k))), None)
     if key is not None:
         return key
     nested = [k for k, v in current.items() if isinstance(v, Mapping) and _has_tensors(v)]
@@ -282,9 +319,18 @@ def _check_storage_sizes(state_dict: Mapping[str, torch.Tensor], path: Path) -> 
 
 
 def _strip_wrapper_prefix(state_dict: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
-    """Remove ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) when every key has it."""
-    for prefix in WRAPPER_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            notes.append(f"stripped the {prefix!r} prefix shared by every key")
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    """Remove ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) while every key has one.
+
+    Wrappers nest (a compiled DataParallel model has ``_orig_mod.module.``): prefixes are stripped
+    until no key-wide prefix is left, and reported together.
+    """
+    stripped = []
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        stripped.append(prefix)
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    if stripped:
+        notes.append(f"stripped the {''.join(stripped)!r} prefix shared by every key")
     return state_dict

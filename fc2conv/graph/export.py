@@ -15,7 +15,7 @@ from fc2conv.results import ModuleConversion
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["export_onnx", "export_program", "onnx_error", "program_error"]
+__all__ = ["export_onnx", "export_program", "onnx_error", "program_error", "require_onnx_exporter"]
 
 
 def _dynamic_shapes(record: ModuleConversion) -> tuple[dict[int, Any], ...]:
@@ -86,16 +86,21 @@ def export_onnx(converted: nn.Module, path: str | os.PathLike[str]) -> None:
     record = conversion_of(converted)
     shape = record.input_shape
     example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=param_dtype(converted))
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise DependencyError(f"exporting ONNX needs the onnx extra ({exc.name} is missing)") from exc
+    require_onnx_exporter()
     with _quiet_export():
         torch.onnx.export(
             converted.eval(), (example,), str(path), input_names=["image"], output_names=["scores"],
             dynamic_shapes=_dynamic_shapes(record), dynamo=True, verbose=False,
         )  # fmt: skip
+
+
+def require_onnx_exporter() -> None:
+    """Raise :class:`DependencyError` unless the ONNX exporter's packages import (the ``onnx`` extra)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise DependencyError(f"exporting ONNX needs the onnx extra ({exc.name} is missing)", extra="onnx") from exc
 
 
 def onnx_error(path: str | os.PathLike[str], converted: nn.Module, *, seed: int = 0) -> float | None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import fx, nn
 
-__all__ = ["CONVERSION_KEY", "conversion_of", "convert_module", "param_dtype"]
+__all__ = ["CONVERSION_KEY", "conversion_of", "convert_module", "param_dtype", "trace"]
 
 # The converted GraphModule carries the record of its conversion in its ``meta`` dict under this key
 # (GraphModule copies ``meta`` on deepcopy, unlike ad-hoc attributes).
@@ -86,30 +86,87 @@ def convert_module(
     return gm
 
 
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced by torch.fx, with every ``nn.Linear`` (subclasses too) and BatchNorm a leaf.
+
+    Subclasses of ``nn.Linear`` defined outside torch (timm's ``Linear``) would otherwise be traced
+    through to ``F.linear`` calls; as leaves they are converted like any Linear, and the end-to-end
+    check proves that right for each model.
+    """
+    from torch import fx, nn
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            return isinstance(m, (nn.Linear, nn.BatchNorm1d)) or super().is_leaf_module(m, module_qualified_name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # torch.fx raises TraceError and others for data-dependent code
+        raise PlanError(f"cannot trace {type(model).__name__} with torch.fx: {_first_line(exc)}") from exc
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
 def _trace_with_shapes(model: nn.Module, shape: InputShape) -> fx.GraphModule:
     """A traced copy of ``model`` whose nodes carry their output shapes at a batch of 2 ``shape`` inputs."""
     import copy
 
     import torch
-    from torch import fx
-    from torch.fx.passes.shape_prop import ShapeProp
 
-    try:
-        gm = fx.symbolic_trace(copy.deepcopy(model))
-    except Exception as exc:  # torch.fx raises TraceError and others for data-dependent code
-        raise PlanError(f"cannot trace {type(model).__name__} with torch.fx: {_first_line(exc)}") from exc
+    gm = trace(copy.deepcopy(model))
     example = torch.zeros(2, shape.channels, shape.height, shape.width, dtype=param_dtype(model))
     modes = {name: m.training for name, m in gm.named_modules()}
     gm.eval()  # shapes only: a training-mode forward would update BatchNorm statistics
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example)
-    except Exception as exc:
-        raise PlanError(f"{type(model).__name__} does not run on a {shape} input: {_first_line(exc)}") from exc
+            _record_shapes(gm, example)
+    except _NodeFailed as exc:
+        raise PlanError(
+            f"{type(model).__name__} does not run on a {shape} input (the network's input, not the map its head "
+            f"reads): at {exc.where}: {_first_line(exc)}"
+        ) from exc
     finally:
         for name, m in gm.named_modules():
             m.training = modes[name]
     return gm
+
+
+class _NodeFailed(Exception):
+    """A node of the traced model raised: ``where`` names its module (or function), not the fx node."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(where)
+        self.where = where
+
+
+def _record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Run ``gm`` once, recording each node's output shape; a failure names the module where it happened.
+
+    (torch's ShapeProp prints a traceback to stderr when a node fails; this stays quiet.)
+    """
+    from torch import Tensor, fx
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            try:
+                result = super().run_node(n)
+            except Exception as exc:
+                raise _NodeFailed(_where(gm, n)) from exc
+            if isinstance(result, Tensor):
+                n.meta[_SHAPE_KEY] = tuple(result.shape)
+            return result
+
+    Recorder(gm).run(example)
+
+
+_SHAPE_KEY = "fc2conv_shape"
+
+
+def _where(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    return f"{node.target}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,8 +185,8 @@ def param_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    shape = node.meta.get(_SHAPE_KEY)
+    return tuple(shape) if shape is not None else None
 
 
 def _known_shape(node: fx.Node) -> tuple[int, ...]:
@@ -415,10 +472,13 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm1d, name: str) -> None:
 
 
 def _squeeze_output(gm: fx.GraphModule) -> None:
-    """(N, K, 1, 1) -> (N, K) at the traced size; a larger map is returned as it is."""
+    """(N, K, 1, 1) -> (N, K) at the traced size, for each output (one, or a tuple/list/dict of heads)."""
+    from torch.fx.node import map_arg
+
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    result = output.args[0]
-    with gm.graph.inserting_before(output):
-        squeezed = gm.graph.call_method("squeeze", (result, -1))
-        squeezed = gm.graph.call_method("squeeze", (squeezed, -1))
-    output.args = (squeezed,)
+
+    def squeeze(node: fx.Node) -> fx.Node:
+        with gm.graph.inserting_before(output):
+            return gm.graph.call_method("squeeze", (gm.graph.call_method("squeeze", (node, -1)), -1))
+
+    output.args = (map_arg(output.args[0], squeeze),)

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
 from fc2conv.check import check_changes
-from fc2conv.convert import converted_info, converted_tensor
+from fc2conv.convert import converted_info, converted_tensor, fc_weight
 from fc2conv.errors import PlanError
+from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence
 from fc2conv.formats import Listing, Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
@@ -20,7 +21,7 @@ from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
 from fc2conv.publish import FolderOutput, atomic_folder, atomic_output, file_path, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
-from fc2conv.results import ConvertResult, LayerCheck
+from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def convert_file(
     output_path: str | os.PathLike[str] | None = None,
     *,
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     pointwise: bool = False,
     weight_layout: LayoutChoice = "auto",
@@ -60,6 +61,7 @@ def convert_file(
     overwrite: bool = False,
     strict: bool = False,
     trust_pickle: bool = False,
+    state_dict_key: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint to safetensors whose FC layers are convolution kernels.
@@ -81,16 +83,18 @@ def convert_file(
         overwrite: Replace existing output files.
         strict: Fail layers with non-finite (NaN/Inf) weights too.
         trust_pickle: Unpickle arbitrary objects (runs the file's code: only for files you trust).
+        state_dict_key: Where a training checkpoint keeps the weights (``"model_ema"``, ``"a.b"``).
         progress: Called after each tensor is written.
 
     Raises:
         CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted
             (an fc2conv conversion already is one), or the output cannot be written.
     """
+    source = open_source(input_path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
     return convert_source(
-        open_source(input_path, trust_pickle=trust_pickle), output_path, input_shape=input_shape,
-        flatten_order=flatten_order, layers=layers, pointwise=pointwise, weight_layout=weight_layout,
-        trust_shape=trust_shape, overwrite=overwrite, strict=strict, progress=progress,
+        source, output_path, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
+        pointwise=pointwise, weight_layout=weight_layout, trust_shape=trust_shape, overwrite=overwrite,
+        strict=strict, progress=progress,
     )  # fmt: skip
 
 
@@ -99,7 +103,7 @@ def convert_source(
     output_path: str | os.PathLike[str] | None = None,
     *,
     input_shape: ShapeLike | None = None,
-    flatten_order: FlattenOrder = "chw",
+    flatten_order: FlattenOrder | None = None,
     layers: str | None = None,
     pointwise: bool = False,
     weight_layout: LayoutChoice = "auto",
@@ -107,11 +111,25 @@ def convert_source(
     overwrite: bool = False,
     strict: bool = False,
     progress: ProgressCallback | None = None,
+    keras_out: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
-    """:func:`convert_file` on a checkpoint already opened (see :func:`fc2conv.formats.open_source`)."""
+    """:func:`convert_file` on a checkpoint already opened (see :func:`fc2conv.formats.open_source`).
+
+    ``keras_out`` (a Keras model as input only) also writes the fully convolutional Keras model there,
+    after the converted weights are published, proven in Keras before it is renamed into place.
+    """
     started = time.perf_counter()
     _refuse_conversions(source)
+    if keras_out is not None:
+        require_keras_model(source)
     plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
+    evidence = weigh_evidence(plan, source.tensors, geometry_given=input_shape is not None)
+    if strict and evidence is not None and evidence.warnings:  # the evidence fails the conversion: write nothing
+        return ConvertResult(
+            input=source.path, output=Path(output_path or default_output(source.path)), plan=plan, checks=(),
+            load_notes=tuple(source.notes), output_bytes=0, written=False, seconds=time.perf_counter() - started,
+            evidence=evidence, strict=True,
+        )  # fmt: skip
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
     writer = _Writer(source, plan, metadata, strict, progress)
@@ -121,6 +139,7 @@ def convert_source(
     else:
         output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
         written = writer.write_shards(output, overwrite=overwrite)
+    exports = [_keras_export(source, plan, keras_out, overwrite)] if keras_out is not None and written else []
     return ConvertResult(
         input=source.path,
         output=output,
@@ -131,13 +150,62 @@ def convert_source(
         written=written,
         seconds=time.perf_counter() - started,
         shards=len(source.shards.files) if source.shards else 0,
+        exports=tuple(exports),
+        evidence=evidence,
+        strict=strict,
     )
+
+
+# Where an order is stated by the file (a model's config, a graph), the weights' evidence is not weighed.
+_ORDER_STATED = ("from the model's config", "from the graph")
+
+
+def weigh_evidence(plan: Plan, tensors: Mapping[str, torch.Tensor], *, geometry_given: bool) -> Evidence | None:
+    """What the first head's weights say of the flatten order in use (and of the map, if it was inferred).
+
+    Only for a chain whose order nothing states, and whose map has several channels and positions
+    (otherwise both orders are one). The figures come from a seeded sample of rows: see
+    :mod:`fc2conv.evidence`.
+    """
+    if plan.mode != "chain" or plan.flatten_order_origin in _ORDER_STATED:
+        return None
+    first = next((c for c in plan.layers if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
+    if first is None:
+        return None
+    weight = fc_weight(first, tensors[first.weight])
+    geometry = None if geometry_given else geometry_evidence(weight, map_factorisations(first.old_shape[1]))
+    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map), geometry)
+
+
+def require_keras_model(source: Source) -> None:
+    """A Keras export needs a Keras model as input, and keras installed: checked before any work."""
+    from fc2conv.formats.keras import KerasFile
+    from fc2conv.keras_export import require_keras
+
+    if not isinstance(source.native, KerasFile):
+        raise PlanError(f"{source.path}: a Keras export needs a Keras model (.keras or .h5) as input")
+    require_keras()
+
+
+def _keras_export(source: Source, plan: Plan, target: str | os.PathLike[str], overwrite: bool) -> Export:
+    """Write the fully convolutional Keras model from the converted tensors; its error measured in Keras."""
+    from fc2conv.keras_export import export_keras
+
+    converted = {
+        name: converted_tensor(plan, name, source.tensors[name])
+        for change in plan.layers
+        for name in (change.weight, change.bias)
+        if name is not None
+    }
+    result = export_keras(source.native, converted, target, overwrite=overwrite)
+    bound = result.tolerance.atol + result.tolerance.rtol * result.reference_scale
+    return Export("keras", Path(target), result.max_abs_error, tolerance=bound, written=result.written)
 
 
 def plan_for(
     listing: Listing,
     input_shape: ShapeLike | None,
-    flatten_order: FlattenOrder,
+    flatten_order: FlattenOrder | None,
     layers: str | None,
     pointwise: bool,
     weight_layout: LayoutChoice,
@@ -146,9 +214,12 @@ def plan_for(
     """The plan for a checkpoint's listing, with what its reader knows (module order, layout hints)."""
     if pointwise:
         return plan_pointwise(listing.infos, layers, weight_layout=weight_layout, layout_hints=listing.layout_hints)
+    if listing.heads is not None and not listing.heads and listing.heads_refused:
+        raise PlanError(listing.heads_refused[0])  # the model has heads, none of them provable: say why
     return plan_conversion(
         listing.infos, input_shape, flatten_order, layers, weight_layout=weight_layout,
         layout_hints=listing.layout_hints, in_module_order=listing.module_order, trust_shape=trust_shape,
+        heads=listing.heads,
     )  # fmt: skip
 
 

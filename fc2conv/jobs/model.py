@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fc2conv._version import __version__
+from fc2conv.check import tolerance_for
 from fc2conv.errors import ModelError, ShapeError
 from fc2conv.formats import Source
 from fc2conv.graph import check_module, conversion_of, convert_module, export_onnx, export_program
-from fc2conv.graph.export import onnx_error, program_error
+from fc2conv.graph.export import onnx_error, program_error, require_onnx_exporter
+from fc2conv.graph.rewrite import param_dtype
 from fc2conv.jobs.convert import default_output, shared_storage_notes, write_checked
 from fc2conv.jobs.verify import verify_sources
 from fc2conv.plan import Plan
@@ -23,7 +25,7 @@ from fc2conv.publish import atomic_output, file_path
 from fc2conv.record import METADATA_PREFIX, plan_to_metadata
 from fc2conv.results import ConvertResult, Export, LayerCheck, ModuleConversion, VerifyResult
 from fc2conv.shapes import as_spec
-from fc2conv.types import ShapeLike, ShapeSpec, tensor_infos
+from fc2conv.types import ShapeLike, ShapeSpec, dtype_name, tensor_infos
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +85,11 @@ def build_model(spec: str | nn.Module | None, source: Source) -> nn.Module:
 
 
 def load_weights_strictly(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
-    """``model.load_state_dict(..., strict=True)``, with an error that lists what does not fit."""
+    """``model.load_state_dict(..., strict=True, assign=True)``, with an error that lists what does not fit.
+
+    ``assign`` keeps the checkpoint's tensors, dtypes included: an fp16 checkpoint gives an fp16
+    model, and its conversion is written in fp16.
+    """
     tensors = dict(tensors)
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
@@ -100,7 +106,7 @@ def load_weights_strictly(model: nn.Module, tensors: Mapping[str, torch.Tensor],
             if items
         ]
         raise ModelError(f"{path}: the weights do not fit the model ({'; '.join(parts)})")
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
 
 
 def _network_shape(input_shape: ShapeLike | None) -> ShapeSpec:
@@ -132,6 +138,8 @@ def convert_model_source(
     """
     started = time.perf_counter()
     spec = _network_shape(input_shape)
+    if onnx is not None:
+        require_onnx_exporter()  # before any work: a missing extra must not cost the other outputs
     original = build_model(model, source)
     converted = convert_module(original, spec, fold_batchnorm=fold_batchnorm)
     record = conversion_of(converted)
@@ -193,20 +201,26 @@ def verify_model_sources(
     *,
     model: str | nn.Module | None,
     input_shape: ShapeLike | None,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> VerifyResult:
     """``verify`` with a model: the usual per-layer and bit-for-bit checks, plus the converted weights
-    loaded into the converted model and compared with the original end to end and densely."""
+    loaded into the converted model and compared with the original end to end and densely.
+
+    ``atol`` and ``rtol`` override the tolerances of the per-layer checks and of the end-to-end one.
+    """
     spec = _network_shape(input_shape)
     reference = build_model(model, original)
     folded = f"{METADATA_PREFIX}folded" in converted.metadata
     structure = convert_module(reference, spec, fold_batchnorm=folded)
     record = conversion_of(structure)
     load_weights_strictly(structure, converted.tensors, converted.path)
-    end_to_end = check_module(reference, structure)
+    tolerance = tolerance_for(dtype_name(param_dtype(reference)), atol, rtol)
+    end_to_end = check_module(reference, structure, tolerance=tolerance)
     if not isinstance(model, str) or folded:
         # No state dict to compare tensor by tensor (a pickled module), or folded kernels that are no
         # plain rearrangement of the FC weights: the end-to-end and dense check is the proof.
         why = "CONVERTED has BatchNorm folded into its convs" if folded else "ORIGINAL is a pickled module"
         return VerifyResult(original.path, converted.path, record.feature_shape, "chw", (), 0, (),
                             (f"checked end to end only: {why}",), end_to_end)  # fmt: skip
-    return replace(verify_sources(original, converted), end_to_end=end_to_end)
+    return replace(verify_sources(original, converted, atol=atol, rtol=rtol), end_to_end=end_to_end)

@@ -10,18 +10,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fc2conv.check import check_changes, tensors_identical
+from fc2conv.convert import fc_weight
 from fc2conv.errors import ShapeError
+from fc2conv.evidence import order_evidence
 from fc2conv.formats import Source, open_source
 from fc2conv.plan import LayerChange
 from fc2conv.record import changes_from_metadata
-from fc2conv.results import TensorMismatch, VerifyResult
+from fc2conv.results import Evidence, TensorMismatch, VerifyResult
 from fc2conv.shapes import as_spec, resolve_shape
 from fc2conv.types import FlattenOrder, InputShape, ShapeLike, TensorInfo, dtype_name
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["verify_files", "verify_sources"]
+__all__ = ["difference", "verify_files", "verify_sources"]
 
 
 def verify_files(
@@ -84,10 +86,11 @@ def verify_sources(
         present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True, strict=strict
     )
     others = sorted((original_names & converted_names) - {c.weight for c in changes})
-    different = [TensorMismatch(n, _difference(original.tensors[n], converted.tensors[n])) for n in others
+    different = [TensorMismatch(n, difference(original.tensors[n], converted.tensors[n])) for n in others
                  if not tensors_identical(original.tensors[n], converted.tensors[n])]  # fmt: skip
     if not changes:
         notes.append("no converted layer found: nothing is 2-D in the original and 4-D in the converted file")
+    evidence = _recorded_evidence(changes, original, converted)
     return VerifyResult(
         original=original.path,
         converted=converted.path,
@@ -97,7 +100,18 @@ def verify_sources(
         identical=len(others) - len(different),
         mismatches=(*mismatches, *different),
         notes=tuple(notes),
+        evidence=evidence,
+        strict=strict,
     )
+
+
+def _recorded_evidence(changes: Sequence[LayerChange], original: Source, converted: Source) -> Evidence | None:
+    """What the original weights say of the order the conversion used (unless a model file stated it)."""
+    first = next((c for c in changes if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
+    if first is None or first.weight not in original.tensors or original.heads is not None:
+        return None
+    weight = fc_weight(first, original.tensors[first.weight])
+    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map))
 
 
 def _converted_layers(
@@ -157,7 +171,8 @@ def _changes_from_shapes(
     return changes
 
 
-def _difference(a: torch.Tensor, b: torch.Tensor) -> str:
+def difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two tensors that should be identical differ: dtype, shape, or values (with the largest gap)."""
     if a.dtype != b.dtype:
         return f"dtype changed: {dtype_name(a.dtype)} -> {dtype_name(b.dtype)}"
     if a.shape != b.shape:
