@@ -1,36 +1,49 @@
-"""Time and memory of `fc2conv convert` on a VGG16-layout checkpoint, beside the baselines it must match.
+"""Time and memory of `fc2conv convert` and `verify`, side by side with copying the same bytes (the floor).
 
-    python benchmarks/bench_convert.py                 # fp32 VGG16 layout (~553 MB), plus a half-size one
-    python benchmarks/bench_convert.py --sizes 1.0     # only the full size
-    python benchmarks/bench_convert.py --repeat 3      # best of 3 runs per command
+    python benchmarks/bench_convert.py                  # VGG16 layout (528 MB fp32 .pt) + a half-size one,
+                                                        # and the LLM-like sharded checkpoint (1.3 GB bf16)
+    python benchmarks/bench_convert.py --repeat 5       # rounds per command (interleaved); best and spread
+    python benchmarks/bench_convert.py --only vgg       # or: llm
 
-Side by side, in one run, on the same file and the same page cache:
-  * fc2conv:     `fc2conv convert vgg.pt --input-shape 512x7x7 -o out.safetensors --force --json`
-                 (numeric check of every converted layer included)
-  * hand script: torch.load(mmap=True, weights_only=True), reshape, safetensors.torch.save_file
-                 (no check at all), and the same followed by an fsync of the file (fc2conv fsyncs
-                 before it publishes, so that is the like-for-like cost)
-  * cp:          copying the file
-Each command runs in its own process; wall time is measured around it, peak memory is read from
-/proc/<pid>/status (VmHWM, and the peak of RssAnon sampled every 5 ms). It prints a table of figures
-and the ratios against the baselines, then the start-up figures (`fc2conv --help`, `inspect` of a
-2 MB and a 2 GB safetensors file, which must not import torch) and the time of the numeric check of
-one 4096 x 25088 layer.
+Every command runs in its own process, after a `sync` (so that none pays for another's write-back),
+on the same files in the page cache, writing a new output (the previous one is deleted first). The
+rounds are interleaved (each round runs every command once), so that a busy machine slows all of them
+alike. Commands:
+
+  VGG16 layout (13 convs, classifier 25088 -> 4096 -> 4096 -> 1000; fc6 alone is 411 MB in fp32):
+  * cp + fsync (the floor): `cp vgg.pt copy.pt && sync copy.pt`
+  * fc2conv convert: `fc2conv convert vgg.pt --input-shape 512x7x7 -o out.safetensors --json`
+    (every byte of the written file compared with the input, numeric check of every layer)
+  * hand script + fsync: torch.load(mmap=True, weights_only=True), reshape, safetensors.torch.save_file,
+    fsync (no check at all)
+  * fc2conv verify: `fc2conv verify vgg.pt out.safetensors --json` (every byte compared, numeric checks)
+  * hand verify: torch.load(mmap=True) + safe_open + torch.equal on every tensor (no numeric check)
+  LLM-like sharded checkpoint (a 12-layer Llama layout, hidden 2048, bf16, 3 shards and an index):
+  * cp -r + sync (the floor): `cp -r in out && sync`
+  * fc2conv convert --pointwise --layers proj (84 projections become 1x1 kernels)
+
+Wall time is measured around each process; peak memory is read from /proc/<pid>/status (VmHWM, and
+the peak of RssAnon sampled every 5 ms: anonymous memory, not the mapped files). A last in-process
+run splits fc2conv's time into import (torch, on its background thread), read, write, fsync and
+check. Then the start-up figures: `fc2conv --help`, `inspect` of a 2 MB and a 2 GB safetensors file
+and of the VGG .pt, none of which may import torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HAND_SCRIPT = r"""
-import sys, torch
+HAND_CONVERT = r"""
+import os, sys, torch
 from safetensors.torch import save_file
 src, dst = sys.argv[1], sys.argv[2]
 sd = torch.load(src, mmap=True, weights_only=True, map_location="cpu")
@@ -38,29 +51,23 @@ sd["classifier.0.weight"] = sd["classifier.0.weight"].reshape(-1, 512, 7, 7)
 sd["classifier.3.weight"] = sd["classifier.3.weight"][:, :, None, None]
 sd["classifier.6.weight"] = sd["classifier.6.weight"][:, :, None, None]
 save_file({k: v.contiguous() for k, v in sd.items()}, dst)
-if "--fsync" in sys.argv:  # the same durability as fc2conv, which fsyncs before it renames
-    import os
-    fd = os.open(dst, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+fd = os.open(dst, os.O_RDONLY)  # the same durability as fc2conv, which fsyncs before it renames
+os.fsync(fd)
+os.close(fd)
 """
 
-VGG16_CONVS = [
-    (3, 64),
-    (64, 64),
-    (64, 128),
-    (128, 128),
-    (128, 256),
-    (256, 256),
-    (256, 256),
-    (256, 512),
-    (512, 512),
-    (512, 512),
-    (512, 512),
-    (512, 512),
-    (512, 512),
-]
+HAND_VERIFY = r"""
+import sys, torch
+from safetensors import safe_open
+original = torch.load(sys.argv[1], mmap=True, weights_only=True, map_location="cpu")
+with safe_open(sys.argv[2], framework="pt") as converted:
+    for name, tensor in original.items():
+        other = converted.get_tensor(name)
+        assert torch.equal(tensor, other.reshape(tensor.shape)), name
+"""
 
+VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512)]
+VGG16_CONVS += [(512, 512)] * 5
 VGG16_CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's features.N
 
 
@@ -84,12 +91,49 @@ def build_vgg16_layout(path: Path, scale: float = 1.0) -> int:
     return path.stat().st_size
 
 
-def measure(command: list[str]) -> dict[str, float]:
-    """Wall seconds, peak RSS (VmHWM) and peak anonymous RSS (sampled) of one command, in MB.
+def build_llm_layout(folder: Path, layers: int = 12, hidden: int = 2048, inter: int = 5632, shards: int = 3) -> int:
+    """A Llama-layout bf16 checkpoint in ``shards`` safetensors files plus an index; returns its bytes."""
+    import torch
+    from safetensors.torch import save_file
 
-    Dirty pages left by the previous command are flushed first (``sync``), so that no command pays
-    for another's write-back.
-    """
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def weight(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": weight(32000, hidden), "model.norm.weight": weight(hidden)}
+    for i in range(layers):
+        block = f"model.layers.{i}."
+        for name in ("q", "k", "v", "o"):
+            tensors[f"{block}self_attn.{name}_proj.weight"] = weight(hidden, hidden)
+        tensors[f"{block}mlp.gate_proj.weight"] = weight(inter, hidden)
+        tensors[f"{block}mlp.up_proj.weight"] = weight(inter, hidden)
+        tensors[f"{block}mlp.down_proj.weight"] = weight(hidden, inter)
+        tensors[f"{block}input_layernorm.weight"] = weight(hidden)
+        tensors[f"{block}post_attention_layernorm.weight"] = weight(hidden)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        if size >= total / shards * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(name)
+        size += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for k, names in enumerate(groups, start=1):
+        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(folder / file), {"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def measure(command: list[str], remove: Path | None = None) -> dict[str, float]:
+    """Wall seconds, peak RSS (VmHWM) and peak anonymous RSS (sampled) of one command, in MB."""
+    if remove is not None:
+        shutil.rmtree(remove) if remove.is_dir() else remove.unlink(missing_ok=True)
     os.sync()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -112,133 +156,216 @@ def measure(command: list[str]) -> dict[str, float]:
     return {"wall": wall, "anon_mb": peak_anon / 1024, "hwm_mb": peak_hwm / 1024}
 
 
-def best(command: list[str], repeat: int) -> dict[str, float]:
-    runs = [measure(command) for _ in range(repeat)]
-    return min(runs, key=lambda r: r["wall"])
+def rounds(commands: dict[str, tuple[list[str], Path | None]], repeat: int) -> dict[str, list[dict[str, float]]]:
+    """Each command ``repeat`` times, interleaved (one warm-up round first, not counted)."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
+    for round_index in range(repeat + 1):
+        for name, (command, remove) in commands.items():
+            result = measure(command, remove)
+            if round_index:
+                runs[name].append(result)
+    return runs
+
+
+def summary(runs: list[dict[str, float]]) -> dict[str, float]:
+    walls = sorted(r["wall"] for r in runs)
+    return {
+        "best": walls[0], "median": statistics.median(walls), "worst": walls[-1],
+        "anon_mb": max(r["anon_mb"] for r in runs), "hwm_mb": max(r["hwm_mb"] for r in runs),
+    }  # fmt: skip
+
+
+def vgg_commands(fc2conv: str, work: Path, source: Path) -> dict[str, tuple[list[str], Path | None]]:
+    out, copy, hand = work / "out.safetensors", work / "copy.pt", work / "hand.safetensors"
+    return {
+        "cp + fsync": (["sh", "-c", f"cp '{source}' '{copy}' && sync '{copy}'"], copy),
+        "fc2conv convert": (
+            [fc2conv, "convert", str(source), "--input-shape", "512x7x7", "-o", str(out), "--json"],
+            out,
+        ),
+        "hand script + fsync": ([sys.executable, str(work / "hand_convert.py"), str(source), str(hand)], hand),
+        "fc2conv verify": ([fc2conv, "verify", str(source), str(out), "--json"], None),
+        "hand verify": ([sys.executable, str(work / "hand_verify.py"), str(source), str(out)], None),
+    }
+
+
+def llm_commands(fc2conv: str, work: Path, source: Path) -> dict[str, tuple[list[str], Path | None]]:
+    out, copy = work / "llm.conv", work / "llm.copy"
+    convert = [fc2conv, "convert", str(source), "--pointwise", "--layers", "proj", "-o", str(out), "--json"]
+    return {
+        "cp -r + sync": (["sh", "-c", f"cp -r '{source}' '{copy}' && sync"], copy),
+        "fc2conv convert --pointwise": (convert, out),
+    }
+
+
+def print_table(title: str, size: int, floor_name: str, results: dict[str, dict[str, float]]) -> None:
+    floor = results[floor_name]["best"]
+    print(f"\n{title} ({size / 1e6:.0f} MB); best / median / worst of the rounds, floor = {floor_name}")
+    print(f"  {'command':<30} {'best s':>7} {'median':>7} {'worst':>7} {'floor s':>8} {'x floor':>8} "
+          f"{'VmHWM MB':>9} {'anon MB':>8}")  # fmt: skip
+    for name, r in results.items():
+        print(
+            f"  {name:<30} {r['best']:7.2f} {r['median']:7.2f} {r['worst']:7.2f} {floor:8.2f} "
+            f"{r['best'] / floor:8.2f} {r['hwm_mb']:9.0f} {r['anon_mb']:8.0f}"
+        )
+
+
+def split(work: Path, argv: list[str]) -> dict[str, float]:
+    """fc2conv's time, in process: import (torch, background), read, write, fsync, check."""
+    probe = work / "split.py"
+    probe.write_text(_SPLIT_PROBE)
+    os.sync()
+    done = subprocess.run([sys.executable, str(probe), *argv], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_SPLIT_PROBE = r"""
+import json, sys, time
+started = time.perf_counter()
+spent = {"import torch (background)": 0.0, "read": 0.0, "write": 0.0, "fsync": 0.0, "check: bytes": 0.0,
+         "check: numeric": 0.0, "wait for torch": 0.0}
+import threading
+def timed(module, name, key, main_thread_only=False):
+    real = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if not main_thread_only or threading.current_thread() is threading.main_thread():
+                spent[key] += time.perf_counter() - begin
+    setattr(module, name, wrapper)
+import fc2conv.preload as preload, fc2conv.check as check
+timed(preload, "_import_torch", "import torch (background)")
+timed(preload, "wait_for_torch", "wait for torch", main_thread_only=True)  # not the evidence's thread
+check.wait_for_torch = preload.wait_for_torch  # imported by name there
+
+import fc2conv.jobs.convert as convert, fc2conv.jobs.verify as verify
+for module in (convert, verify):
+    timed(module, "open_source", "read")
+    timed(module, "compare_spans", "check: bytes")
+    timed(module, "check_changes", "check: numeric")
+timed(convert, "write_safetensors", "write")
+timed(convert, "fsync_file", "fsync")
+command, args = sys.argv[1], sys.argv[2:]
+if command == "convert":
+    result = convert.convert_file(args[0], args[1], input_shape=args[2] if args[2] != "-" else None,
+                                  pointwise=args[2] == "-", layers="proj" if args[2] == "-" else None,
+                                  overwrite=True)
+else:
+    result = verify.verify_files(args[0], args[1])
+assert result.ok
+spent["check: numeric"] -= spent["wait for torch"]  # the numeric check starts by waiting for torch
+spent["total (in process, after Python's start)"] = time.perf_counter() - started
+print(json.dumps(spent))
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sizes", type=float, nargs="+", default=[0.5, 1.0], help="classifier width scales (1.0 = VGG16's 4096)"
-    )
-    parser.add_argument("--repeat", type=int, default=2, help="runs per command; the fastest is shown")
+    parser.add_argument("--repeat", type=int, default=5, help="counted rounds per command (interleaved)")
+    parser.add_argument("--only", choices=["vgg", "llm"], default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the files (default: a temp dir)")
     args = parser.parse_args(argv)
 
     fc2conv = shutil.which("fc2conv") or sys.exit("fc2conv is not installed (pip install -e .)")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fc2conv-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    hand = workdir / "hand_script.py"
-    hand.write_text(HAND_SCRIPT)
-    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; best of {args.repeat} runs")
-    rows = []
-    for scale in args.sizes:
-        source = workdir / f"vgg16_x{scale:g}.pt"
-        size = build_vgg16_layout(source, scale)
-        out = workdir / "out.safetensors"
-        commands = {
-            "fc2conv convert": [
-                fc2conv,
-                "convert",
-                str(source),
-                "--input-shape",
-                "512x7x7",
-                "-o",
-                str(out),
-                "--force",
-                "--json",
-            ],
-            "hand script": [sys.executable, str(hand), str(source), str(workdir / "hand.safetensors")],
-            "hand + fsync": [sys.executable, str(hand), str(source), str(workdir / "hand.safetensors"), "--fsync"],
-            "cp": ["cp", str(source), str(workdir / "copy.pt")],
-        }
-        for command in commands.values():  # warm the page cache once for everyone
-            measure(command)
-        results = {name: best(command, args.repeat) for name, command in commands.items()}
-        rows.append((scale, size, results))
-        for extra in (out, workdir / "hand.safetensors", workdir / "copy.pt"):
-            extra.unlink(missing_ok=True)
-        source.unlink()
-
-    startup = _startup_figures(workdir, fc2conv)
-    check_seconds = _check_figure(workdir)
-
-    print(f"{'checkpoint':>12} {'command':<16} {'wall s':>8} {'peak RSS MB':>12} {'peak anon MB':>13}")
-    for _scale, size, results in rows:
-        for name, r in results.items():
-            print(f"{size / 2**20:>9.0f} MB {name:<16} {r['wall']:>8.2f} {r['hwm_mb']:>12.0f} {r['anon_mb']:>13.0f}")
-    print()
-    for _scale, size, results in rows:
-        f, h, c = results["fc2conv convert"], results["hand script"], results["cp"]
-        hs = results["hand + fsync"]
-        print(
-            f"{size / 2**20:.0f} MB: fc2conv/hand-script wall = {f['wall'] / h['wall']:.2f}x (target <= 1.0; "
-            f"{f['wall'] / hs['wall']:.2f}x against the hand script with fsync), "
-            f"fc2conv/cp wall = {f['wall'] / c['wall']:.2f}x (target <= 2), "
-            f"anon memory fc2conv - hand = {f['anon_mb'] - h['anon_mb']:+.0f} MB (target <= +100)"
-        )
-    print()
-    for label, seconds in startup.items():
-        print(f"{label:<46} {seconds:6.3f} s (target < 0.3 s, no torch import)")
-    print(f"{'numeric check of one 4096 x 25088 fp32 layer':<46} {check_seconds:6.3f} s (target < 1 s)")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fc2conv-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "hand_convert.py").write_text(HAND_CONVERT)
+    (work / "hand_verify.py").write_text(HAND_VERIFY)
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {sys.version.split()[0]}")
+    if args.only in (None, "vgg"):
+        _bench_vgg(fc2conv, work, args.repeat)
+    if args.only in (None, "llm"):
+        _bench_llm(fc2conv, work, args.repeat)
+    _startup(work, fc2conv)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
-def _startup_figures(workdir: Path, fc2conv: str) -> dict[str, float]:
-    """`fc2conv --help`, and `inspect` on a 2 MB and a 2 GB safetensors file (sparse: header + holes)."""
-    import json
+def _bench_vgg(fc2conv: str, work: Path, repeat: int) -> None:
+    for scale in (1.0, 0.5):
+        source = work / f"vgg16_x{scale:g}.pt"
+        size = source.stat().st_size if source.exists() else build_vgg16_layout(source, scale)
+        commands = vgg_commands(fc2conv, work, source)
+        if scale != 1.0:  # the half size: only for memory, flat in model size
+            commands = {
+                k: v for k, v in commands.items() if k in ("cp + fsync", "fc2conv convert", "hand script + fsync")
+            }
+        results = {name: summary(runs) for name, runs in rounds(commands, repeat if scale == 1.0 else 1).items()}
+        print_table(f"VGG16 layout x{scale:g}", size, "cp + fsync", results)
+        if scale == 1.0:
+            _vgg_ratios(results)
+            out = work / "out.safetensors"
+            print("  time split, in process:")
+            for label, argv in (("convert", ["convert", str(source), str(out), "512x7x7"]),
+                                ("verify", ["verify", str(source), str(out)])):  # fmt: skip
+                figures = split(work, argv)
+                print(f"    {label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in figures.items()))
+
+
+def _vgg_ratios(results: dict[str, dict[str, float]]) -> None:
+    f, hand, cp = results["fc2conv convert"], results["hand script + fsync"], results["cp + fsync"]
+    v, hand_v = results["fc2conv verify"], results["hand verify"]
+    print("  targets (best / best; median / median in brackets):")
+    for label, a, b in (
+        ("convert <= 1.0x hand script + fsync", f, hand),
+        ("convert <= 1.5x cp + fsync", f, cp),
+        ("verify <= 1.0x hand verify", v, hand_v),
+    ):
+        print(f"    {label:<37} {a['best'] / b['best']:.2f}x ({a['median'] / b['median']:.2f}x)")
+    print(f"    anonymous memory <= hand + 100 MB:   {f['anon_mb'] - hand['anon_mb']:+.0f} MB (convert), "
+          f"{v['anon_mb'] - hand_v['anon_mb']:+.0f} MB (verify)")  # fmt: skip
+
+
+def _bench_llm(fc2conv: str, work: Path, repeat: int) -> None:
+    source = work / "llm"
+    size = sum(p.stat().st_size for p in source.glob("*")) if source.exists() else build_llm_layout(source)
+    results = {name: summary(runs) for name, runs in rounds(llm_commands(fc2conv, work, source), repeat).items()}
+    print_table("LLM-like sharded checkpoint, bf16, 3 shards", size, "cp -r + sync", results)
+    f, cp = results["fc2conv convert --pointwise"], results["cp -r + sync"]
+    print(f"  target convert <= 1.3x cp -r + sync: {f['best'] / cp['best']:.2f}x ({f['median'] / cp['median']:.2f}x)")
+    figures = split(work, ["convert", str(source), str(work / "llm.conv"), "-"])
+    print("  time split, in process: " + ", ".join(f"{k} {v:.2f} s" for k, v in figures.items()))
+    shutil.rmtree(work / "llm.conv", ignore_errors=True)
+
+
+def _startup(work: Path, fc2conv: str) -> None:
+    """`fc2conv --help`, and `inspect` of safetensors (sparse: header + holes) and of the VGG .pt."""
     import struct
 
     figures = {}
     for label, nbytes in (("2 MB", 2 * 2**20), ("2 GB", 2 * 2**30)):
         rows = nbytes // (4 * 4096)
-        header = json.dumps(
-            {
-                "fc.weight": {"dtype": "F32", "shape": [rows, 4096], "data_offsets": [0, rows * 4096 * 4]},
-                "conv.weight": {
-                    "dtype": "F32",
-                    "shape": [1, 1, 1, 1],
-                    "data_offsets": [rows * 4096 * 4, rows * 4096 * 4 + 4],
-                },
-            }
-        ).encode()
-        path = workdir / f"inspect_{label.replace(' ', '')}.safetensors"
+        end = rows * 4096 * 4
+        header = json.dumps({
+            "fc.weight": {"dtype": "F32", "shape": [rows, 4096], "data_offsets": [0, end]},
+            "conv.weight": {"dtype": "F32", "shape": [1, 1, 1, 1], "data_offsets": [end, end + 4]},
+        }).encode()  # fmt: skip
+        path = work / f"inspect_{label.replace(' ', '')}.safetensors"
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header)
             f.truncate(8 + len(header) + rows * 4096 * 4 + 4)  # a sparse file: no data on disk
-        figures[f"fc2conv inspect ({label} safetensors)"] = best([fc2conv, "inspect", str(path), "--json"], 3)["wall"]
+        figures[f"fc2conv inspect ({label} safetensors)"] = _best_of([fc2conv, "inspect", str(path), "--json"])
         path.unlink()
-    figures["fc2conv --help"] = best([fc2conv, "--help"], 3)["wall"]
+    if (work / "vgg16_x1.pt").exists():
+        figures["fc2conv inspect (VGG16 .pt, 528 MB)"] = _best_of(
+            [fc2conv, "inspect", str(work / "vgg16_x1.pt"), "--json"]
+        )
+    figures["fc2conv --help"] = _best_of([fc2conv, "--help"])
     probe = (
-        "import sys\nfrom fc2conv.cli import main\nsys.argv = ['fc2conv', '--help']\n"
+        "import sys\nfrom fc2conv.cli import main\nsys.argv = ['fc2conv', 'inspect', sys.argv[1], '--json']\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n"
     )
-    subprocess.run([sys.executable, "-c", probe], check=True, stdout=subprocess.DEVNULL)
-    return figures
+    if (work / "vgg16_x1.pt").exists():
+        subprocess.run([sys.executable, "-c", probe, str(work / "vgg16_x1.pt")], check=True, stdout=subprocess.DEVNULL)
+    print("\nstart-up (best of 5; target < 0.3 s, no torch import):")
+    for label, seconds in figures.items():
+        print(f"  {label:<42} {seconds:6.3f} s")
 
 
-def _check_figure(workdir: Path) -> float:
-    """Seconds of fc2conv's numeric check of a VGG16 fc6-sized layer (fp32, memory-mapped), best of 3."""
-    code = """
-import sys, time, torch
-from fc2conv import InputShape, LayerChange, check_layer
-torch.manual_seed(0)
-weight = torch.randn(4096, 25088) * 0.01
-bias = torch.randn(4096)
-change = LayerChange("fc6", "fc6.weight", "fc6.bias", "float32", (4096, 25088), InputShape(512, 7, 7), "chw")
-kernel = weight.reshape(4096, 512, 7, 7)
-check_layer(change, weight, kernel, bias)
-times = []
-for _ in range(3):
-    started = time.perf_counter()
-    result = check_layer(change, weight, kernel, bias)
-    times.append(time.perf_counter() - started)
-assert result.ok, result
-print(min(times))
-"""
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return float(done.stdout.strip())
+def _best_of(command: list[str], times: int = 5) -> float:
+    return min(measure(command)["wall"] for _ in range(times))
 
 
 if __name__ == "__main__":

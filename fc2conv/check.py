@@ -7,6 +7,7 @@ comparisons (:func:`tensors_identical`, :func:`kernel_is_exact`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -14,7 +15,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from fc2conv.convert import fc_to_conv_weight, fc_weight
+from fc2conv.diskio import ByteSpan, first_differing_byte, mapped
 from fc2conv.plan import LayerChange
+from fc2conv.preload import wait_for_torch
 from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import FlattenOrder, dtype_name
 
@@ -26,6 +29,9 @@ __all__ = [
     "check_changes",
     "check_layer",
     "coarser_dtype",
+    "compare_spans",
+    "first_difference",
+    "kernel_difference",
     "kernel_is_exact",
     "tensors_identical",
     "tolerance_for",
@@ -54,6 +60,9 @@ POINTWISE_SEQUENCE = 8
 # every row, so a sample catches it; the sample keeps the check of a 4096 x 25088 layer fast.
 MAX_ROWS = 512
 ROW_BLOCK = 64
+# A kernel proven bit for bit equal to the rearrangement of its weight is the same function on every
+# row: the numeric check then shows the semantics of the rewrite on fewer rows (the first and last 32).
+PROVEN_ROWS = 64
 # Rows of a float64 weight held at once: bounds the check's extra memory (about 6x this) whatever the layer size.
 _CHUNK_BYTES = 8 * 2**20
 
@@ -326,39 +335,75 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
 
 def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (so NaNs compare equal to themselves), read a chunk at a time."""
-    import torch
-
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    if a.numel() == 0:
-        return True
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    step = max(1, _CHUNK_BYTES // max(1, a.element_size()))
-    for start in range(0, flat_a.numel(), step):
-        chunk_a = flat_a[start : start + step].contiguous()
-        chunk_b = flat_b[start : start + step].contiguous()
+    return first_difference(a, b) is None
+
+
+def first_difference(expected: torch.Tensor, got: torch.Tensor) -> tuple[int, ...] | None:
+    """The index of the first element whose bytes differ (same shape and dtype assumed), or None.
+
+    Both tensors are read a chunk at a time (memory-mapped ones stay on disk); bytes are compared, so
+    a NaN equals itself and -0.0 differs from 0.0.
+    """
+    import torch
+
+    if expected.numel() == 0:
+        return None
+    flat_e, flat_g = expected.reshape(-1), got.reshape(-1)
+    step = max(1, _CHUNK_BYTES // max(1, expected.element_size()))
+    for start in range(0, flat_e.numel(), step):
+        chunk_e = flat_e[start : start + step].contiguous()
+        chunk_g = flat_g[start : start + step].contiguous()
         try:
-            same = torch.equal(chunk_a.view(torch.uint8), chunk_b.view(torch.uint8))
+            bytes_e, bytes_g = chunk_e.view(torch.uint8), chunk_g.view(torch.uint8)
         except RuntimeError:  # dtypes without a byte view (quantized): value equality
-            same = torch.equal(chunk_a, chunk_b)
-        if not same:
-            return False
-    return True
+            if torch.equal(chunk_e, chunk_g):
+                continue
+            return _unravel(start + int((chunk_e != chunk_g).nonzero()[0, 0]), tuple(expected.shape))
+        if torch.equal(bytes_e, bytes_g):
+            continue
+        differs = (bytes_e != bytes_g).reshape(-1, expected.element_size()).any(dim=1)
+        return _unravel(start + int(differs.nonzero()[0, 0]), tuple(expected.shape))
+    return None
 
 
-def kernel_is_exact(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> bool:
-    """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` (``(out, in)``) that fc2conv would write."""
-    if tuple(kernel.shape) != change.new_shape or kernel.dtype != weight.dtype:
-        return False
+def _unravel(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major index of the ``flat_index``-th element of a tensor of ``shape``."""
+    index = []
+    for size in reversed(shape):
+        flat_index, position = divmod(flat_index, size)
+        index.append(position)
+    return tuple(reversed(index))
+
+
+def kernel_difference(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> str | None:
+    """Why ``kernel`` is not bit for bit the rearrangement of ``weight`` (``(out, in)``), or None if it is.
+
+    Every byte is compared, a block of rows at a time (the expected kernel of a ``chw`` reshape or a
+    1x1 is a view of the weight: nothing is copied). The reason names the first differing index of
+    the kernel. Only for an unchanged dtype: a dtype change has no exact form (the numeric check
+    judges it).
+    """
+    if tuple(kernel.shape) != change.new_shape:
+        return f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}"
     if weight.numel() == 0:  # same shape and no data (the row loop below would run 2^40 empty steps)
-        return True
+        return None
     rows = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
     for start in range(0, weight.shape[0], rows):
         part = weight[start : start + rows]
         expected = fc_to_conv_weight(part, replace(change, old_shape=(part.shape[0], part.shape[1]), layout="out_in"))
-        if not tensors_identical(expected, kernel[start : start + rows]):
-            return False
-    return True
+        found = first_difference(expected, kernel[start : start + rows])
+        if found is not None:
+            return _difference_text(change, [start + found[0], *found[1:]])
+    return None
+
+
+def kernel_is_exact(change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor) -> bool:
+    """Whether ``kernel`` is bit for bit the rearrangement of ``weight`` that fc2conv would write."""
+    if kernel.dtype != weight.dtype:
+        return False
+    return kernel_difference(change, weight, kernel) is None
 
 
 def check_changes(
@@ -370,6 +415,7 @@ def check_changes(
     rtol: float | None = None,
     exact: bool = False,
     strict: bool = False,
+    compared: Mapping[str, int | None] | None = None,
 ) -> list[LayerCheck]:
     """Run :func:`check_layer` for each change, reading weights and biases from the two mappings.
 
@@ -378,18 +424,111 @@ def check_changes(
         original: Tensors of the source checkpoint (FC weights).
         converted: Tensors of the converted checkpoint (conv kernels).
         atol, rtol: Override the per-dtype defaults.
-        exact: Also record whether each kernel is bit for bit the expected rearrangement.
+        exact: Also compare every byte of each kernel with the exact rearrangement of its weight
+            (where the dtype is unchanged): a difference is the layer's ``problem`` (it fails),
+            naming the first differing index.
         strict: Fail layers whose weights or outputs are not finite (NaN/Inf).
+        compared: Weight name -> the first differing byte between the weight's and the kernel's spans
+            in their files (:func:`compare_spans`; None: equal). Used for the byte proof of a layer
+            whose rearrangement leaves the bytes as they are (checked here, against the rule itself);
+            every other layer is compared through torch.
     """
-    results = []
-    for change in changes:
-        weight, kernel = fc_weight(change, original[change.weight]), converted[change.weight]
-        bias = original[change.bias] if change.bias else None
-        kernel_bias = converted.get(change.bias) if change.bias else None
-        dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
-        result = check_layer(change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol))
-        result = replace(result, strict=strict)
-        if exact:
-            result = replace(result, exact=kernel_is_exact(change, weight, kernel))
-        results.append(result)
-    return results
+    wait_for_torch()  # a background import of torch: waited for here, not inside an import lock
+    with _one_thread():
+        return [_check_one(c, original, converted, atol, rtol, exact, strict, compared or {}) for c in changes]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread meanwhile (the previous setting is restored).
+
+    The checks are many small operations: on two threads, torch's synchronisation costs more than
+    it saves, and on a CPU shared with other jobs it made the checks about ten times slower (measured
+    0.8-1.0 s against 0.07-0.13 s for a 4096 x 25088 layer).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_one(
+    change: LayerChange,
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    atol: float | None,
+    rtol: float | None,
+    exact: bool,
+    strict: bool,
+    compared: Mapping[str, int | None],
+) -> LayerCheck:
+    """One layer: its byte proof first (which decides how many rows to sample), then its numeric check."""
+    weight, kernel = fc_weight(change, original[change.weight]), converted[change.weight]
+    bias = original[change.bias] if change.bias else None
+    kernel_bias = converted.get(change.bias) if change.bias else None
+    dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
+    proven, difference = (
+        _byte_proof(change, weight, kernel, compared.get(change.weight, -1)) if exact else (False, None)
+    )
+    result = check_layer(
+        change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol),
+        max_rows=PROVEN_ROWS if proven else MAX_ROWS,
+    )  # fmt: skip
+    result = replace(result, strict=strict)
+    if exact and difference is not None and result.problem is None:
+        numeric = result.failure  # when the numbers fail too, they come first
+        result = replace(result, problem=f"{numeric}; {difference}" if numeric else difference)
+    return replace(result, exact=proven) if exact else result
+
+
+def _byte_proof(
+    change: LayerChange, weight: torch.Tensor, kernel: torch.Tensor, compared: int | None
+) -> tuple[bool, str | None]:
+    """Whether the kernel is bit for bit the rearrangement of the weight, and if not, the problem.
+
+    A dtype change (or a wrong shape, which the numeric check reports) has no exact form: not exact,
+    and no byte problem. ``compared`` is the first differing byte of the weight's and the kernel's
+    spans (None: equal; -1: not compared), which proves the kernel when the rule keeps the weight's
+    bytes as they are; otherwise the kernel is compared with the rule's output through torch.
+    """
+    if kernel.dtype != weight.dtype or tuple(kernel.shape) != change.new_shape:
+        return False, None
+    if compared != -1 and _rule_keeps_bytes(change, weight):
+        where = None if compared is None else list(_unravel(compared // weight.element_size(), change.new_shape))
+        difference = None if where is None else _difference_text(change, where)
+    else:
+        difference = kernel_difference(change, weight, kernel)
+    return difference is None, difference
+
+
+def _rule_keeps_bytes(change: LayerChange, weight: torch.Tensor) -> bool:
+    """Whether the rule's kernel is the weight's own memory (so the weight's bytes are the kernel's)."""
+    if not weight.is_contiguous():  # a weight stored (in, out) is a transposed view: its bytes move
+        return False
+    expected = fc_to_conv_weight(weight, replace(change, layout="out_in"))
+    return expected.is_contiguous() and expected.data_ptr() == weight.data_ptr()
+
+
+def _difference_text(change: LayerChange, where: list[int]) -> str:
+    return f"kernel differs from the exact rearrangement of {change.weight} at index {where} (every byte compared)"
+
+
+def compare_spans(pairs: Mapping[str, tuple[ByteSpan, ByteSpan]]) -> dict[str, int | None]:
+    """For each name, the offset of the first byte that differs between its two spans (None: equal).
+
+    Every byte is compared (``memcmp`` over the mapped files, no torch); spans of different lengths
+    differ at the end of the shorter one.
+    """
+    paths = [path for first, second in pairs.values() for path in (first.path, second.path)]
+    found: dict[str, int | None] = {}
+    with mapped(*paths) as maps:
+        for name, (first, second) in pairs.items():
+            length = min(first.nbytes, second.nbytes)
+            a, b = replace(first, nbytes=length), replace(second, nbytes=length)
+            differs = first_differing_byte(maps[first.path], a, maps[second.path], b)
+            found[name] = length if differs is None and first.nbytes != second.nbytes else differs
+    return found

@@ -158,6 +158,8 @@ class Fc2ConvGroup(click.Group):
         finally:
             for signum, handler in previous.items():  # in-process callers (tests) get theirs back
                 signal.signal(signum, handler)
+            if "fc2conv.preload" in sys.modules:  # no exit while torch is half imported on another thread
+                sys.modules["fc2conv.preload"].wait_for_torch()
         code = code if isinstance(code, int) else EXIT_OK
         if standalone_mode:
             sys.exit(code)

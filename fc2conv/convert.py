@@ -12,7 +12,15 @@ from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo, tensor_infos
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["apply_plan", "convert_state_dict", "converted_info", "converted_tensor", "fc_to_conv_weight", "fc_weight"]
+__all__ = [
+    "apply_plan",
+    "convert_state_dict",
+    "converted_info",
+    "converted_tensor",
+    "fc_to_conv_weight",
+    "fc_weight",
+    "keeps_bytes",
+]
 
 
 def fc_weight(change: LayerChange, stored: torch.Tensor) -> torch.Tensor:
@@ -51,6 +59,18 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
     else:
         kernel = weight.reshape(out, m.channels, m.height, m.width)
     return kernel.contiguous()
+
+
+def keeps_bytes(change: LayerChange) -> bool:
+    """Whether :func:`fc_to_conv_weight` leaves the weight's bytes as they are (so a copy writes the kernel).
+
+    A ``chw`` reshape and a 1x1 kernel (either order) only relabel the axes of a row-major ``(out, in)``
+    weight; an ``hwc`` kernel over a map larger than 1x1, or a weight stored ``(in, out)``, moves bytes.
+    Checked against the rule itself when the written kernel is proven (:func:`fc2conv.check.check_changes`).
+    """
+    if change.layout != "out_in":
+        return False
+    return change.flatten_order == "chw" or change.in_map.height * change.in_map.width == 1
 
 
 def _iter_converted(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

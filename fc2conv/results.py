@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from fc2conv.evidence import GeometryEvidence, OrderEvidence, order_warning
 from fc2conv.layers import Layer
 from fc2conv.plan import LayerChange, Plan
 from fc2conv.types import FlattenOrder, InputShape, TensorInfo, dtype_itemsize
+
+if TYPE_CHECKING:
+    from fc2conv.evidence import GeometryEvidence, OrderEvidence
 
 __all__ = [
     "ConvertResult",
@@ -197,6 +199,8 @@ class Evidence:
 
     @property
     def warnings(self) -> list[str]:
+        from fc2conv.evidence import order_warning
+
         found = []
         order = order_warning(self.order, self.order_in_use)
         if order is not None:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fc2conv.convert
+import fc2conv.jobs.convert
 from fc2conv import __version__
 from tests.conftest import SAMPLES, error_line, head_state_dict, run
 
@@ -147,6 +148,8 @@ def test_output_equal_to_input_is_refused_even_with_force(tmp_path):
 def test_failed_self_check_is_exit_1_and_leaves_no_output(tmp_path, monkeypatch):
     real = fc2conv.convert.fc_to_conv_weight
     monkeypatch.setattr(fc2conv.convert, "fc_to_conv_weight", lambda w, c: real(w, c).flip(0).contiguous())
+    # A wrong rule: its kernels go through torch (not copied from the input), and the checks catch them.
+    monkeypatch.setattr(fc2conv.jobs.convert, "keeps_bytes", lambda change: False)
     out = tmp_path / "o.safetensors"
     result = run("convert", SMALL_CNN, "-o", out, "--json")
     assert result.exit_code == 1

@@ -30,7 +30,7 @@ from fc2conv.convert import apply_plan, fc_to_conv_weight  # noqa: E402
 from fc2conv.errors import CheckpointError, DependencyError, PlanError, ShapeError  # noqa: E402
 from fc2conv.formats import read_listing  # noqa: E402
 from fc2conv.formats.keras import KerasFile, KerasHead, read_keras  # noqa: E402
-from fc2conv.jobs.convert import plan_for  # noqa: E402
+from fc2conv.jobs.planning import plan_for  # noqa: E402
 from fc2conv.keras_export import export_keras  # noqa: E402
 from fc2conv.plan import LayerChange, Plan, plan_conversion  # noqa: E402
 from fc2conv.types import FlattenOrder, InputShape  # noqa: E402

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fc2conv.convert
+import fc2conv.jobs.convert
 from fc2conv import convert_file, plan_pointwise, tensor_infos
 from fc2conv.errors import PlanError
 from fc2conv.report import PROGRESS_MIN_BYTES, ByteProgress
@@ -116,6 +117,8 @@ def test_sharded_failed_check_leaves_no_folder(tmp_path, monkeypatch):
     source = write_sharded(tmp_path / "in", vgg_like())
     real = fc2conv.convert.fc_to_conv_weight
     monkeypatch.setattr(fc2conv.convert, "fc_to_conv_weight", lambda w, c: real(w, c).flip(0).contiguous())
+    # A wrong rule: its kernels go through torch (not copied from the input), and the checks catch them.
+    monkeypatch.setattr(fc2conv.jobs.convert, "keeps_bytes", lambda change: False)
     result = run("convert", source, "--input-shape", "16x3x3", "-o", tmp_path / "out")
     assert result.exit_code == 1
     assert not (tmp_path / "out").exists()

@@ -66,7 +66,7 @@ def test_dtypes_survive_pt_and_safetensors(tmp_path, save_pt, dtype):
     assert torch.equal(checkpoint.tensors["x"], tensors["x"])
 
 
-def test_pt_is_memory_mapped_weights_only_and_legacy_format_still_loads(tmp_path, monkeypatch):
+def test_pt_is_read_as_data_else_memory_mapped_weights_only_and_legacy_format_still_loads(tmp_path, monkeypatch):
     calls = []
     real_load = torch.load
 
@@ -77,7 +77,13 @@ def test_pt_is_memory_mapped_weights_only_and_legacy_format_still_loads(tmp_path
     monkeypatch.setattr(torch, "load", spy)
     new = tmp_path / "new.pt"
     torch.save(dict(SD), new)
-    assert torch.equal(open_source(new).tensors["w"], SD["w"])
+    source = open_source(new)
+    assert torch.equal(source.tensors["w"], SD["w"])
+    assert calls == []  # a plain torch.save zip is read as data: no unpickler at all
+    assert set(source.spans) == set(SD)  # and each tensor's bytes are located in the file
+    quantized = tmp_path / "quantized.pt"
+    torch.save({**SD, "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)}, quantized)
+    assert open_source(quantized).tensors["q"].is_quantized  # not modelled: torch's weights-only loader
     assert calls == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
     legacy = tmp_path / "legacy.pt"
     torch.save(dict(SD), legacy, _use_new_zipfile_serialization=False)

@@ -8,10 +8,11 @@ torch, safetensors (and so on) when they read.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
-from fc2conv.formats import hf_shards, keras, onnx, safetensors, torch_pickle
+from fc2conv.formats import hf_shards, safetensors, torch_pickle
 from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source, check_readable
 from fc2conv.formats.hf_config import add_layout_hints
 from fc2conv.types import ShapeSpec
@@ -28,11 +29,41 @@ __all__ = [
     "reader_for",
 ]
 
+
+class _Deferred:
+    """A reader whose module is imported only for a path with one of its suffixes.
+
+    The Keras and ONNX readers are many modules: a run on a safetensors file, or ``--help``, need not
+    load them.
+    """
+
+    def __init__(self, module: str, suffixes: tuple[str, ...]) -> None:
+        self._module, self._suffixes = module, suffixes
+
+    @property
+    def reader(self) -> Reader:
+        reader: Reader = importlib.import_module(self._module).READER
+        return reader
+
+    @property
+    def format(self) -> str:
+        return self.reader.format
+
+    def claims(self, path: Path) -> bool:
+        return path.suffix.lower() in self._suffixes and self.reader.claims(path)
+
+    def listing(self, path: Path, options: ReadOptions) -> Listing:
+        return self.reader.listing(path, options)
+
+    def open(self, path: Path, options: ReadOptions) -> Source:
+        return self.reader.open(path, options)
+
+
 READERS: tuple[Reader, ...] = (
     hf_shards.READER,  # an index file or a folder of shards
     safetensors.READER,  # *.safetensors
-    keras.READER,  # .keras, .h5, .hdf5: Keras models (config and weights read as data, with h5py)
-    onnx.READER,  # .onnx graphs (their heads are rewritten in the graph: fc2conv.jobs.onnx)
+    _Deferred("fc2conv.formats.keras", (".keras", ".h5", ".hdf5")),  # Keras models, read as data with h5py
+    _Deferred("fc2conv.formats.onnx", (".onnx",)),  # ONNX graphs (rewritten in the graph: fc2conv.jobs.onnx)
     torch_pickle.READER,  # everything else: .pt, .pth, .bin, .ckpt, ...
 )
 

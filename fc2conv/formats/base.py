@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError
 from fc2conv.types import HeadHint, ShapeSpec, TensorInfo, WeightLayout
 
@@ -88,6 +89,9 @@ class Source(Listing):
     """
 
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # Where each tensor's bytes lie in the file(s), for those stored contiguous and little-endian: the
+    # writer copies them in the kernel and the byte proof compares them mapped, without torch.
+    spans: Mapping[str, ByteSpan] = field(default_factory=dict)
     shards: ShardLayout | None = None  # a sharded checkpoint: its files
     module: Any = None  # a whole nn.Module, unpickled because the caller trusted the file
 
@@ -99,7 +103,10 @@ class Reader(Protocol):
     :data:`fc2conv.formats.READERS`.
     """
 
-    format: str
+    @property
+    def format(self) -> str:
+        """The format's name, as listings report it (``"torch"``, ``"safetensors"``, ...)."""
+        ...
 
     def claims(self, path: Path) -> bool:
         """Whether this reader is the one for ``path`` (by name or kind; never by reading much)."""

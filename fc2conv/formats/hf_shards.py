@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError
 from fc2conv.formats.base import Listing, ReadOptions, ShardLayout, Source, natural_key, read_json
-from fc2conv.formats.safetensors import read_safetensors_header
+from fc2conv.formats.safetensors import read_safetensors_header, safetensors_handle
 from fc2conv.types import TensorInfo
 
 if TYPE_CHECKING:
@@ -107,8 +109,8 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     return dict(weight_map), metadata
 
 
-def _listing(path: Path) -> tuple[Listing, ShardLayout]:
-    """Headers of every shard, checked against each other and against the index."""
+def _listing(path: Path, spans: dict[str, ByteSpan] | None = None) -> tuple[Listing, ShardLayout]:
+    """Headers of every shard, checked against each other and against the index (``spans`` filled too)."""
     found = _inside(_find_shards(path))
     folder, index, files = found.folder, found.index, found.files
     infos: list[TensorInfo] = []
@@ -117,6 +119,8 @@ def _listing(path: Path) -> tuple[Listing, ShardLayout]:
     metadata: dict[str, str] = {}
     for file in files:
         header = read_safetensors_header(folder / file)
+        if spans is not None:
+            spans.update(header.spans(folder / file))
         metadata = metadata or header.metadata
         names = []
         for info in sorted(header.infos, key=lambda i: natural_key(i.name)):
@@ -144,11 +148,13 @@ def _listing(path: Path) -> tuple[Listing, ShardLayout]:
 
 def open_sharded(path: str | os.PathLike[str]) -> Source:
     """Open a sharded checkpoint (an index file, or a folder of shards); shards are mapped when first read."""
-    listing, layout = _listing(Path(path))
+    spans: dict[str, ByteSpan] = {}
+    listing, layout = _listing(Path(path), spans)
     tensors = _ShardedTensors(layout, [i.name for i in listing.infos])
     return Source(
-        listing.path, listing.format, listing.infos, listing.metadata, listing.notes, tensors=tensors, shards=layout
-    )
+        listing.path, listing.format, listing.infos, listing.metadata, listing.notes, tensors=tensors,
+        spans=spans if sys.byteorder == "little" else {}, shards=layout,
+    )  # fmt: skip
 
 
 class _ShardedTensors(Mapping[str, "torch.Tensor"]):
@@ -164,12 +170,7 @@ class _ShardedTensors(Mapping[str, "torch.Tensor"]):
         file = self._owner[name]
         handle = self._handles.get(file)
         if handle is None:
-            from safetensors import safe_open
-
-            try:
-                handle = self._handles[file] = safe_open(str(self._folder / file), framework="pt")
-            except Exception as exc:  # safetensors raises its own types; too many open files, say
-                raise CheckpointError(f"{self._folder / file}: cannot open as safetensors ({exc})") from exc
+            handle = self._handles[file] = safetensors_handle(self._folder / file)
         return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:

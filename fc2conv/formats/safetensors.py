@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fc2conv.diskio import ByteSpan, copy_span, start_writeback
 from fc2conv.errors import CheckpointError, OutputError
 from fc2conv.formats.base import Listing, ReadOptions, Source, natural_key, open_regular
 from fc2conv.types import TensorInfo, dtype_name
@@ -61,6 +63,13 @@ class SafetensorsHeader:
     infos: list[TensorInfo]
     metadata: dict[str, str]
     data_start: int
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (begin, end) in the data
+
+    def spans(self, path: Path) -> dict[str, ByteSpan]:
+        """Where each tensor's bytes lie in the file (safetensors data is contiguous and little-endian)."""
+        return {
+            name: ByteSpan(path, self.data_start + begin, end - begin) for name, (begin, end) in self.offsets.items()
+        }
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -106,7 +115,25 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
         if begin_b < end_a:
             raise CheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the data section")
-    return SafetensorsHeader(infos, dict(metadata), data_start)
+    _check_covered(path, spans, size - data_start)
+    offsets = {name: (begin, end) for begin, end, name in spans}
+    return SafetensorsHeader(infos, dict(metadata), data_start, offsets)
+
+
+def _check_covered(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors must fill the data section end to end, as safetensors' own reader demands."""
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            raise CheckpointError(
+                f"{path}: not a valid safetensors file (tensor {name!r} starts at byte {begin} of the data "
+                f"section, where {position} was expected)"
+            )
+        position = end
+    if position != data_len:
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file (its tensors fill {position} of the {data_len}-byte data section)"
+        )
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -155,37 +182,53 @@ def in_name_order(infos: list[TensorInfo]) -> list[TensorInfo]:
 
 
 def open_safetensors(path: str | os.PathLike[str]) -> Source:
-    """Open a safetensors file (whatever its suffix) memory-mapped, after validating its header."""
+    """Open a safetensors file (whatever its suffix) after validating its header; tensors map on access.
+
+    Opening needs no torch: the tensors' byte spans come from the header, and the file is handed to
+    safetensors (memory-mapped, which imports torch) when a first tensor is read.
+    """
     path = Path(path)
-    listing = _listing(path)
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: cannot open as safetensors ({exc})") from exc
-    tensors = _LazyTensors(handle, [i.name for i in listing.infos])
-    return Source(listing.path, listing.format, listing.infos, listing.metadata, [], tensors=tensors)
-
-
-def _listing(path: Path) -> Listing:
     header = read_safetensors_header(path)
+    listing = _listing(path, header)
+    tensors = _LazyTensors(path, [i.name for i in listing.infos])
+    spans = header.spans(path) if sys.byteorder == "little" else {}
+    return Source(listing.path, listing.format, listing.infos, listing.metadata, [], tensors=tensors, spans=spans)
+
+
+def _listing(path: Path, header: SafetensorsHeader | None = None) -> Listing:
+    header = header or read_safetensors_header(path)
     infos = in_name_order(header.infos)
     note = f"safetensors: {len(infos)} tensors, taken in name order (the format keeps no module order)"
     return Listing(path, "safetensors", infos, header.metadata, [note])
 
 
-class _LazyTensors(Mapping[str, "torch.Tensor"]):
-    """A read-only name -> tensor mapping over an open safetensors file; tensors load on access."""
+def safetensors_handle(path: Path) -> Any:
+    """safetensors' own memory-mapped reader of ``path`` (imports torch)."""
+    from fc2conv.preload import wait_for_torch
 
-    def __init__(self, handle: Any, names: Sequence[str]) -> None:
-        self._handle = handle
+    wait_for_torch()  # safetensors imports torch: not beside a background import of it
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot open as safetensors ({exc})") from exc
+
+
+class _LazyTensors(Mapping[str, "torch.Tensor"]):
+    """A read-only name -> tensor mapping over a safetensors file; the file is opened at the first access."""
+
+    def __init__(self, path: Path, names: Sequence[str]) -> None:
+        self._path = path
+        self._handle: Any = None
         self._names = list(names)
         self._known = set(names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._known:
             raise KeyError(name)
+        if self._handle is None:
+            self._handle = safetensors_handle(self._path)
         return self._handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
@@ -224,13 +267,16 @@ def write_safetensors(
     *,
     sync: bool = True,
     on_tensor: Callable[[TensorInfo], None] | None = None,
+    spans: Mapping[str, ByteSpan] | None = None,
 ) -> int:
     """Write a safetensors file tensor by tensor: only one tensor is in memory at a time.
 
-    The header is computed from ``infos`` first; each tensor is then fetched, checked against its
-    declared shape and dtype, and its bytes written straight from its memory. The file is flushed
-    (and fsynced, unless ``sync`` is false: the caller then syncs before publishing it), and its
-    header re-read and validated as the last step.
+    The header is computed from ``infos`` first. A tensor listed in ``spans`` (its exact bytes, found
+    in an input file) is copied from there by the kernel, without torch; every other tensor is
+    fetched, checked against its declared shape and dtype, and its bytes written straight from its
+    memory. Writeback to the disk starts as each tensor is written; the file is fsynced unless
+    ``sync`` is false (the caller then syncs before publishing it), and its header is re-read and
+    validated as the last step.
 
     Args:
         path: File to write (use :func:`fc2conv.publish.atomic_output` for a temporary path).
@@ -239,6 +285,7 @@ def write_safetensors(
         metadata: String metadata stored under ``__metadata__``.
         sync: fsync the file before returning.
         on_tensor: Called after each tensor is written (for progress reports).
+        spans: Name -> where that tensor's bytes (as they are to be written) lie in an input file.
 
     Returns:
         The size of the written file in bytes.
@@ -249,27 +296,58 @@ def write_safetensors(
     if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian data
         raise OutputError("writing safetensors needs a little-endian machine")
     raw = _header_bytes(infos, metadata)
+    spans = spans or {}
     try:
         # Not opened with O_TRUNC: on ext4, a file truncated to zero and rewritten is flushed on close
         # (auto_da_alloc), which made writing ~2.5x slower. Any tail of an older file is cut below.
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        with contextlib.ExitStack() as inputs:
+            inputs.callback(os.close, fd)
+            position = _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            sources = _InputFiles(inputs)
             for info in infos:
-                _write_tensor(f, info, fetch(info.name))
+                span = spans.get(info.name)
+                if span is not None and span.nbytes == info.nbytes:
+                    copy_span(sources.fd(span.path), span.offset, fd, position, span.nbytes)
+                else:
+                    _write_tensor(fd, position, info, fetch(info.name))
+                start_writeback(fd, position, info.nbytes)
+                position += info.nbytes
                 if on_tensor is not None:
                     on_tensor(info)
-            if os.fstat(f.fileno()).st_size > f.tell():
-                f.truncate()
-            f.flush()
+            if os.fstat(fd).st_size > position:
+                os.ftruncate(fd, position)
             if sync:
-                os.fsync(f.fileno())
+                os.fsync(fd)
     except OSError as exc:
         raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from exc
     written = read_safetensors_header(path)
     if [(i.name, i.shape, i.dtype) for i in written.infos] != [(i.name, i.shape, i.dtype) for i in infos]:
         raise OutputError(f"{path}: the written header does not read back as written")
     return Path(path).stat().st_size
+
+
+class _InputFiles:
+    """Input files opened read-only once each, closed with the write."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+            self._stack.callback(os.close, self._fds[path])
+        return self._fds[path]
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of ``data`` at ``offset``; returns the offset after it."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return offset + done
 
 
 def _header_bytes(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
@@ -291,7 +369,7 @@ def _header_bytes(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | Non
     return raw + b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
 
 
-def _write_tensor(f: Any, info: TensorInfo, tensor: torch.Tensor) -> None:
+def _write_tensor(fd: int, offset: int, info: TensorInfo, tensor: torch.Tensor) -> None:
     if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
         raise OutputError(
             f"{info.name}: got {dtype_name(tensor.dtype)}{tuple(tensor.shape)}, declared {info.dtype}{info.shape}"
@@ -304,4 +382,4 @@ def _write_tensor(f: Any, info: TensorInfo, tensor: torch.Tensor) -> None:
         tensor = tensor.cpu()
     # Zero-copy view of the tensor's bytes; `tensor` stays referenced until the write returns.
     buffer = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
-    f.write(memoryview(buffer))
+    _pwrite_all(fd, memoryview(buffer), offset)

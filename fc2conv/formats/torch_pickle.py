@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 import pickletools
 import re
+import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError
 from fc2conv.formats.base import Listing, ReadOptions, Source, check_readable
-from fc2conv.types import tensor_infos
+from fc2conv.types import TensorInfo, dtype_itemsize, tensor_infos
 
 if TYPE_CHECKING:
     import torch
+
+    from fc2conv.formats.pickle_data import BoundedReader, TensorRef
+    from fc2conv.formats.torch_zip import TorchZip
 
 __all__ = [
     "EMA_KEYS",
@@ -43,11 +47,14 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Source:
     """Load a PyTorch checkpoint without running code from it, and find its state dict.
 
-    The file goes through ``torch.load(weights_only=True, mmap=True)`` (a plain weights-only load for
-    the legacy, non-zip format); then the state dict is found inside common wrappers (``state_dict``,
-    ``model``, ...) and a ``module.`` / ``_orig_mod.`` prefix shared by every key is stripped.
-    With ``options.trust_pickle`` arbitrary objects are unpickled (this runs the file's code); a whole
-    ``nn.Module`` is then kept in :attr:`Source.module` and stands for its ``state_dict()``.
+    A ``torch.save`` zip is read as data, without torch (:mod:`fc2conv.formats.torch_zip`): its
+    tensors are memory-mapped views of the file, their byte spans known. A file that reader does not
+    model goes through ``torch.load(weights_only=True, mmap=True)`` (a plain weights-only load for the
+    legacy, non-zip format), after its pickles have been read as data to refuse what would allocate
+    memory the file does not hold. The state dict is then found inside common wrappers
+    (``state_dict``, ``model``, ...) and a ``module.`` / ``_orig_mod.`` prefix shared by every key is
+    stripped. With ``options.trust_pickle`` arbitrary objects are unpickled (this runs the file's
+    code); a whole ``nn.Module`` is then kept in :attr:`Source.module` and stands for its ``state_dict()``.
 
     Raises:
         CheckpointError: the file is missing, unreadable, not a checkpoint, or needs pickled code.
@@ -55,7 +62,12 @@ def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Sou
     check_readable(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes)")
-    obj = _torch_load(path, options is not None and options.trust_pickle)
+    trust = options is not None and options.trust_pickle
+    if not trust:
+        source = _open_as_data(path, options.state_dict_key if options else None)
+        if source is not None:
+            return source
+    obj = _torch_load(path, trust)
     notes: list[str] = []
     module = obj if _is_module(obj) else None
     state_dict = find_state_dict(obj, path, notes, key=options.state_dict_key if options else None)
@@ -64,6 +76,87 @@ def open_torch_checkpoint(path: Path, options: ReadOptions | None = None) -> Sou
     return Source(
         path, "torch", tensor_infos(state_dict), {}, notes, module_order=True, tensors=state_dict, module=module
     )
+
+
+def _open_as_data(path: Path, key: str | None) -> Source | None:
+    """The checkpoint read without torch, or None when torch's loader must read it (after a guard)."""
+    from fc2conv.formats.pickle_data import Refused
+    from fc2conv.formats.torch_zip import read_torch_zip, scan_legacy_pickles
+
+    try:
+        if _is_zip(path):
+            found = read_torch_zip(path)
+        else:
+            found = None
+            scan_legacy_pickles(path)
+    except Refused as exc:
+        raise CheckpointError(f"{path}: refused to load: the file {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc.strerror or exc})") from exc
+    if found is None or not found.little_endian:
+        return None
+    notes: list[str] = []
+    refs = _strip_wrapper_prefix(find_state_dict(found.value, path, notes, key=key), notes)
+    spans = {}
+    for name, ref in refs.items():
+        _check_ref(path, name, ref)
+        if ref.is_contiguous():
+            nbytes = ref.numel * dtype_itemsize(ref.dtype)
+            spans[name] = ByteSpan(
+                path, found.storage_offsets[ref.storage.key] + ref.offset * dtype_itemsize(ref.dtype), nbytes
+            )
+    infos = [TensorInfo(name, ref.shape, ref.dtype) for name, ref in refs.items()]
+    tensors = _MappedTensors(path, refs, found)
+    return Source(path, "torch", infos, {}, notes, module_order=True, tensors=tensors, spans=spans)
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError, EOFError):  # a zip's directory so broken it cannot be read
+        return False
+
+
+def _check_ref(path: Path, name: str, ref: TensorRef) -> None:
+    """A tensor must lie inside its storage, and declare no more bytes than the storage holds."""
+    itemsize = dtype_itemsize(ref.dtype)
+    stored = ref.storage.numel * dtype_itemsize(ref.storage.dtype)
+    declared = ref.numel * itemsize
+    if declared > stored:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} declares shape {ref.shape} ({declared} bytes) but its "
+            f"storage holds {stored} bytes (an expanded view); refusing to materialise it"
+        )
+    if ref.extent() * itemsize > stored:
+        raise CheckpointError(f"{path}: tensor {name!r} reaches past the end of its storage ({stored} bytes)")
+
+
+class _MappedTensors(Mapping[str, "torch.Tensor"]):
+    """Name -> tensor over a ``torch.save`` zip read as data: views of one private map of the file."""
+
+    def __init__(self, path: Path, refs: Mapping[str, TensorRef], found: TorchZip) -> None:
+        self._path, self._refs, self._offsets = path, dict(refs), found.storage_offsets
+        self._file: Any = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        ref = self._refs[name]
+        from fc2conv.preload import wait_for_torch
+
+        wait_for_torch()
+        import torch
+
+        if self._file is None:  # MAP_PRIVATE, as torch.load(mmap=True) maps it: the file is never written
+            self._file = torch.UntypedStorage.from_file(str(self._path), False, self._path.stat().st_size)
+        start = self._offsets[ref.storage.key]
+        storage = self._file[start : start + ref.storage.numel * dtype_itemsize(ref.storage.dtype)]
+        dtype = getattr(torch, ref.dtype)
+        return torch.empty(0, dtype=dtype).set_(storage, ref.offset, ref.shape, ref.stride)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
 
 
 class _TorchPickleReader:
@@ -88,9 +181,9 @@ READER = _TorchPickleReader()
 
 
 def _is_module(obj: Any) -> bool:
-    import torch
-
-    return isinstance(obj, torch.nn.Module)
+    """A whole ``nn.Module`` (torch is then imported: only torch's loader makes one)."""
+    module_type = getattr(getattr(sys.modules.get("torch"), "nn", None), "Module", None)
+    return module_type is not None and isinstance(obj, module_type)
 
 
 def _torch_load_quietly(path: Path, weights_only: bool) -> Any:
@@ -140,54 +233,64 @@ def _first_sentence(exc: BaseException) -> str:
 
 # Modules whose globals a weights-only checkpoint may name (tensors, storages, containers).
 _CHECKPOINT_MODULES = ("torch", "collections", "_codecs", "numpy", "builtins.set", "builtins.frozenset")
-_SCAN_BYTES = 16 * 2**20
 
 
 def _foreign_globals(path: Path) -> list[str]:
     """Globals a pickle in the file would import, other than a checkpoint's own; read, never executed.
 
     Only for the message of a refused file (torch's weights-only unpickler has already refused it):
-    it names what the file would have run, e.g. ``posix.system``.
+    it names what the file would have run, e.g. ``posix.system``. For a zip, torch's own
+    ``get_unsafe_globals_in_checkpoint`` names them (its data.pkl is bounded first); otherwise, or
+    where that fails, the pickle is scanned as a stream, every read bounded by the size left.
     """
+    from fc2conv.formats.pickle_data import MAX_PICKLE_BYTES, BoundedReader
+    from fc2conv.formats.torch_zip import check_pickle_size, data_pickle
+
     try:
-        streams = _pickle_streams(path)
+        if _is_zip(path):
+            with zipfile.ZipFile(path) as archive:
+                info = data_pickle(archive)
+                if info is None:
+                    return []
+                check_pickle_size(path, info)
+                named = _unsafe_globals_by_torch(path)
+                if named is not None:
+                    return named
+                with archive.open(info) as stream:
+                    found = _globals_in(BoundedReader(stream, info.file_size))
+        else:
+            with open(path, "rb") as raw:
+                found = _globals_in(BoundedReader(raw, min(path.stat().st_size, MAX_PICKLE_BYTES)))
     except Exception:  # noqa: BLE001 - a damaged archive: nothing to name, the refusal stands
         return []
-    found: list[str] = []
-    for data in streams:
-        found.extend(_globals_in(data))
     return [g for g in found if not g.startswith(_CHECKPOINT_MODULES)]
 
 
-def _pickle_streams(path: Path) -> list[bytes]:
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return [
-                archive.read(i)
-                for i in archive.infolist()  # no zip bomb: small pickles only
-                if i.filename.endswith(".pkl") and i.file_size <= _SCAN_BYTES
-            ]
-    with open(path, "rb") as f:
-        return [f.read(_SCAN_BYTES)]
+def _unsafe_globals_by_torch(path: Path) -> list[str] | None:
+    import torch.serialization
+
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - opcodes it does not know (protocol 4 and later): scan by hand
+        return None
 
 
-def _globals_in(data: bytes) -> list[str]:
-    """The GLOBAL / STACK_GLOBAL names of the pickles in ``data`` (the legacy format holds several)."""
+def _globals_in(stream: BoundedReader) -> list[str]:
+    """The GLOBAL / STACK_GLOBAL names of the pickles in ``stream`` (the legacy format holds several)."""
     found: list[str] = []
-    stream = io.BytesIO(data)
     for _ in range(8):
         strings: list[str] = []
         try:
-            for opcode, arg, _ in pickletools.genops(stream):
+            for opcode, arg, _ in pickletools.genops(stream):  # type: ignore[arg-type]  # a file-like reader
                 if opcode.name in ("GLOBAL", "INST"):
                     found.append(str(arg).replace(" ", "."))
                 elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
                     found.append(f"{strings[-2]}.{strings[-1]}")
                 elif isinstance(arg, str):
-                    strings.append(arg)
+                    strings = [*strings[-1:], arg]
         except Exception:  # noqa: BLE001 - junk after the pickles: stop scanning
             break
-        if stream.tell() >= len(data):
+        if stream.left <= 0:
             break
     return found
 
@@ -195,7 +298,7 @@ def _globals_in(data: bytes) -> list[str]:
 # --- the state dict inside ------------------------------------------------------------------------
 
 
-def find_state_dict(obj: Any, path: str | Path, notes: list[str], key: str | None = None) -> dict[str, torch.Tensor]:
+def find_state_dict(obj: Any, path: str | Path, notes: list[str], key: str | None = None) -> dict[str, Any]:
     """The name -> tensor mapping inside a loaded checkpoint object.
 
     Accepts a plain state dict, one nested under a known key (:data:`WRAPPER_KEYS`, then
@@ -205,19 +308,19 @@ def find_state_dict(obj: Any, path: str | Path, notes: list[str], key: str | Non
 
     Raises:
         CheckpointError: no tensors found, or ``key`` names nothing in the checkpoint.
-    """
-    import torch
 
+    A tensor is a ``torch.Tensor``, or a ``TensorRef`` when the file was read as data (without torch).
+    """
     current, where = _walk(obj, path, key, notes) if key is not None else _descend(obj, notes)
     if not isinstance(current, Mapping):
         raise CheckpointError(f"{path}: holds a {type(current).__name__}, not a state dict of tensors")
-    tensors = {str(k): v for k, v in current.items() if isinstance(v, torch.Tensor)}
+    tensors = {str(k): v for k, v in current.items() if _is_tensor(v)}
     if not tensors:
         keys = ", ".join(map(str, list(current)[:8])) or "none"
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys})")
     if where:
         notes.insert(0, f"state dict found under checkpoint{''.join(f'[{k!r}]' for k in where)}")
-    dropped = [str(k) for k, v in current.items() if not isinstance(v, torch.Tensor)]
+    dropped = [str(k) for k, v in current.items() if not _is_tensor(v)]
     if dropped:
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         notes.append(f"ignored {len(dropped)} non-tensor entries ({shown})")
@@ -260,23 +363,28 @@ def _walk(obj: Any, path: str | Path, key: str, notes: list[str]) -> tuple[Any, 
     return current, where
 
 
-def _is_state(value: Any) -> bool:
-    import torch
+def _is_tensor(value: Any) -> bool:
+    """A ``torch.Tensor`` (torch is then imported: it loaded the file), or a ``TensorRef`` (read as data)."""
+    data_reader = sys.modules.get("fc2conv.formats.pickle_data")  # a TensorRef exists only once it is imported
+    if data_reader is not None and isinstance(value, data_reader.TensorRef):
+        return True
+    tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor_type is not None and isinstance(value, tensor_type)
 
-    return isinstance(value, (Mapping, torch.nn.Module))
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, Mapping) or _is_module(value)
 
 
 def _wrapper_key(current: Any) -> Any:
     """The key to descend into from a wrapper dict, or None when ``current`` is the state dict itself."""
-    import torch
-
-    if not isinstance(current, Mapping) or (current and all(isinstance(v, torch.Tensor) for v in current.values())):
+    if not isinstance(current, Mapping) or (current and all(_is_tensor(v) for v in current.values())):
         return None
     key = next((k for k in (*WRAPPER_KEYS, *EMA_KEYS) if _is_state(current.get(k))), None)
     if key is not None:
         return key
     nested = [k for k, v in current.items() if isinstance(v, Mapping) and _has_tensors(v)]
-    if len(nested) == 1 and not any(isinstance(v, torch.Tensor) for v in current.values()):
+    if len(nested) == 1 and not any(_is_tensor(v) for v in current.values()):
         return nested[0]
     return None
 
@@ -290,11 +398,8 @@ def _module_state(obj: Any, notes: list[str]) -> Any:
 
 
 def _has_tensors(mapping: Mapping[Any, Any], depth: int = 2) -> bool:
-    import torch
-
     return any(
-        isinstance(v, torch.Tensor) or (depth > 1 and isinstance(v, Mapping) and _has_tensors(v, depth - 1))
-        for v in mapping.values()
+        _is_tensor(v) or (depth > 1 and isinstance(v, Mapping) and _has_tensors(v, depth - 1)) for v in mapping.values()
     )
 
 
@@ -318,7 +423,7 @@ def _check_storage_sizes(state_dict: Mapping[str, torch.Tensor], path: Path) -> 
             )
 
 
-def _strip_wrapper_prefix(state_dict: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+def _strip_wrapper_prefix(state_dict: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """Remove ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) while every key has one.
 
     Wrappers nest (a compiled DataParallel model has ``_orig_mod.module.``): prefixes are stripped

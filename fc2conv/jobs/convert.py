@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
-from fc2conv.check import check_changes
-from fc2conv.convert import converted_info, converted_tensor, fc_weight
-from fc2conv.errors import PlanError
-from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence
-from fc2conv.formats import Listing, Source, open_source
+from fc2conv.check import check_changes, compare_spans, tensors_identical
+from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
+from fc2conv.diskio import ByteSpan
+from fc2conv.errors import OutputError, PlanError
+from fc2conv.formats import Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
+from fc2conv.jobs.planning import plan_for, weigh_evidence
 from fc2conv.layouts import LayoutChoice
-from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
+from fc2conv.plan import LayerChange, Plan
+from fc2conv.preload import preload_torch
 from fc2conv.publish import FolderOutput, atomic_folder, atomic_output, file_path, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
 from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
@@ -119,33 +121,38 @@ def convert_source(
     after the converted weights are published, proven in Keras before it is renamed into place.
     """
     started = time.perf_counter()
+    if keras_out is None and source.module is None:
+        preload_torch(source.format)  # its import overlaps copying the input's bytes
     _refuse_conversions(source)
     if keras_out is not None:
         require_keras_model(source)
     plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
-    evidence = weigh_evidence(plan, source.tensors, geometry_given=input_shape is not None)
-    if strict and evidence is not None and evidence.warnings:  # the evidence fails the conversion: write nothing
-        return ConvertResult(
-            input=source.path, output=Path(output_path or default_output(source.path)), plan=plan, checks=(),
-            load_notes=tuple(source.notes), output_bytes=0, written=False, seconds=time.perf_counter() - started,
-            evidence=evidence, strict=True,
-        )  # fmt: skip
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
-    writer = _Writer(source, plan, metadata, strict, progress)
-    if source.shards is None:
-        output = file_path(output_path) if output_path is not None else default_output(source.path)
-        written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
-    else:
-        output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
-        written = writer.write_shards(output, overwrite=overwrite)
+    # The evidence needs torch: it is weighed on another thread while the bytes are copied, and a
+    # strict conversion it fails publishes nothing.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        weighed = pool.submit(weigh_evidence, plan, source.tensors, geometry_given=input_shape is not None)
+        writer = _Writer(source, plan, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict))
+        if source.shards is None:
+            output = file_path(output_path) if output_path is not None else default_output(source.path)
+            written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
+        else:
+            output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
+            written = writer.write_shards(output, overwrite=overwrite)
+        evidence = weighed.result()
+    if _vetoed(evidence, strict):  # the evidence fails the conversion: nothing was written
+        return ConvertResult(
+            input=source.path, output=output, plan=plan, checks=(), load_notes=tuple(source.notes), output_bytes=0,
+            written=False, seconds=time.perf_counter() - started, evidence=evidence, strict=True,
+        )  # fmt: skip
     exports = [_keras_export(source, plan, keras_out, overwrite)] if keras_out is not None and written else []
     return ConvertResult(
         input=source.path,
         output=output,
         plan=plan,
         checks=tuple(writer.checks),
-        load_notes=(*source.notes, *shared_storage_notes(source.tensors)),
+        load_notes=(*source.notes, *shared_storage_notes(source.tensors, source.spans)),
         output_bytes=writer.size if written else 0,
         written=written,
         seconds=time.perf_counter() - started,
@@ -156,25 +163,8 @@ def convert_source(
     )
 
 
-# Where an order is stated by the file (a model's config, a graph), the weights' evidence is not weighed.
-_ORDER_STATED = ("from the model's config", "from the graph")
-
-
-def weigh_evidence(plan: Plan, tensors: Mapping[str, torch.Tensor], *, geometry_given: bool) -> Evidence | None:
-    """What the first head's weights say of the flatten order in use (and of the map, if it was inferred).
-
-    Only for a chain whose order nothing states, and whose map has several channels and positions
-    (otherwise both orders are one). The figures come from a seeded sample of rows: see
-    :mod:`fc2conv.evidence`.
-    """
-    if plan.mode != "chain" or plan.flatten_order_origin in _ORDER_STATED:
-        return None
-    first = next((c for c in plan.layers if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
-    if first is None:
-        return None
-    weight = fc_weight(first, tensors[first.weight])
-    geometry = None if geometry_given else geometry_evidence(weight, map_factorisations(first.old_shape[1]))
-    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map), geometry)
+def _vetoed(evidence: Evidence | None, strict: bool) -> bool:
+    return strict and evidence is not None and bool(evidence.warnings)
 
 
 def require_keras_model(source: Source) -> None:
@@ -202,27 +192,6 @@ def _keras_export(source: Source, plan: Plan, target: str | os.PathLike[str], ov
     return Export("keras", Path(target), result.max_abs_error, tolerance=bound, written=result.written)
 
 
-def plan_for(
-    listing: Listing,
-    input_shape: ShapeLike | None,
-    flatten_order: FlattenOrder | None,
-    layers: str | None,
-    pointwise: bool,
-    weight_layout: LayoutChoice,
-    trust_shape: bool,
-) -> Plan:
-    """The plan for a checkpoint's listing, with what its reader knows (module order, layout hints)."""
-    if pointwise:
-        return plan_pointwise(listing.infos, layers, weight_layout=weight_layout, layout_hints=listing.layout_hints)
-    if listing.heads is not None and not listing.heads and listing.heads_refused:
-        raise PlanError(listing.heads_refused[0])  # the model has heads, none of them provable: say why
-    return plan_conversion(
-        listing.infos, input_shape, flatten_order, layers, weight_layout=weight_layout,
-        layout_hints=listing.layout_hints, in_module_order=listing.module_order, trust_shape=trust_shape,
-        heads=listing.heads,
-    )  # fmt: skip
-
-
 def _refuse_conversions(source: Source) -> None:
     """A file fc2conv converted already is refused: converting it again would leave a record verify cannot use."""
     recorded = changes_from_metadata(source.metadata)
@@ -234,35 +203,35 @@ def _refuse_conversions(source: Source) -> None:
         )
 
 
-def shared_storage_notes(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def shared_storage_notes(tensors: Mapping[str, torch.Tensor], spans: Mapping[str, ByteSpan] | None = None) -> list[str]:
     """Say which tensors share memory (tied weights, overlapping views): each is written as its own copy.
 
     safetensors has no shared tensors (``safetensors.torch.save_file`` refuses them), and dropping a
     name would change the checkpoint's keys; so every name is written whole, and the output says so.
-    Only a loaded state dict can share memory: lazily read formats (safetensors) never do.
+    Tensors read as data share bytes of the file (their ``spans`` overlap); a state dict torch loaded
+    shares storages. Lazily read formats (safetensors) share nothing.
     """
-    if not isinstance(tensors, dict):
-        return []
-    import torch
+    regions: dict[object, list[tuple[int, int, str]]] = {}
+    for name, span in (spans or {}).items():
+        if span.nbytes:
+            regions.setdefault(span.path, []).append((span.offset, span.offset + span.nbytes, name))
+    if isinstance(tensors, dict):
+        import torch
 
-    spans: dict[int, list[tuple[int, int, str]]] = {}
-    for name, tensor in tensors.items():
-        if tensor.layout is not torch.strided or tensor.is_quantized or tensor.numel() == 0:
-            continue
-        size = tensor.element_size()
-        last = tensor.storage_offset() + sum(
-            (n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True)
-        )
-        spans.setdefault(tensor.untyped_storage().data_ptr(), []).append(
-            (tensor.storage_offset() * size, (last + 1) * size, name)
-        )
-    notes = []
-    for group in (names for entries in spans.values() for names in _overlapping(entries)):
-        notes.append(
-            f"{', '.join(group)} share memory in the input (tied weights); safetensors has no shared tensors, so "
-            "each is written as a copy of its own"
-        )
-    return notes
+        for name, tensor in tensors.items():
+            if tensor.layout is not torch.strided or tensor.is_quantized or tensor.numel() == 0:
+                continue
+            size, strides = tensor.element_size(), zip(tensor.shape, tensor.stride(), strict=True)
+            last = tensor.storage_offset() + sum((n - 1) * step for n, step in strides)
+            regions.setdefault(tensor.untyped_storage().data_ptr(), []).append(
+                (tensor.storage_offset() * size, (last + 1) * size, name)
+            )
+    return [
+        f"{', '.join(group)} share memory in the input (tied weights); safetensors has no shared tensors, so "
+        "each is written as a copy of its own"
+        for entries in regions.values()
+        for group in _overlapping(entries)
+    ]
 
 
 def _overlapping(spans: list[tuple[int, int, str]]) -> list[list[str]]:
@@ -287,12 +256,26 @@ class _Writer:
     """Streams converted tensors into output files, checking each file before it is published."""
 
     def __init__(
-        self, source: Source, plan: Plan, metadata: dict[str, str], strict: bool, progress: ProgressCallback | None
+        self,
+        source: Source,
+        plan: Plan,
+        metadata: dict[str, str],
+        strict: bool,
+        progress: ProgressCallback | None,
+        veto: Callable[[], bool] | None = None,
     ) -> None:
         self.source, self.plan, self.metadata, self.strict = source, plan, metadata, strict
+        self.veto = veto  # asked before each file is published: True discards it
         self.out_infos = {info.name: converted_info(plan, info) for info in source.infos}
         self.total = sum(i.nbytes for i in self.out_infos.values())
         self.progress = progress
+        # Tensors written as they lie in the input (untouched ones, and kernels whose rearrangement keeps
+        # the bytes): copied from the input file by the kernel, then compared with it byte for byte.
+        self.spans = {
+            name: span
+            for name, span in source.spans.items()
+            if (change := plan.change_for(name)) is None or keeps_bytes(change)
+        }
         self.size = 0  # bytes of the files written so far
         self.done = 0  # bytes of tensor data written so far
         self.checks: list[LayerCheck] = []
@@ -327,6 +310,9 @@ class _Writer:
             protect=protect,
             strict=self.strict,
             on_tensor=self._written,
+            spans=self.spans,
+            untouched=self.source.tensors,
+            veto=self.veto,
             into=into,
         )
         self.checks.extend(checks)
@@ -372,9 +358,18 @@ def write_checked(
     protect: Sequence[Path] = (),
     strict: bool = False,
     on_tensor: Callable[[TensorInfo], None] | None = None,
+    spans: Mapping[str, ByteSpan] | None = None,
+    untouched: Mapping[str, torch.Tensor] | None = None,
+    veto: Callable[[], bool] | None = None,
     into: FolderOutput | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
-    """Write a safetensors file atomically, check its converted layers from the file, then publish it.
+    """Write a safetensors file atomically, check every byte of it and its converted layers, then publish it.
+
+    Tensors in ``spans`` are copied from the input file by the kernel. The written file is then
+    checked while it is flushed to the disk: each converted kernel byte for byte against the exact
+    rearrangement of its weight and numerically against the FC; each other tensor, when ``untouched``
+    (the input's tensors) is given, byte for byte against the input (a difference is a write failure).
+    ``veto``, asked last, can still discard the file (nothing is published).
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
     nothing is left at ``target``). With ``into``, the file is the one named ``target.name`` of that
@@ -384,14 +379,43 @@ def write_checked(
     output = into.file(target.name) if into is not None else atomic_output(target, overwrite=overwrite, protect=protect)
     try:
         with output as tmp:
-            size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor)
-            # The disk flush (I/O) and the check of the written file (CPU) overlap.
+            size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor, spans=spans)
+            # The disk flush (I/O) and the checks of the written file (memory and CPU) overlap.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 synced = pool.submit(fsync_file, tmp)
-                checks = check_changes(changes, original, open_safetensors(tmp).tensors, strict=strict)
+                checks = _check_written(tmp, out_infos, changes, original, spans or {}, untouched, strict)
                 synced.result()
-            if not all(c.ok for c in checks):
+            if not all(c.ok for c in checks) or (veto is not None and veto()):
                 raise _CheckFailed
     except _CheckFailed:
         return checks, 0, False
     return checks, size, True
+
+
+def _check_written(
+    path: Path,
+    out_infos: Sequence[TensorInfo],
+    changes: Sequence[LayerChange],
+    original: Mapping[str, torch.Tensor],
+    spans: Mapping[str, ByteSpan],
+    untouched: Mapping[str, torch.Tensor] | None,
+    strict: bool,
+) -> list[LayerCheck]:
+    """Every byte of the written file against the input; the numeric check of every converted layer."""
+    written = open_safetensors(path)
+    # Spans first: memcmp over the mapped files needs no torch (which may still be importing).
+    compared = compare_spans({n: (span, written.spans[n]) for n, span in spans.items() if n in written.spans})
+    converted = {c.weight for c in changes}
+    if untouched is not None:
+        for info in out_infos:
+            if info.name in converted:
+                continue
+            if info.name in compared:
+                same = compared[info.name] is None
+            else:
+                same = tensors_identical(untouched[info.name], written.tensors[info.name])
+            if not same:
+                raise OutputError(
+                    f"{path}: the written tensor {info.name!r} differs from the input; nothing was published"
+                )
+    return check_changes(changes, original, written.tensors, exact=True, strict=strict, compared=compared)

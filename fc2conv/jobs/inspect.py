@@ -6,7 +6,7 @@ import os
 
 from fc2conv.errors import PlanError
 from fc2conv.formats import open_source, read_listing
-from fc2conv.jobs.convert import plan_for, weigh_evidence
+from fc2conv.jobs.planning import plan_for, weigh_evidence
 from fc2conv.layers import group_layers
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import Plan, layer_pattern

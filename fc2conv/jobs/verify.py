@@ -9,12 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fc2conv.check import check_changes, tensors_identical
-from fc2conv.convert import fc_weight
+from fc2conv.check import check_changes, compare_spans, tensors_identical
+from fc2conv.convert import fc_weight, keeps_bytes
+from fc2conv.diskio import ByteSpan
 from fc2conv.errors import ShapeError
 from fc2conv.evidence import order_evidence
 from fc2conv.formats import Source, open_source
 from fc2conv.plan import LayerChange
+from fc2conv.preload import preload_torch
 from fc2conv.record import changes_from_metadata
 from fc2conv.results import Evidence, TensorMismatch, VerifyResult
 from fc2conv.shapes import as_spec, resolve_shape
@@ -69,6 +71,7 @@ def verify_sources(
     strict: bool = False,
 ) -> VerifyResult:
     """:func:`verify_files` on two checkpoints already opened."""
+    preload_torch(original.format, converted.format)  # its import overlaps comparing the bytes
     notes: list[str] = [*original.notes, *converted.notes]
     changes = _converted_layers(original, converted, flatten_order, notes)
     # The layer whose map is more than 1x1 carries the geometry (a chain's first layer).
@@ -82,12 +85,15 @@ def verify_sources(
     ]
     mismatches += [TensorMismatch(n, "not in the original file") for n in sorted(converted_names - original_names)]
     present = [c for c in changes if c.weight in original_names and c.weight in converted_names]
-    checks = check_changes(
-        present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True, strict=strict
-    )
     others = sorted((original_names & converted_names) - {c.weight for c in changes})
+    # Every byte, compared first where both files give the spans (memcmp, no torch needed yet).
+    compared = compare_spans(_span_pairs(original, converted, present, others))
+    checks = check_changes(
+        present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True, strict=strict,
+        compared=compared,
+    )  # fmt: skip
     different = [TensorMismatch(n, difference(original.tensors[n], converted.tensors[n])) for n in others
-                 if not tensors_identical(original.tensors[n], converted.tensors[n])]  # fmt: skip
+                 if not _identical(n, compared, original, converted)]  # fmt: skip
     if not changes:
         notes.append("no converted layer found: nothing is 2-D in the original and 4-D in the converted file")
     evidence = _recorded_evidence(changes, original, converted)
@@ -103,6 +109,23 @@ def verify_sources(
         evidence=evidence,
         strict=strict,
     )
+
+
+def _span_pairs(
+    original: Source, converted: Source, changes: Sequence[LayerChange], others: Sequence[str]
+) -> dict[str, tuple[ByteSpan, ByteSpan]]:
+    """The byte spans to compare: other tensors of the same dtype and shape, kernels that keep their bytes."""
+    original_infos = {i.name: i for i in original.infos}
+    converted_infos = {i.name: i for i in converted.infos}
+    names = [n for n in others if original_infos[n] == converted_infos[n]]
+    names += [c.weight for c in changes if keeps_bytes(c)]
+    return {n: (original.spans[n], converted.spans[n]) for n in names if n in original.spans and n in converted.spans}
+
+
+def _identical(name: str, compared: dict[str, int | None], original: Source, converted: Source) -> bool:
+    if name in compared:
+        return compared[name] is None
+    return tensors_identical(original.tensors[name], converted.tensors[name])
 
 
 def _recorded_evidence(changes: Sequence[LayerChange], original: Source, converted: Source) -> Evidence | None:

@@ -1,0 +1,67 @@
+"""A checkpoint's plan from its listing, and what its weights say of the plan: shared by the commands.
+
+Light to import: ``inspect`` plans from shapes alone; the evidence (which needs torch) is imported
+when it is weighed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from fc2conv.errors import PlanError
+from fc2conv.formats import Listing
+from fc2conv.layouts import LayoutChoice
+from fc2conv.plan import Plan, plan_conversion, plan_pointwise
+from fc2conv.results import Evidence
+from fc2conv.types import FlattenOrder, ShapeLike
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["plan_for", "weigh_evidence"]
+
+
+def plan_for(
+    listing: Listing,
+    input_shape: ShapeLike | None,
+    flatten_order: FlattenOrder | None,
+    layers: str | None,
+    pointwise: bool,
+    weight_layout: LayoutChoice,
+    trust_shape: bool,
+) -> Plan:
+    """The plan for a checkpoint's listing, with what its reader knows (module order, layout hints)."""
+    if pointwise:
+        return plan_pointwise(listing.infos, layers, weight_layout=weight_layout, layout_hints=listing.layout_hints)
+    if listing.heads is not None and not listing.heads and listing.heads_refused:
+        raise PlanError(listing.heads_refused[0])  # the model has heads, none of them provable: say why
+    return plan_conversion(
+        listing.infos, input_shape, flatten_order, layers, weight_layout=weight_layout,
+        layout_hints=listing.layout_hints, in_module_order=listing.module_order, trust_shape=trust_shape,
+        heads=listing.heads,
+    )  # fmt: skip
+
+
+# Where an order is stated by the file (a model's config, a graph), the weights' evidence is not weighed.
+_ORDER_STATED = ("from the model's config", "from the graph")
+
+
+def weigh_evidence(plan: Plan, tensors: Mapping[str, torch.Tensor], *, geometry_given: bool) -> Evidence | None:
+    """What the first head's weights say of the flatten order in use (and of the map, if it was inferred).
+
+    Only for a chain whose order nothing states, and whose map has several channels and positions
+    (otherwise both orders are one). The figures come from a seeded sample of rows: see
+    :mod:`fc2conv.evidence`.
+    """
+    if plan.mode != "chain" or plan.flatten_order_origin in _ORDER_STATED:
+        return None
+    first = next((c for c in plan.layers if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
+    if first is None:
+        return None
+    from fc2conv.convert import fc_weight
+    from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence
+
+    weight = fc_weight(first, tensors[first.weight])
+    geometry = None if geometry_given else geometry_evidence(weight, map_factorisations(first.old_shape[1]))
+    return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map), geometry)
