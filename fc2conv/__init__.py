@@ -4,8 +4,18 @@ The library is pure: state dict in, state dict out. Importing it does not import
 functions that need torch import it when called.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import os as _os
+import sys as _sys
+
+# `python -m fc2conv` puts the current folder first on the module path, so a rich.py, typing.py or
+# torch.py there would be imported (and run) in place of the real module. This package is imported by
+# then, before anything else of it: drop that entry before any other import (os and sys are loaded at
+# start-up). Only under -m: a script keeps its path.
+if _sys.argv[:1] == ["-m"] and _sys.path and _sys.path[0] in ("", _os.getcwd()):
+    del _sys.path[0]
+
+import importlib  # noqa: E402 - after the module path is made safe
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from fc2conv._version import __version__
 

@@ -107,7 +107,7 @@ def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Genera
         return x.to(dtype)  # both sides see these exact (rounded) values
 
     traced = draw(SAMPLES, m.height, m.width)
-    grid = (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
+    grid = _grid(change)
     big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
     windows = [
         _flatten(big[:, :, i : i + m.height, j : j + m.width].double(), change.flatten_order)
@@ -115,6 +115,11 @@ def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Genera
         for j in range(grid[1])
     ]
     return _Probe(traced, big, grid, _flatten(traced.double(), change.flatten_order), torch.cat(windows))
+
+
+def _grid(change: LayerChange) -> tuple[int, int]:
+    """Output positions of the sliding-window check: 3x3 windows of a map, or S positions of a pointwise layer."""
+    return (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
 
 
 class _Tally:
@@ -189,10 +194,11 @@ def check_layer(
         tolerance=tolerance or tolerance_for(dtype), flatten_order=change.flatten_order, pointwise=change.pointwise,
     )  # fmt: skip
     kernel_bias = bias if kernel_bias is None else kernel_bias
-    if tuple(kernel.shape) != change.new_shape:
-        return replace(result, problem=f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}")
-    if (bias is None) != (kernel_bias is None):
-        return replace(result, problem="bias present on one side only")
+    problem = _shape_problem(change, weight, kernel, bias, kernel_bias)
+    if problem is not None:
+        return replace(result, problem=problem)
+    if weight.numel() == 0:  # no inputs or no outputs: nothing to draw maps for (the shape may be 0 x 2^22)
+        return _check_empty(result, change, bias, kernel_bias)
     generator = torch.Generator().manual_seed(seed)
     probe = _draw_probe(change, kernel.dtype, generator)
     rows = _rows_to_check(weight.shape[0], max_rows, generator)
@@ -206,6 +212,54 @@ def check_layer(
         window_grid=probe.grid, reference_scale=tally.scale, rows_checked=len(rows), nonfinite=tally.nonfinite,
         problem="non-finite outputs differ between FC and conv" if tally.pattern_mismatch else None,
     )  # fmt: skip
+
+
+def _shape_problem(
+    change: LayerChange,
+    weight: torch.Tensor,
+    kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel_bias: torch.Tensor | None,
+) -> str | None:
+    """Why the tensors cannot be the layer the change describes (shapes come from a file: check them all)."""
+    if tuple(kernel.shape) != change.new_shape:
+        return f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}"
+    if tuple(weight.shape) != change.old_shape:
+        return f"weight shape {tuple(weight.shape)} != expected {change.old_shape}"
+    if (bias is None) != (kernel_bias is None):
+        return "bias present on one side only"
+    for side, tensor in (("bias", bias), ("conv bias", kernel_bias)):
+        if tensor is not None and tuple(tensor.shape) != (change.out_features,):
+            return f"{side} shape {tuple(tensor.shape)} != expected {(change.out_features,)}"
+    return None
+
+
+def _check_empty(
+    result: LayerCheck, change: LayerChange, bias: torch.Tensor | None, kernel_bias: torch.Tensor | None
+) -> LayerCheck:
+    """A layer with no weights (zero inputs or zero outputs): both sides output the bias alone, if any."""
+    error = scale = 0.0
+    if bias is not None and kernel_bias is not None and bias.numel():
+        scale = _max_abs(bias)
+        if not tensors_identical(bias, kernel_bias.to(bias.dtype)):
+            error = _max_abs(bias, kernel_bias)
+    rel = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+    return replace(
+        result, max_abs_error=error, max_rel_error=rel, window_max_abs_error=error, window_grid=_grid(change),
+        reference_scale=scale, rows_checked=0,
+    )  # fmt: skip
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """max |a| (or max |a - b|) in float64, a chunk at a time; NaN counts as infinite."""
+    flat_a, flat_b = a.reshape(-1), (b.reshape(-1) if b is not None else None)
+    step, worst = max(1, _CHUNK_BYTES // 8), 0.0
+    for start in range(0, flat_a.numel(), step):
+        part = flat_a[start : start + step].double()
+        if flat_b is not None:
+            part = part - flat_b[start : start + step].double()
+        worst = max(worst, float(part.abs().nan_to_num(nan=math.inf).max()))
+    return worst
 
 
 def _row_chunks(rows: list[int], kernel: torch.Tensor, in_features: int) -> Iterator[range]:
@@ -333,6 +387,8 @@ def kernel_difference(change: LayerChange, weight: torch.Tensor, kernel: torch.T
     """
     if tuple(kernel.shape) != change.new_shape:
         return f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}"
+    if weight.numel() == 0:  # same shape and no data (the row loop below would run 2^40 empty steps)
+        return None
     rows = max(1, _CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
     for start in range(0, weight.shape[0], rows):
         part = weight[start : start + rows]

@@ -21,6 +21,8 @@ import click
 from fc2conv._version import __version__
 from fc2conv.errors import DependencyError, Fc2ConvError, Remedy
 from fc2conv.layouts import LayoutChoice
+from fc2conv.names import printable
+from fc2conv.publish import published
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLATTEN_ORDERS, FlattenOrder, ShapeSpec
 
@@ -60,8 +62,35 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
-def _on_signal(signum: int, frame: object) -> NoReturn:
+class _Run:
+    """What the running command has put in place, so that an interrupt is reported as it happened."""
+
+    def __init__(self, outputs: int = 0) -> None:
+        self.outputs = outputs  # how many outputs the command writes (set by the command)
+        self.start = len(published())
+
+    def written(self) -> tuple[Path, ...]:
+        return published()[self.start :]
+
+    def finished(self) -> bool:
+        """Every output of the command is in place: it has succeeded, whatever comes now."""
+        return self.outputs > 0 and len(self.written()) >= self.outputs
+
+
+_run = _Run()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _run.finished():
+        return  # once the output is renamed into place the run has succeeded: it finishes and says so
     raise _Signalled(signum)
+
+
+def _interrupted(what: str) -> str:
+    written = _run.written()
+    if not written:
+        return f"{what}; no output was written"
+    return f"{what} after writing {', '.join(map(str, written))}; no other output was written"
 
 
 class ShapeType(click.ParamType):
@@ -97,18 +126,20 @@ class Fc2ConvGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         if "--debug" in argv[1:]:  # accepted anywhere, as users type it: after the command too
             argv = ["--debug", *[a for a in argv if a != "--debug"]]
+        global _run
+        _run = _Run()
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             code = super().main(argv, prog_name or "fc2conv", complete_var, standalone_mode=False, **extra)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            code = _fail("interrupted; no output was written", EXIT_INTERRUPTED, argv)
+            code = _fail(_interrupted("interrupted"), EXIT_INTERRUPTED, argv)
         except _Signalled as exc:
             if exc.signum == signal.SIGINT:
-                code = _fail("interrupted (Ctrl-C); no output was written", EXIT_INTERRUPTED, argv)
+                code = _fail(_interrupted("interrupted (Ctrl-C)"), EXIT_INTERRUPTED, argv)
             else:
-                code = _fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED, argv)
+                code = _fail(_interrupted("terminated (SIGTERM)"), EXIT_TERMINATED, argv)
         except click.ClickException as exc:
             context = getattr(exc, "ctx", None)  # usage errors carry the command they were raised in
             command = context.command_path if context is not None else "fc2conv"
@@ -137,6 +168,7 @@ class Fc2ConvGroup(click.Group):
 
 def _fail(message: str, code: int, argv: list[str]) -> int:
     """Print the one ``Error:`` line on stderr (and a JSON verdict on stdout with ``--json``)."""
+    message = printable(message)  # names from the file cannot break the line (or forge another)
     click.echo(f"Error: {message}", err=True)
     if "--json" in argv:
         click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
@@ -175,13 +207,13 @@ def _finish(result: ConvertResult | VerifyResult, as_json: bool, command: str) -
     shown = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
     what = "check failed" if len(failures) == 1 else f"{len(failures)} checks failed"
     written = "" if command != "convert" or getattr(result, "written", True) else "; no output was written"
-    click.echo(f"Error: {what}: {shown}{written}".replace("\n", "\\n"), err=True)
+    click.echo(printable(f"Error: {what}: {shown}{written}"), err=True)
     return EXIT_CHECK_FAILED
 
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        click.echo(f"Warning: {line}", err=True)
+        click.echo(f"Warning: {printable(line)}", err=True)
 
 
 @click.group(
@@ -288,7 +320,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a string: a trailing '/' (a folder) must reach the library
     default=None,
     help="Output safetensors file. Default: <stem>.conv.safetensors beside the input.",
 )
@@ -305,14 +337,14 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 @click.option(
     "--export",
     "export_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     help="With --model: also save a torch.export program of the converted model (dynamic H and W).",
 )
 @click.option(
     "--onnx",
     "onnx_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     help="With --model: also save ONNX (dynamic H and W; needs the onnx extra), run with onnxruntime if installed.",
 )
@@ -324,7 +356,7 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 )
 @click.option(
     "--keras-out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     help="With a Keras model as input: also write the fully convolutional Keras model (FILE.keras; input of any "
     "size), proven in Keras before it is written. Needs keras (the keras-export extra).",
@@ -343,16 +375,16 @@ def _trust_warning(trust_pickle: bool, *paths: Path) -> None:
 def convert(
     checkpoint: Path,
     input_shape: ShapeSpec | None,
-    output: Path | None,
+    output: str | None,
     flatten_order: FlattenOrder | None,
     layers: str | None,
     pointwise: bool,
     force: bool,
     model: str | None,
-    export_path: Path | None,
-    onnx_path: Path | None,
+    export_path: str | None,
+    onnx_path: str | None,
     dense: bool,
-    keras_out: Path | None,
+    keras_out: str | None,
     fold_batchnorm: bool,
     weight_layout: str,
     trust_shape: bool,
@@ -374,6 +406,7 @@ def convert(
     if pointwise and (input_shape is not None or flatten_order is not None):
         raise click.UsageError("--pointwise takes no --input-shape or --flatten-order: it has no flatten geometry")
     _trust_warning(trust_pickle, checkpoint)
+    _run.outputs = 1 + sum(path is not None for path in (export_path, onnx_path, keras_out))
     # Read once, then branch on what the file holds.
     source = open_source(checkpoint, trust_pickle=trust_pickle, input_shape=input_shape, state_dict_key=state_dict_key)
     if source.format == "onnx":
@@ -412,7 +445,7 @@ def _refuse_for_onnx(**options: object) -> None:
         raise click.UsageError(f"an ONNX graph states its own heads, order and layers: no {', '.join(given)}")
 
 
-def _convert_onnx(source: Source, output: Path | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
+def _convert_onnx(source: Source, output: str | None, dense: bool, force: bool, as_json: bool, *flags: object) -> int:
     """``convert model.onnx``: the graph's heads become Conv nodes; the options of checkpoints do not apply."""
     if any(flags):
         raise click.UsageError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,6 +11,7 @@ from fc2conv.errors import PlanError, ShapeError
 from fc2conv.heads import RoleOf, assign_roles, channel_evidence, structural_roles
 from fc2conv.layers import Layer, group_layers
 from fc2conv.layouts import FCShape, LayoutChoice, resolve_layouts
+from fc2conv.names import NamePattern, compile_pattern
 from fc2conv.shapes import as_spec, resolve_shape, square_map
 from fc2conv.types import (
     FLATTEN_ORDERS,
@@ -220,7 +220,7 @@ def _plan_from_heads(
     heads: Sequence[HeadHint],
     spec: ShapeSpec | None,
     flatten_order: FlattenOrder | None,
-    pattern: re.Pattern[str] | None,
+    pattern: NamePattern | None,
 ) -> Plan:
     """The plan of heads the file describes: each first layer reads its map, each later one the one before."""
     by_name = {fc.name: fc for fc in fcs}
@@ -276,21 +276,16 @@ def _agree(
         )
 
 
-def layer_pattern(layers: str | None) -> re.Pattern[str] | None:
-    """The compiled ``--layers`` regex (matched with ``search`` on layer names), or None for every layer.
+def layer_pattern(layers: str | None) -> NamePattern | None:
+    """The compiled ``--layers`` regex (RE2, matched with ``search`` on layer names), or None for every layer.
 
     Raises:
         PlanError: not a valid regular expression.
     """
-    if layers is None:
-        return None
-    try:
-        return re.compile(layers)
-    except re.error as exc:
-        raise PlanError(f"layer pattern {layers!r} is not a valid regular expression: {exc}") from exc
+    return None if layers is None else compile_pattern(layers)
 
 
-def _selected(fc: FCShape, pattern: re.Pattern[str] | None) -> bool:
+def _selected(fc: FCShape, pattern: NamePattern | None) -> bool:
     return pattern is None or pattern.search(fc.name) is not None
 
 
@@ -300,7 +295,7 @@ def _layers_of(infos: list[TensorInfo]) -> list[Layer]:
     return group_layers(infos)
 
 
-def _fc_layers(layers: Sequence[Layer], pattern: re.Pattern[str] | None) -> list[Layer]:
+def _fc_layers(layers: Sequence[Layer], pattern: NamePattern | None) -> list[Layer]:
     """Linear layers (2-D weights), and embeddings where the layer pattern names them."""
     return [
         layer
@@ -439,7 +434,7 @@ _LAYOUT_REASONS = {"its": "biases", "from": "config.json", "a": "names of transf
 
 
 def _skipped(
-    layers: Sequence[Layer], roles: Sequence[RoleOf], converted: set[str], pattern: re.Pattern[str] | None
+    layers: Sequence[Layer], roles: Sequence[RoleOf], converted: set[str], pattern: NamePattern | None
 ) -> tuple[SkippedLayer, ...]:
     """Every 2-D floating weight that stays as it is, with the reason."""
     reasons = {r.fc.name: r.reason for r in roles if r.reason}

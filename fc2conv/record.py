@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from fc2conv.errors import PlanError
 from fc2conv.plan import LayerChange, Plan
@@ -53,25 +54,44 @@ def changes_from_metadata(metadata: dict[str, str]) -> list[LayerChange] | None:
         return None
     try:
         entries = json.loads(raw)
-        changes = []
-        for entry in entries:
-            out, channels, height, width = (int(v) for v in entry["new_shape"])
-            changes.append(
-                LayerChange(
-                    name=str(entry["name"]),
-                    weight=str(entry["weight"]),
-                    bias=entry.get("bias"),
-                    dtype="",
-                    old_shape=(int(entry["old_shape"][0]), int(entry["old_shape"][1])),
-                    in_map=InputShape(channels, height, width),
-                    flatten_order=_order(entry.get("flatten_order", "chw")),
-                    pointwise=bool(entry.get("pointwise", False)),
-                    layout="in_out" if entry.get("layout") == "in_out" else "out_in",
-                )
-            )
-        return changes
+        if not isinstance(entries, list):
+            raise TypeError(f"a list of layers is expected, not {type(entries).__name__}")
+        changes = [_change_of(entry) for entry in entries]
+    except RecursionError as exc:
+        raise PlanError(f"the {METADATA_PREFIX}layers metadata is malformed (JSON nested too deeply)") from exc
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise PlanError(f"the {METADATA_PREFIX}layers metadata is malformed ({exc})") from exc
+    for kind, values in (("layer", [c.name for c in changes]), ("weight", [c.weight for c in changes])):
+        twice = [value for value, count in Counter(values).items() if count > 1]
+        if twice:
+            raise PlanError(f"the {METADATA_PREFIX}layers metadata is malformed (it lists {kind} {twice[0]!r} twice)")
+    return changes
+
+
+def _change_of(entry: dict[str, object]) -> LayerChange:
+    """One recorded layer; every field is checked, since the record comes from a file."""
+    _, channels, height, width = _sizes(entry["new_shape"], 4)
+    old_out, old_in = _sizes(entry["old_shape"], 2)
+    bias = entry.get("bias")
+    if bias is not None and not isinstance(bias, str):
+        raise TypeError(f"bias {bias!r} is not a tensor name")
+    return LayerChange(
+        name=str(entry["name"]),
+        weight=str(entry["weight"]),
+        bias=bias,
+        dtype="",
+        old_shape=(old_out, old_in),
+        in_map=InputShape(channels, height, width),
+        flatten_order=_order(entry.get("flatten_order", "chw")),
+        pointwise=bool(entry.get("pointwise", False)),
+        layout="in_out" if entry.get("layout") == "in_out" else "out_in",
+    )
+
+
+def _sizes(value: object, count: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) != count or not all(type(v) is int and v >= 0 for v in value):
+        raise ValueError(f"shape {value!r} is not {count} non-negative integers")
+    return tuple(value)
 
 
 def _order(value: object) -> FlattenOrder:

@@ -8,7 +8,7 @@ import sys
 
 from rich import box
 from rich.console import Console, JustifyMethod
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -21,10 +21,20 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from fc2conv.names import printable
 from fc2conv.results import ConvertResult, Evidence, InspectResult, LayerCheck, ModuleCheck, VerifyResult
 from fc2conv.types import InputShape
 
 __all__ = ["PROGRESS_MIN_BYTES", "ByteProgress", "make_console", "render_convert", "render_inspect", "render_verify"]
+
+
+def escape(text: str) -> str:
+    """Text from a file, safe to print: no rich markup, and every unprintable character as an escape.
+
+    So a tensor name holding a newline cannot add a line (a forged ``verdict: PASS``) to a table.
+    """
+    return escape_markup(printable(text))
+
 
 # Width used when stdout is not a terminal and COLUMNS is unset: wide enough for the tables.
 _PIPE_WIDTH = 132
@@ -127,8 +137,11 @@ def _columns(table: Table, columns: list[tuple[str, JustifyMethod]]) -> None:
 
 
 def _note(console: Console, text: str, style: str = "") -> None:
-    """One note under a table: plain text (no markup), one line per note when piped (logs stay greppable)."""
-    console.print(Text("  " + text, style=style), soft_wrap=not console.is_terminal)
+    """One note under a table: plain text (no markup), one line per note when piped (logs stay greppable).
+
+    Names from the file in it are shown escaped (:func:`fc2conv.names.printable`): one note, one line.
+    """
+    console.print(Text("  " + printable(text), style=style), soft_wrap=not console.is_terminal)
 
 
 def _stack(*figures: str) -> str:

@@ -10,6 +10,8 @@ from fc2conv.types import InputShape, ShapeLike, ShapeSpec
 
 __all__ = ["as_spec", "parse_shape", "resolve_shape", "square_map"]
 
+# No layer has 10^18 inputs: a longer part is a mistake (or an attack on int()), refused with its length.
+_MAX_DIGITS = 18
 _SEPARATORS = re.compile(r"\s*[xX,×*]\s*|\s+")
 
 
@@ -45,6 +47,8 @@ def parse_shape(text: str) -> ShapeSpec:
             raise ShapeError(
                 f"input shape {text!r}: {piece!r} is not a positive whole number; expected CxHxW such as 256x4x4"
             )
+        if len(piece.lstrip("0")) > _MAX_DIGITS:  # int() of a 5000-digit part would raise (and be slow)
+            raise ShapeError(f"input shape: a part of {len(piece)} digits is too large (at most {_MAX_DIGITS} digits)")
         value = int(piece)
         if value <= 0:
             raise ShapeError(f"input shape {text!r}: every part must be at least 1, got {value}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -46,6 +47,34 @@ def run_process(*args: object, **kwargs: Any) -> subprocess.CompletedProcess[str
     return subprocess.run(
         [sys.executable, "-m", "fc2conv", *map(str, args)], capture_output=True, text=True, check=False, **kwargs
     )
+
+
+# Address space of one command run by run_capped: a normal run maps about 0.9 GB (torch's libraries included),
+# so a regression that allocates gigabytes on the word of a file fails the test instead of exhausting the machine.
+MEMORY_CAP = 1536 * 2**20
+
+
+def run_capped(
+    *args: object, cap: int = MEMORY_CAP, timeout: float = 60, before: str = "", **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """The CLI in a new process, its address space capped (RLIMIT_AS) and its time bounded.
+
+    ``before`` is Python code run in that process before the command (to wrap a function, say). A run
+    that blocks past ``timeout`` is killed and the test fails with ``TimeoutExpired``.
+    """
+    code = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))\n"
+        f"{before}\n"
+        "from fc2conv.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    # One thread and few malloc arenas: on a many-core CI machine each thread would reserve address space.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", **kwargs.pop("env", {})}
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=False, timeout=timeout,
+        env=env, **kwargs,
+    )  # fmt: skip
 
 
 def error_line(result: Result) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fc2conv.check as check_module
-from fc2conv import convert_state_dict, plan_conversion, tensor_infos
+from fc2conv import InputShape, LayerChange, convert_state_dict, plan_conversion, tensor_infos
 from fc2conv.check import (
     DEFAULT_TOLERANCES,
     Tolerance,
@@ -151,3 +151,23 @@ def test_large_layers_are_checked_on_a_seeded_row_sample_that_still_catches_layo
     last_row_broken = out["fc.weight"].clone()
     last_row_broken[-1] += 1.0  # the first and last rows are always in the sample
     assert not check_layer(change, sd["fc.weight"], last_row_broken, sd["fc.bias"], max_rows=20).ok
+
+
+def test_a_layer_without_inputs_outputs_its_bias_on_both_sides():
+    """Linear(0, 3) and Conv2d(0, 3, 1) both output their bias: the check compares biases, drawing no map."""
+    change = LayerChange("fc", "fc.weight", "fc.bias", "float32", (3, 0), InputShape(0, 1, 1), "chw", pointwise=True)
+    weight, kernel = torch.zeros(3, 0), torch.zeros(3, 0, 1, 1)
+    bias = torch.tensor([1.0, -2.0, 3.0])
+    same = check_layer(change, weight, kernel, bias, bias.clone())
+    assert same.ok and same.max_abs_error == 0 and same.reference_scale == 3 and same.rows_checked == 0
+    moved = check_layer(change, weight, kernel, bias, bias + 1)
+    assert not moved.ok and moved.max_abs_error == 1
+    assert check_layer(change, weight, kernel).ok
+    assert kernel_is_exact(change, weight, kernel)
+
+
+def test_shapes_that_do_not_fit_the_change_are_problems_not_crashes():
+    change = LayerChange("fc", "fc.weight", "fc.bias", "float32", (4, 6), InputShape(6, 1, 1), "chw")
+    weight, kernel = torch.randn(4, 6), torch.randn(4, 6, 1, 1)
+    assert "weight shape" in check_layer(change, torch.randn(5, 6), kernel).problem
+    assert "bias shape" in check_layer(change, weight, kernel, torch.randn(3), torch.randn(3)).problem

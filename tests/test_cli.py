@@ -353,3 +353,32 @@ def test_help_does_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_tied_tensors_are_written_as_copies_and_the_output_says_so(tmp_path):
+    """Two names sharing one storage (tied weights): each is written whole, and a note says so."""
+    sd = head_state_dict(c=8, h=3, w=3, widths=(16, 5))
+    sd["features.0.bias_copy"] = sd["features.0.bias"]  # tied: the same tensor under two names
+    sd["fc2.bias"] = sd["fc1.bias"][:5]  # a view into another tensor's storage
+    torch.save(sd, tmp_path / "tied.pt")
+    result = run("convert", tmp_path / "tied.pt", "--input-shape", "8x3x3", "--json")
+    assert result.exit_code == 0, result.output
+    notes = [n for n in json.loads(result.stdout)["load_notes"] if "share memory" in n]
+    assert len(notes) == 2 and any("features.0.bias, features.0.bias_copy share" in n for n in notes)
+    out = load_file(str(tmp_path / "tied.conv.safetensors"))
+    assert torch.equal(out["features.0.bias_copy"], sd["features.0.bias"])
+    assert torch.equal(out["fc2.bias"], sd["fc1.bias"][:5])
+    assert run("verify", tmp_path / "tied.pt", tmp_path / "tied.conv.safetensors").exit_code == 0
+
+
+@pytest.mark.slow
+def test_python_m_does_not_import_modules_from_the_current_folder(tmp_path):
+    """``python -m`` puts the current folder first on the module path; fc2conv drops it before importing."""
+    for module in ("rich", "click", "json", "typing", "torch", "safetensors", "re2"):
+        (tmp_path / f"{module}.py").write_text(f"open({str(tmp_path / 'RAN')!r} + '-{module}', 'w').close()\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "fc2conv", "inspect", str(SMALL_CNN), "--layers", "classifier"],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("RAN")]

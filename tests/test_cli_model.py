@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fc2conv.graph import convert_module
 from tests.architectures import LeNetStyle, MLPHeadBN, build
-from tests.conftest import run
+from tests.conftest import ROOT, run, run_capped
 
 
 @pytest.fixture
@@ -167,3 +167,33 @@ def test_verify_model_of_a_folded_conversion_is_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["end_to_end"]["ok"] and "folded" in payload["notes"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["export_program", "program_error"])
+def test_an_interrupt_says_which_outputs_were_written(tmp_path, lenet_pt, moment):
+    """SIGTERM while the export is written: the weights are in place and the error says so; once the
+    export is in place too (while it is being run), the command has succeeded."""
+    out, program = tmp_path / "out.safetensors", tmp_path / "m.pt2"
+    before = (
+        "import os, signal, fc2conv.jobs.model as _job\n"
+        f"_real = _job.{moment}\n"
+        "def _wrapped(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return _real(*args, **kwargs)\n"
+        f"_job.{moment} = _wrapped\n"
+    )
+    done = run_capped(
+        "convert", lenet_pt, "--model", "tests.architectures:LeNetStyle", "--input-shape", "1x28x28", "-o", out,
+        "--export", program, before=before, cap=2**34, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    if moment == "export_program":
+        assert done.returncode == 143
+        assert done.stderr == f"Error: terminated (SIGTERM) after writing {out}; no other output was written\n"
+        assert not program.exists()
+    else:
+        assert done.returncode == 0, done.stderr
+        assert program.exists()
+    assert load_file(str(out))  # complete
+    expected = ["lenet.pt", out.name, *([program.name] if program.exists() else [])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)  # nothing else, nothing hidden

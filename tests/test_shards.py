@@ -234,3 +234,24 @@ def test_progress_callback_reports_every_tensor(tmp_path):
     )
     total = sum(t.numel() * t.element_size() for t in sd.values())
     assert [c[2] for c in calls] == list(sd) and calls[-1][:2] == (total, total)
+
+
+def test_a_hugging_face_cache_snapshot_is_read_and_links_elsewhere_are_refused(tmp_path):
+    """In the hub cache, snapshots/<rev>/<file> links to ../../blobs/<hash>: inside the repo's cache folder."""
+    repo = tmp_path / "models--org--vgg"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    staged = write_sharded(tmp_path / "staged", vgg_like())
+    snapshot.mkdir(parents=True)
+    for number, file in enumerate(sorted(staged.iterdir())):
+        blob = repo / "blobs" / f"{number:040x}"
+        file.rename(blob)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    result = run("convert", snapshot, "--input-shape", "16x3x3", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    outside = tmp_path / "private.safetensors"
+    outside.write_bytes(b"")
+    (snapshot / "model-00002-of-00003.safetensors").unlink()
+    (snapshot / "model-00002-of-00003.safetensors").symlink_to(outside)
+    refused = run("inspect", snapshot)
+    assert refused.exit_code == 2 and "outside the checkpoint folder" in refused.stderr

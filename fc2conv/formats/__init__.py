@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from fc2conv.formats import hf_shards, safetensors, torch_pickle
-from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source
+from fc2conv.formats.base import Listing, Reader, ReadOptions, ShardLayout, Source, check_readable
 from fc2conv.formats.hf_config import add_layout_hints
 from fc2conv.types import ShapeSpec
 
@@ -69,7 +69,14 @@ READERS: tuple[Reader, ...] = (
 
 
 def reader_for(path: str | os.PathLike[str]) -> Reader:
-    """The reader for ``path``: the first in :data:`READERS` that claims it."""
+    """The reader for ``path``: the first in :data:`READERS` that claims it.
+
+    Raises:
+        CheckpointError: ``path`` is neither a folder (of shards) nor a readable regular file: a FIFO
+            would block a reader that opens it to look (before any reader is asked), a device never ends.
+    """
+    if not Path(path).is_dir():
+        check_readable(Path(path))
     return next(reader for reader in READERS if reader.claims(Path(path)))
 
 

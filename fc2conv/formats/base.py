@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError
@@ -16,7 +18,22 @@ from fc2conv.types import HeadHint, ShapeSpec, TensorInfo, WeightLayout
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Listing", "ReadOptions", "Reader", "ShardLayout", "Source", "check_readable", "natural_key"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "Listing",
+    "ReadOptions",
+    "Reader",
+    "ShardLayout",
+    "Source",
+    "check_readable",
+    "natural_key",
+    "open_regular",
+    "read_json",
+]
+
+# JSON files that fc2conv reads (an index) are capped: a 2 GiB or endless (/dev/zero) "index" is refused
+# unread. The largest real indexes (mixture-of-experts models, ~100k tensors) are around 10 MB.
+MAX_JSON_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -105,15 +122,76 @@ class Reader(Protocol):
 
 
 def natural_key(name: str) -> list[Any]:
-    """Sort key comparing the numbers in names as numbers: ``layer.2`` before ``layer.10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    """Sort key comparing the numbers in names as numbers: ``layer.2`` before ``layer.10``.
+
+    Runs of digits (every other part of the split) compare by length, then digit by digit, without
+    ``int()``: a name from a file may hold a run of 5000 digits, which ``int()`` refuses.
+    """
+    parts = re.split(r"(\d+)", name)
+    return [(len(part.lstrip("0")), part.lstrip("0")) if i % 2 else part for i, part in enumerate(parts)]
 
 
 def check_readable(path: Path) -> None:
-    """Refuse a path that is missing, a folder or unreadable, with the reason in the message."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
+    """Refuse a path that is missing, a folder, not a regular file or unreadable, with the reason in the message.
+
+    A FIFO or a socket would block the reader for ever and a device never ends (``/dev/zero``): only
+    regular files (or links to them) are read.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(mode):
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    _require_regular(path, mode)
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: permission denied (cannot read the file)")
+
+
+def _require_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"))  # fmt: skip
+        kind = next((name for test, name in kinds if test(mode)), "a special file")
+        raise CheckpointError(f"{path}: is not a regular file ({kind}); refusing to read it")
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading; anything else is refused at once, never waited on.
+
+    ``O_NONBLOCK`` makes the open of a FIFO (swapped in after :func:`check_readable`) return at once,
+    and the descriptor is checked again: what is read is what was checked.
+    """
+    check_readable(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open it ({exc.strerror or exc})") from exc
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+    except CheckpointError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file of at most ``limit`` bytes; larger ones are refused before anything is read.
+
+    Raises:
+        CheckpointError: not a regular file, too large, or not valid JSON (nested too deeply included).
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(limit + 1) if size <= limit else b""
+    if size > limit or len(raw) > limit:
+        raise CheckpointError(f"{path}: is {max(size, len(raw))} bytes, more than a {what} can be ({limit} at most)")
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise CheckpointError(f"{path}: not a valid {what} (JSON nested too deeply)") from exc
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a valid {what} ({exc})") from exc

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError
-from fc2conv.formats.base import Listing, ReadOptions, ShardLayout, Source, natural_key
+from fc2conv.formats.base import Listing, ReadOptions, ShardLayout, Source, natural_key, read_json
 from fc2conv.formats.safetensors import read_safetensors_header, safetensors_handle
 from fc2conv.types import TensorInfo
 
@@ -68,21 +68,42 @@ def _find_shards(path: Path) -> _Index:
     for file in set(weight_map.values()):
         if Path(file).name != file:
             raise CheckpointError(f"{path}: shard name {file!r} is not a plain file name")
-        if not (path.parent / file).is_file():
+        if not (path.parent / file).exists():
             raise CheckpointError(f"{path}: names shard {file!r}, which is missing")
     files = tuple(dict.fromkeys(sorted(weight_map.values(), key=natural_key)))
     return _Index(path.parent, path, files, weight_map, metadata)
 
 
+def _inside(found: _Index) -> _Index:
+    """Refuse a shard (or an index found in a folder) that is a link to a file outside the checkpoint's folder.
+
+    Otherwise a downloaded folder could make fc2conv read, and copy into its output, any file the
+    user can read (``model-00002.safetensors -> ~/private/other.safetensors``). In a Hugging Face cache
+    every file of ``<repo>/snapshots/<revision>/`` is a link to ``<repo>/blobs/<hash>``: there the
+    repository's cache folder is the one links must stay in.
+    """
+    folder = found.folder.resolve()
+    if folder.parent.name == "snapshots":
+        folder = folder.parent.parent
+    for name in (*found.files, *([found.index.name] if found.index is not None else [])):
+        target = (found.folder / name).resolve()
+        if not target.is_relative_to(folder):
+            raise CheckpointError(
+                f"{found.folder / name}: is a link to {target}, outside the checkpoint folder {folder}; "
+                "refusing to read it"
+            )
+    return found
+
+
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    index = read_json(path, "safetensors index")
     try:
-        index = json.loads(path.read_text())
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors index ({exc})") from exc
     metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     return dict(weight_map), metadata
@@ -90,7 +111,7 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
 
 def _listing(path: Path, spans: dict[str, ByteSpan] | None = None) -> tuple[Listing, ShardLayout]:
     """Headers of every shard, checked against each other and against the index (``spans`` filled too)."""
-    found = _find_shards(path)
+    found = _inside(_find_shards(path))
     folder, index, files = found.folder, found.index, found.files
     infos: list[TensorInfo] = []
     by_file: dict[str, tuple[str, ...]] = {}

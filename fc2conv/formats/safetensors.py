@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fc2conv.diskio import ByteSpan, copy_span, start_writeback
 from fc2conv.errors import CheckpointError, OutputError
-from fc2conv.formats.base import Listing, ReadOptions, Source, check_readable, natural_key
+from fc2conv.formats.base import Listing, ReadOptions, Source, natural_key, open_regular
 from fc2conv.types import TensorInfo, dtype_name
 
 if TYPE_CHECKING:
@@ -82,9 +82,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         CheckpointError: naming the file and what is wrong with it.
     """
     path = Path(path)
-    check_readable(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
@@ -97,6 +96,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raw = f.read(header_len)
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError as exc:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON (nested too deeply)") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -149,7 +150,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[Tens
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if code not in _DTYPES:
+    if not isinstance(code, str) or code not in _DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {code!r}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")

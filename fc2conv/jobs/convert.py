@@ -21,7 +21,7 @@ from fc2conv.jobs.planning import plan_for, weigh_evidence
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan
 from fc2conv.preload import preload_torch
-from fc2conv.publish import atomic_folder, atomic_output, fsync_file
+from fc2conv.publish import FolderOutput, atomic_folder, atomic_output, file_path, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
 from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
@@ -29,7 +29,15 @@ from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CONVERTED_SUFFIX", "ProgressCallback", "convert_file", "convert_source", "default_output", "write_checked"]
+__all__ = [
+    "CONVERTED_SUFFIX",
+    "ProgressCallback",
+    "convert_file",
+    "convert_source",
+    "default_output",
+    "shared_storage_notes",
+    "write_checked",
+]
 
 CONVERTED_SUFFIX = ".conv.safetensors"
 
@@ -127,7 +135,7 @@ def convert_source(
         weighed = pool.submit(weigh_evidence, plan, source.tensors, geometry_given=input_shape is not None)
         writer = _Writer(source, plan, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict))
         if source.shards is None:
-            output = Path(output_path) if output_path is not None else default_output(source.path)
+            output = file_path(output_path) if output_path is not None else default_output(source.path)
             written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
         else:
             output = Path(output_path) if output_path is not None else _default_output_folder(source.shards.folder)
@@ -144,7 +152,7 @@ def convert_source(
         output=output,
         plan=plan,
         checks=tuple(writer.checks),
-        load_notes=tuple(source.notes),
+        load_notes=(*source.notes, *shared_storage_notes(source.tensors, source.spans)),
         output_bytes=writer.size if written else 0,
         written=written,
         seconds=time.perf_counter() - started,
@@ -195,6 +203,50 @@ def _refuse_conversions(source: Source) -> None:
         )
 
 
+def shared_storage_notes(tensors: Mapping[str, torch.Tensor], spans: Mapping[str, ByteSpan] | None = None) -> list[str]:
+    """Say which tensors share memory (tied weights, overlapping views): each is written as its own copy.
+
+    safetensors has no shared tensors (``safetensors.torch.save_file`` refuses them), and dropping a
+    name would change the checkpoint's keys; so every name is written whole, and the output says so.
+    Tensors read as data share bytes of the file (their ``spans`` overlap); a state dict torch loaded
+    shares storages. Lazily read formats (safetensors) share nothing.
+    """
+    regions: dict[object, list[tuple[int, int, str]]] = {}
+    for name, span in (spans or {}).items():
+        if span.nbytes:
+            regions.setdefault(span.path, []).append((span.offset, span.offset + span.nbytes, name))
+    if isinstance(tensors, dict):
+        import torch
+
+        for name, tensor in tensors.items():
+            if tensor.layout is not torch.strided or tensor.is_quantized or tensor.numel() == 0:
+                continue
+            size, strides = tensor.element_size(), zip(tensor.shape, tensor.stride(), strict=True)
+            last = tensor.storage_offset() + sum((n - 1) * step for n, step in strides)
+            regions.setdefault(tensor.untyped_storage().data_ptr(), []).append(
+                (tensor.storage_offset() * size, (last + 1) * size, name)
+            )
+    return [
+        f"{', '.join(group)} share memory in the input (tied weights); safetensors has no shared tensors, so "
+        "each is written as a copy of its own"
+        for entries in regions.values()
+        for group in _overlapping(entries)
+    ]
+
+
+def _overlapping(spans: list[tuple[int, int, str]]) -> list[list[str]]:
+    """Groups (of two or more) of names whose byte spans overlap."""
+    groups: list[list[str]] = []
+    end = -1
+    for begin, stop, name in sorted(spans):
+        if groups and begin < end:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        end = max(end, stop) if len(groups[-1]) > 1 else stop
+    return [group for group in groups if len(group) > 1]
+
+
 def _default_output_folder(folder: Path) -> Path:
     folder = folder.resolve()
     return folder.parent / f"{folder.name}.conv"
@@ -237,7 +289,13 @@ class _Writer:
             self.progress(self.done, self.total, info.name)
 
     def write_file(
-        self, target: Path, infos: Sequence[TensorInfo], *, overwrite: bool, protect: Sequence[Path] = ()
+        self,
+        target: Path,
+        infos: Sequence[TensorInfo],
+        *,
+        overwrite: bool,
+        protect: Sequence[Path] = (),
+        into: FolderOutput | None = None,
     ) -> bool:
         """Write ``infos`` (converted) to ``target`` atomically; False (nothing written) if a check fails."""
         names = {info.name for info in infos}
@@ -255,28 +313,28 @@ class _Writer:
             spans=self.spans,
             untouched=self.source.tensors,
             veto=self.veto,
+            into=into,
         )
         self.checks.extend(checks)
         self.size += size
         return written
 
     def write_shards(self, folder: Path, *, overwrite: bool) -> bool:
-        """Write every shard into a staging folder, then move them and a new index into ``folder``."""
+        """Write every shard and a new index, each checked, then put them in place as ``folder`` at once."""
         layout = self.source.shards
         assert layout is not None
         index_name = layout.index.name if layout.index else f"model{INDEX_SUFFIX}"
         by_file = layout.tensors_by_file
+        inputs = [layout.folder / file for file in (*layout.files, *([index_name] if layout.index else []))]
         try:
-            with atomic_folder(
-                folder, [*layout.files, index_name], overwrite=overwrite, protect=layout.folder
-            ) as staging:
+            with atomic_folder(folder, overwrite=overwrite, protect=layout.folder, inputs=inputs) as output:
                 for file in layout.files:
                     infos = [self.out_infos[name] for name in by_file.get(file, ())]
-                    if not self.write_file(staging / file, infos, overwrite=False):
-                        raise _CheckFailed  # nothing is published: the staging folder goes
+                    if not self.write_file(Path(file), infos, overwrite=False, into=output):
+                        raise _CheckFailed  # nothing is published: the finished shards go
                 weight_map = {name: file for file in layout.files for name in by_file.get(file, ())}
                 index_metadata = {k: v for k, v in layout.index_metadata.items() if k != "total_size"}
-                with atomic_output(staging / index_name) as tmp:
+                with output.file(index_name) as tmp:
                     tmp.write_text(index_json(weight_map, self.total, index_metadata))
                     fsync_file(tmp)
         except _CheckFailed:
@@ -303,6 +361,7 @@ def write_checked(
     spans: Mapping[str, ByteSpan] | None = None,
     untouched: Mapping[str, torch.Tensor] | None = None,
     veto: Callable[[], bool] | None = None,
+    into: FolderOutput | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
     """Write a safetensors file atomically, check every byte of it and its converted layers, then publish it.
 
@@ -313,11 +372,13 @@ def write_checked(
     ``veto``, asked last, can still discard the file (nothing is published).
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
-    nothing is left at ``target``).
+    nothing is left at ``target``). With ``into``, the file is the one named ``target.name`` of that
+    output folder, published with the whole folder.
     """
     checks: list[LayerCheck] = []
+    output = into.file(target.name) if into is not None else atomic_output(target, overwrite=overwrite, protect=protect)
     try:
-        with atomic_output(target, overwrite=overwrite, protect=protect) as tmp:
+        with output as tmp:
             size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor, spans=spans)
             # The disk flush (I/O) and the checks of the written file (memory and CPU) overlap.
             with ThreadPoolExecutor(max_workers=1) as pool:

@@ -9,7 +9,7 @@ from fc2conv.formats import open_source, read_listing
 from fc2conv.jobs.planning import plan_for, weigh_evidence
 from fc2conv.layers import group_layers
 from fc2conv.layouts import LayoutChoice
-from fc2conv.plan import Plan
+from fc2conv.plan import Plan, layer_pattern
 from fc2conv.record import changes_from_metadata
 from fc2conv.results import InspectResult
 from fc2conv.shapes import as_spec
@@ -35,8 +35,10 @@ def inspect_file(
     A safetensors file's header is all that is read, unless ``evidence`` asks what the first head's
     weights say of the flatten order (and of the map, when it is inferred): that reads those weights.
     When no plan can be made without an input shape, the reason is returned in ``plan_problem``; a
-    shape given by the caller that does not fit raises :class:`~fc2conv.errors.ShapeError`.
+    shape given by the caller that does not fit raises :class:`~fc2conv.errors.ShapeError`, and a layer
+    pattern that is not valid a PlanError.
     """
+    layer_pattern(layers)  # the caller's mistake, as in convert: not a "no plan" for this checkpoint
     listing = read_listing(
         path, trust_pickle=trust_pickle, input_shape=as_spec(input_shape), state_dict_key=state_dict_key
     )

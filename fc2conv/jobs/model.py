@@ -18,10 +18,10 @@ from fc2conv.formats import Source
 from fc2conv.graph import check_module, conversion_of, convert_module, export_onnx, export_program
 from fc2conv.graph.export import onnx_error, program_error, require_onnx_exporter
 from fc2conv.graph.rewrite import param_dtype
-from fc2conv.jobs.convert import default_output, write_checked
+from fc2conv.jobs.convert import default_output, shared_storage_notes, write_checked
 from fc2conv.jobs.verify import verify_sources
 from fc2conv.plan import Plan
-from fc2conv.publish import atomic_output
+from fc2conv.publish import atomic_output, file_path
 from fc2conv.record import METADATA_PREFIX, plan_to_metadata
 from fc2conv.results import ConvertResult, Export, LayerCheck, ModuleConversion, VerifyResult
 from fc2conv.shapes import as_spec
@@ -150,7 +150,7 @@ def convert_model_source(
     metadata[f"{METADATA_PREFIX}model_input_shape"] = str(record.input_shape)
     if record.folded:
         metadata[f"{METADATA_PREFIX}folded"] = ",".join(record.folded)
-    target = Path(output) if output is not None else default_output(source.path)
+    target = file_path(output) if output is not None else default_output(source.path)
     checked = [c for c in record.changes if c.name not in record.folded]  # folded kernels: end to end only
     checks: list[LayerCheck] = []
     size, written = 0, False
@@ -161,9 +161,10 @@ def convert_model_source(
         )  # fmt: skip
     exports = _write_exports(converted, export, onnx, overwrite, source.path) if written else []
     return ConvertResult(
-        input=source.path, output=target, plan=plan, checks=tuple(checks), load_notes=(),
-        output_bytes=size if written else 0, written=written, seconds=time.perf_counter() - started,
-        end_to_end=end_to_end, exports=tuple(exports), model_input_shape=record.input_shape,
+        input=source.path, output=target, plan=plan, checks=tuple(checks),
+        load_notes=tuple(shared_storage_notes(state)), output_bytes=size if written else 0, written=written,
+        seconds=time.perf_counter() - started, end_to_end=end_to_end, exports=tuple(exports),
+        model_input_shape=record.input_shape,
     )  # fmt: skip
 
 
