@@ -65,12 +65,31 @@ ROW_BLOCK = 64
 PROVEN_ROWS = 64
 # Rows of a float64 weight held at once: bounds the check's extra memory (about 6x this) whatever the layer size.
 _CHUNK_BYTES = 8 * 2**20
+# The flattened float64 windows of the sliding-window check are kept up to this size.
+_WINDOWS_BYTES = 256 * 2**20
 
 
-def tolerance_for(dtype: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
-    """The default tolerance for ``dtype``, with either part overridden when given."""
+# The rounding error of a sum of n products grows like sqrt(n) (Higham and Mary's probabilistic bound:
+# about u * sqrt(n) * sum|w x|, u the unit roundoff of the accumulation): a 25088-input layer measured
+# 0.6 u sqrt(n) relative to max|output|, a 2^20-input one 0.6 too. The default rtol is therefore at
+# least this many u * sqrt(n), so a correct wide layer passes on any CPU's summation order (a wrong
+# layout gives errors of order 1 whatever n is).
+ACCUMULATION_UNITS = 3.0
+# Unit roundoff of the accumulation: CPU kernels accumulate float16 and bfloat16 in float32.
+_ACCUMULATION_ROUNDOFF = {"float64": 2.0**-53}
+_FLOAT32_ROUNDOFF = 2.0**-24
+
+
+def tolerance_for(dtype: str, atol: float | None = None, rtol: float | None = None, *, terms: int = 1) -> Tolerance:
+    """The default tolerance for ``dtype`` and sums of ``terms`` products, either part overridden when given.
+
+    The default rtol is the dtype's (:data:`DEFAULT_TOLERANCES`), raised to ``ACCUMULATION_UNITS * u *
+    sqrt(terms)`` for wide layers (u: the unit roundoff of the accumulation); a given ``rtol`` is used as is.
+    """
     default = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float32"])
-    return Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
+    roundoff = _ACCUMULATION_ROUNDOFF.get(dtype, _FLOAT32_ROUNDOFF)
+    wide = ACCUMULATION_UNITS * roundoff * math.sqrt(max(1, terms))
+    return Tolerance(default.atol if atol is None else atol, max(default.rtol, wide) if rtol is None else rtol)
 
 
 def coarser_dtype(a: str, b: str) -> str:
@@ -94,7 +113,27 @@ class _Probe:
     big: torch.Tensor  # (WINDOW_SAMPLES, C, H + gh - 1, W + gw - 1), in the kernel's dtype
     grid: tuple[int, int]  # positions of the sliding window
     traced_flat: torch.Tensor  # float64 (SAMPLES, in)
-    windows_flat: torch.Tensor  # float64 (positions * WINDOW_SAMPLES, in), position-major
+    flatten_order: FlattenOrder
+    window_size: tuple[int, int]  # H, W of the traced map
+    windows_flat: torch.Tensor | None  # float64 (positions * WINDOW_SAMPLES, in), position-major, if small
+
+    def windows_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``Linear(flatten(window))`` in float64 at every position: (positions * WINDOW_SAMPLES, rows), position-major."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.windows_flat is not None:
+            return F.linear(self.windows_flat, weight, bias)
+        return torch.cat([F.linear(window, weight, bias) for window in self.windows()])
+
+    def windows(self) -> list[torch.Tensor]:
+        """The flattened float64 window at each position, position-major."""
+        (h, w), (gh, gw) = self.window_size, self.grid
+        return [
+            _flatten(self.big[:, :, i : i + h, j : j + w].double(), self.flatten_order)
+            for i in range(gh)
+            for j in range(gw)
+        ]
 
 
 def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Generator) -> _Probe:
@@ -109,12 +148,13 @@ def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Genera
     traced = draw(SAMPLES, m.height, m.width)
     grid = _grid(change)
     big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
-    windows = [
-        _flatten(big[:, :, i : i + m.height, j : j + m.width].double(), change.flatten_order)
-        for i in range(grid[0])
-        for j in range(grid[1])
-    ]
-    return _Probe(traced, big, grid, _flatten(traced.double(), change.flatten_order), torch.cat(windows))
+    probe = _Probe(traced, big, grid, _flatten(traced.double(), change.flatten_order), change.flatten_order,
+                   (m.height, m.width), None)  # fmt: skip
+    # The flattened windows are kept when small (flattening them again for every block of rows is
+    # slow); for very wide layers (2 GB at 2^24 inputs) each is made when needed.
+    if grid[0] * grid[1] * WINDOW_SAMPLES * m.features * 8 <= _WINDOWS_BYTES:
+        probe = replace(probe, windows_flat=torch.cat(probe.windows()))
+    return probe
 
 
 def _grid(change: LayerChange) -> tuple[int, int]:
@@ -177,7 +217,7 @@ def check_layer(
         kernel: The conv kernel ``(out, C, H, W)`` to check.
         bias: The original FC bias, if any.
         kernel_bias: The conv's bias, if any (defaults to ``bias``).
-        tolerance: Pass threshold; default from :data:`DEFAULT_TOLERANCES` for the coarser dtype.
+        tolerance: Pass threshold; default: :func:`tolerance_for` the coarser dtype and the layer's inputs.
         seed: Seed of the random maps (and of the row sample).
         max_rows: Check at most this many output rows (a seeded sample); ``None`` checks all.
 
@@ -191,7 +231,7 @@ def check_layer(
         name=change.name, became=change.became, dtype=dtype, old_shape=tuple(weight.shape),
         new_shape=tuple(kernel.shape), parameters=change.parameters, max_abs_error=math.inf,
         max_rel_error=math.inf, window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
-        tolerance=tolerance or tolerance_for(dtype), flatten_order=change.flatten_order, pointwise=change.pointwise,
+        tolerance=tolerance or tolerance_for(dtype, terms=weight.shape[1]), flatten_order=change.flatten_order, pointwise=change.pointwise,
     )  # fmt: skip
     kernel_bias = bias if kernel_bias is None else kernel_bias
     problem = _shape_problem(change, weight, kernel, bias, kernel_bias)
@@ -298,7 +338,7 @@ def _measure_chunk(
         w64 = weight[part.start : part.stop].double()
         b64 = bias[part.start : part.stop].double() if bias is not None else None
         tally.add("traced", got["traced"][:, sub : sub + len(part)], F.linear(probe.traced_flat, w64, b64))
-        tally.add("window", got["window"][:, sub : sub + len(part)], F.linear(probe.windows_flat, w64, b64))
+        tally.add("window", got["window"][:, sub : sub + len(part)], probe.windows_linear(w64, b64))
 
 
 def _rows_to_check(out: int, max_rows: int | None, generator: torch.Generator) -> list[int]:
@@ -475,7 +515,7 @@ def _check_one(
         _byte_proof(change, weight, kernel, compared.get(change.weight, -1)) if exact else (False, None)
     )
     result = check_layer(
-        change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol),
+        change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol, terms=weight.shape[1]),
         max_rows=PROVEN_ROWS if proven else MAX_ROWS,
     )  # fmt: skip
     result = replace(result, strict=strict)

@@ -352,6 +352,7 @@ def _measure(
     rng = np.random.default_rng(seed)
     heads = kf.heads
     dtype = str(converted[f"{heads[0].dense[0]}.weight"].dtype).removeprefix("torch.")
+    terms = max(converted[f"{name}.weight"][0].numel() for head in heads for name in head.dense)
     traced, scale = _end_to_end_error(reference, model, rng)
     dense = 0.0
     for head in heads:
@@ -366,7 +367,7 @@ def _measure(
         dense_max_abs_error=dense,
         dense_grid=(WINDOW_GROWTH + 1, WINDOW_GROWTH + 1),
         reference_scale=scale,
-        tolerance=tolerance_for(dtype),
+        tolerance=tolerance_for(dtype, terms=terms),
     )
 
 

@@ -176,7 +176,7 @@ def check_onnx_layers(
                 continue
             kernel = tensors[node.input[1]]
             kernel_bias = tensors[node.input[2]] if len(node.input) > 2 and node.input[2] in tensors else None
-            tolerance = tolerance_for(str(kernel.dtype).removeprefix("torch."), atol, rtol)
+            tolerance = tolerance_for(str(kernel.dtype).removeprefix("torch."), atol, rtol, terms=weight.shape[1])
             result = check_layer(change, weight, kernel, bias, kernel_bias, tolerance=tolerance, seed=seed)
             problem = _conv_attribute_problem(node)
             results.append(replace(result, problem=result.problem or problem))
@@ -263,10 +263,12 @@ def _sample_inputs(original: OnnxFile, generator: np.random.Generator, batch: in
 
 
 def _output_tolerance(original: OnnxFile, atol: float | None = None, rtol: float | None = None) -> Tolerance:
-    """fc2conv's tolerance for the dtype of the model's first floating output (float32 if none), overridable."""
+    """fc2conv's tolerance for the dtype of the model's first floating output (float32 if none) and its
+    widest converted layer, overridable."""
     elems = [o.type.tensor_type.elem_type for o in original.model.graph.output]
     dtypes = [dtype_name_of(e) for e in elems if dtype_name_of(e) in ("float16", "bfloat16", "float32", "float64")]
-    return tolerance_for(dtypes[0] if dtypes else "float32", atol, rtol)
+    terms = max((c.in_map.features for head in original.heads for c in head_changes(head)), default=1)
+    return tolerance_for(dtypes[0] if dtypes else "float32", atol, rtol, terms=terms)
 
 
 def _compare(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:

@@ -104,6 +104,33 @@ def test_nan_weights_are_flagged_and_pass_when_both_sides_agree():
     assert not check_layer(change, sd["fc.weight"], moved, sd["fc.bias"]).ok
 
 
+def test_the_default_rtol_grows_with_the_square_root_of_the_inputs():
+    u32 = 2.0**-24
+    assert tolerance_for("float32", terms=3000) == DEFAULT_TOLERANCES["float32"]  # 3 u sqrt(n) < 1e-5
+    assert tolerance_for("float32", terms=2**20).rtol == pytest.approx(3 * u32 * 2**10)
+    assert tolerance_for("float32", terms=2**20).atol == DEFAULT_TOLERANCES["float32"].atol
+    assert tolerance_for("float32", rtol=1e-6, terms=2**20).rtol == 1e-6  # a given rtol is used as is
+    # float16 and bfloat16 accumulate in float32 on CPU: their own rounding dominates at any width.
+    assert tolerance_for("float16", terms=2**30) == DEFAULT_TOLERANCES["float16"]
+    assert tolerance_for("float64", terms=2**30) == DEFAULT_TOLERANCES["float64"]
+
+
+@pytest.mark.parametrize("c, h, w, rows", [(512, 7, 7, 512), (64, 128, 128, 4)])
+def test_a_wide_layer_passes_and_a_wrong_order_still_fails(c, h, w, rows):
+    # VGG16's first FC and a 2^20-input one: the float32 sum's rounding error grows like sqrt(n)
+    # (measured 0.5-0.75 u sqrt(n) of max|output|; at 2^20 inputs 3e-5, over the fixed 1e-5). The
+    # grown default passes them; a layout error is still of order 1.
+    change, sd, out = layer(c=c, h=h, w=w, out=rows)
+    units = 2.0**-24 * math.sqrt(c * h * w)
+    result = check_layer(change, sd["fc.weight"], out["fc.weight"], sd["fc.bias"])
+    assert result.ok, result
+    assert result.tolerance.rtol == pytest.approx(3 * units)
+    assert result.max_rel_error < 2 * units
+    hwc = convert_state_dict(sd, (c, h, w), flatten_order="hwc")["fc.weight"]
+    wrong = check_layer(change, sd["fc.weight"], hwc, sd["fc.bias"])
+    assert not wrong.ok and wrong.max_rel_error > 0.05
+
+
 def test_tolerance_overrides_and_coarser_dtype():
     assert tolerance_for("float16") == DEFAULT_TOLERANCES["float16"]
     assert tolerance_for("float32", atol=0.5) == Tolerance(0.5, DEFAULT_TOLERANCES["float32"].rtol)
