@@ -743,3 +743,17 @@ def test_a_depthwise_conv_reads_from_both_keras_3_formats(tmp_path: Path) -> Non
     for name in zipped.tensors:
         assert torch.equal(zipped.tensors[name], legacy.tensors[name]), name
     assert [h.feature_map for h in legacy.heads] == [InputShape(3, 4, 4)]
+
+
+def test_convert_file_writes_the_keras_model_beside_the_weights(tmp_path: Path) -> None:
+    from fc2conv import convert_file
+
+    source = SAMPLES / "digits_keras.keras"
+    result = convert_file(source, tmp_path / "w.safetensors", keras_out=tmp_path / "dense.keras")
+    assert result.ok and result.written and (tmp_path / "w.safetensors").is_file()
+    assert [(e.kind, e.ok) for e in result.exports] == [("keras", True)]
+    exported = keras.saving.load_model(tmp_path / "dense.keras")
+    original = keras.saving.load_model(source)
+    x = np.random.default_rng(3).standard_normal((2, *original.inputs[0].shape[1:])).astype("float32")
+    got = np.asarray(exported.predict(x, verbose=0), np.float64).reshape(2, -1)
+    assert_close(got, keras_outputs(original, x))

@@ -14,6 +14,7 @@ stream, so a declared length cannot make this reader allocate either.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,10 +87,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
     def extent(self) -> int:
         """Elements of the storage the tensor reaches (offset + the furthest element + 1); 0 if empty."""

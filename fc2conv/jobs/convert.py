@@ -65,6 +65,7 @@ def convert_file(
     trust_pickle: bool = False,
     state_dict_key: str | None = None,
     progress: ProgressCallback | None = None,
+    keras_out: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint to safetensors whose FC layers are convolution kernels.
 
@@ -87,6 +88,7 @@ def convert_file(
         trust_pickle: Unpickle arbitrary objects (runs the file's code: only for files you trust).
         state_dict_key: Where a training checkpoint keeps the weights (``"model_ema"``, ``"a.b"``).
         progress: Called after each tensor is written.
+        keras_out: A Keras model as input only: also write the fully convolutional Keras model there.
 
     Raises:
         CheckpointError, PlanError, ShapeError, OutputError: the input cannot be read or converted
@@ -96,7 +98,7 @@ def convert_file(
     return convert_source(
         source, output_path, input_shape=input_shape, flatten_order=flatten_order, layers=layers,
         pointwise=pointwise, weight_layout=weight_layout, trust_shape=trust_shape, overwrite=overwrite,
-        strict=strict, progress=progress,
+        strict=strict, progress=progress, keras_out=keras_out,
     )  # fmt: skip
 
 
