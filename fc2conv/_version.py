@@ -1,3 +1,3 @@
 """The package version, in one place (read by pyproject and by ``fc2conv --version``)."""
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
