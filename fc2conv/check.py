@@ -118,7 +118,7 @@ class _Probe:
     windows_flat: torch.Tensor | None  # float64 (positions * WINDOW_SAMPLES, in), position-major, if small
 
     def windows_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``Linear(flatten(window))`` in float64 at every position: (positions * WINDOW_SAMPLES, rows), position-major."""
+        """``Linear(flatten(window))`` in float64 at each position: (positions * WINDOW_SAMPLES, rows)."""
         import torch
         import torch.nn.functional as F
 
@@ -231,7 +231,8 @@ def check_layer(
         name=change.name, became=change.became, dtype=dtype, old_shape=tuple(weight.shape),
         new_shape=tuple(kernel.shape), parameters=change.parameters, max_abs_error=math.inf,
         max_rel_error=math.inf, window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
-        tolerance=tolerance or tolerance_for(dtype, terms=weight.shape[1]), flatten_order=change.flatten_order, pointwise=change.pointwise,
+        tolerance=tolerance or tolerance_for(dtype, terms=weight.shape[1]), flatten_order=change.flatten_order,
+        pointwise=change.pointwise,
     )  # fmt: skip
     kernel_bias = bias if kernel_bias is None else kernel_bias
     problem = _shape_problem(change, weight, kernel, bias, kernel_bias)

@@ -10,8 +10,9 @@ is stored in PyTorch's (out, in) layout but its inputs are in (H, W, C) order, a
 from a Keras/TensorFlow model. Its conv kernel is ``weight.reshape(64, 4, 4, 32).permute(0, 3, 1, 2)``
 (``fc2conv convert --flatten-order hwc``); the plain reshape of a chw conversion is silently wrong.
 
-Trained by ``train_digits.train`` itself (same data, split, optimiser, epochs and seeds), so the two samples differ only in the flatten order; the
-weights are evidence for ``fc2conv.evidence``: they are smooth in hwc order, not in chw.
+Trained by ``train_digits.train`` itself (same data, split, optimiser, epochs and seeds), so the two
+samples differ only in the flatten order; the weights are evidence for ``fc2conv.evidence``: they are
+smooth in hwc order, not in chw.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,9 +91,6 @@ def test_each_module_says_what_it_is_for(module):
 
 @pytest.mark.slow
 def test_importing_the_package_imports_no_heavy_library():
-    import subprocess
-    import sys
-
     heavy = "('torch', 'rich', 'safetensors', 'numpy')"
     code = f"import sys, fc2conv, fc2conv.cli\nprint(sorted(m for m in {heavy} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -103,3 +103,15 @@ def test_mypy_passes():
     api = pytest.importorskip("mypy.api")
     stdout, stderr, status = api.run(["--config-file", str(ROOT / "pyproject.toml"), str(PACKAGE)])
     assert status == 0, stdout + stderr
+
+
+@pytest.mark.slow
+def test_ruff_passes():
+    """The code lints and is formatted (ruff, configured in pyproject.toml): part of the test run, so of CI."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (the test extra has it)")
+    folders = [str(ROOT / f) for f in ("fc2conv", "tests", "benchmarks", "sample_models", "examples")]
+    for args in (["check", *folders], ["format", "--check", *folders]):
+        done = subprocess.run([ruff, *args], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr
