@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -26,13 +26,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "blank_check",
     "check_changes",
     "check_layer",
     "coarser_dtype",
     "compare_spans",
     "first_difference",
+    "grid_of",
     "kernel_difference",
     "kernel_is_exact",
+    "row_runs",
+    "rows_to_check",
+    "span_difference",
     "tensors_identical",
     "tolerance_for",
 ]
@@ -146,7 +151,7 @@ def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Genera
         return x.to(dtype)  # both sides see these exact (rounded) values
 
     traced = draw(SAMPLES, m.height, m.width)
-    grid = _grid(change)
+    grid = grid_of(change)
     big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
     probe = _Probe(traced, big, grid, _flatten(traced.double(), change.flatten_order), change.flatten_order,
                    (m.height, m.width), None)  # fmt: skip
@@ -157,7 +162,7 @@ def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Genera
     return probe
 
 
-def _grid(change: LayerChange) -> tuple[int, int]:
+def grid_of(change: LayerChange) -> tuple[int, int]:
     """Output positions of the sliding-window check: 3x3 windows of a map, or S positions of a pointwise layer."""
     return (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
 
@@ -227,13 +232,7 @@ def check_layer(
     import torch
 
     dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
-    result = LayerCheck(
-        name=change.name, became=change.became, dtype=dtype, old_shape=tuple(weight.shape),
-        new_shape=tuple(kernel.shape), parameters=change.parameters, max_abs_error=math.inf,
-        max_rel_error=math.inf, window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
-        tolerance=tolerance or tolerance_for(dtype, terms=weight.shape[1]), flatten_order=change.flatten_order,
-        pointwise=change.pointwise,
-    )  # fmt: skip
+    result = blank_check(change, dtype, tuple(weight.shape), tuple(kernel.shape), tolerance)
     kernel_bias = bias if kernel_bias is None else kernel_bias
     problem = _shape_problem(change, weight, kernel, bias, kernel_bias)
     if problem is not None:
@@ -242,7 +241,7 @@ def check_layer(
         return _check_empty(result, change, bias, kernel_bias)
     generator = torch.Generator().manual_seed(seed)
     probe = _draw_probe(change, kernel.dtype, generator)
-    rows = _rows_to_check(weight.shape[0], max_rows, generator)
+    rows = rows_to_check(weight.shape[0], max_rows, lambda n: torch.randperm(n, generator=generator).tolist())
     tally = _Tally()
     for chunk in _row_chunks(rows, kernel, weight.shape[1]):
         _measure_chunk(probe, chunk, weight, kernel, bias, kernel_bias, tally)
@@ -252,6 +251,23 @@ def check_layer(
         result, max_abs_error=max_abs, max_rel_error=max_rel, window_max_abs_error=tally.errors["window"],
         window_grid=probe.grid, reference_scale=tally.scale, rows_checked=len(rows), nonfinite=tally.nonfinite,
         problem="non-finite outputs differ between FC and conv" if tally.pattern_mismatch else None,
+    )  # fmt: skip
+
+
+def blank_check(
+    change: LayerChange,
+    dtype: str,
+    old_shape: tuple[int, ...],
+    new_shape: tuple[int, ...],
+    tolerance: Tolerance | None,
+) -> LayerCheck:
+    """A layer's check before anything is measured (errors infinite); ``tolerance`` defaults to the dtype's."""
+    return LayerCheck(
+        name=change.name, became=change.became, dtype=dtype, old_shape=old_shape, new_shape=new_shape,
+        parameters=change.parameters, max_abs_error=math.inf, max_rel_error=math.inf,
+        window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
+        tolerance=tolerance or tolerance_for(dtype, terms=old_shape[1] if len(old_shape) > 1 else 1),
+        flatten_order=change.flatten_order, pointwise=change.pointwise,
     )  # fmt: skip
 
 
@@ -286,7 +302,7 @@ def _check_empty(
             error = _max_abs(bias, kernel_bias)
     rel = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
     return replace(
-        result, max_abs_error=error, max_rel_error=rel, window_max_abs_error=error, window_grid=_grid(change),
+        result, max_abs_error=error, max_rel_error=rel, window_max_abs_error=error, window_grid=grid_of(change),
         reference_scale=scale, rows_checked=0,
     )  # fmt: skip
 
@@ -309,7 +325,7 @@ def _row_chunks(rows: list[int], kernel: torch.Tensor, in_features: int) -> Iter
     Slices of consecutive rows are views: no copy of a memory-mapped weight.
     """
     conv_rows = max(1, 2 * _CHUNK_BYTES // (kernel.element_size() * max(1, in_features)))
-    for start_run, stop in _runs(rows):
+    for start_run, stop in row_runs(rows):
         for start in range(start_run, stop, conv_rows):
             yield range(start, min(stop, start + conv_rows))
 
@@ -342,20 +358,18 @@ def _measure_chunk(
         tally.add("window", got["window"][:, sub : sub + len(part)], probe.windows_linear(w64, b64))
 
 
-def _rows_to_check(out: int, max_rows: int | None, generator: torch.Generator) -> list[int]:
+def rows_to_check(out: int, max_rows: int | None, permutation: Callable[[int], list[int]]) -> list[int]:
     """All rows, or a seeded sample of ``max_rows`` in blocks of :data:`ROW_BLOCK` consecutive rows.
 
-    The sample always holds the first and the last block. Blocks keep reads of a memory-mapped weight
-    sequential and let the check use views instead of copies.
+    The sample always holds the first and the last block; the other blocks are taken in the order of
+    ``permutation(number of blocks)`` (a seeded random permutation). Blocks keep reads of a
+    memory-mapped weight sequential and let the check use views instead of copies.
     """
-    import torch
-
     if max_rows is None or out <= max_rows:
         return list(range(out))
     block = min(ROW_BLOCK, max_rows // 2)
     starts = {0, out - block}
-    candidates = torch.randperm(max(1, out // block), generator=generator).tolist()
-    for index in candidates:
+    for index in permutation(max(1, out // block)):
         if len(starts) * block >= max_rows:
             break
         starts.add(min(index * block, out - block))
@@ -363,7 +377,7 @@ def _rows_to_check(out: int, max_rows: int | None, generator: torch.Generator) -
     return rows[:max_rows] if len(rows) > max_rows else rows
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
+def row_runs(rows: list[int]) -> list[tuple[int, int]]:
     """Sorted row numbers as ``(start, stop)`` runs of consecutive rows."""
     runs: list[tuple[int, int]] = []
     for row in rows:
@@ -539,8 +553,7 @@ def _byte_proof(
     if kernel.dtype != weight.dtype or tuple(kernel.shape) != change.new_shape:
         return False, None
     if compared != -1 and _rule_keeps_bytes(change, weight):
-        where = None if compared is None else list(_unravel(compared // weight.element_size(), change.new_shape))
-        difference = None if where is None else _difference_text(change, where)
+        difference = None if compared is None else span_difference(change, compared, weight.element_size())
     else:
         difference = kernel_difference(change, weight, kernel)
     return difference is None, difference
@@ -552,6 +565,11 @@ def _rule_keeps_bytes(change: LayerChange, weight: torch.Tensor) -> bool:
         return False
     expected = fc_to_conv_weight(weight, replace(change, layout="out_in"))
     return expected.is_contiguous() and expected.data_ptr() == weight.data_ptr()
+
+
+def span_difference(change: LayerChange, offset: int, itemsize: int) -> str:
+    """The byte proof's failure when the kernel's bytes first differ from its weight's at ``offset``."""
+    return _difference_text(change, list(_unravel(offset // itemsize, change.new_shape)))
 
 
 def _difference_text(change: LayerChange, where: list[int]) -> str:

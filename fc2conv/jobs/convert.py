@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
-from fc2conv.check import check_changes, compare_spans, tensors_identical
+from fc2conv.check import compare_spans, tensors_identical
 from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import OutputError, PlanError
@@ -18,6 +18,7 @@ from fc2conv.formats import Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
 from fc2conv.jobs.planning import plan_for, weigh_evidence
+from fc2conv.jobs.proofs import prove_layers, proven_without_torch
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan
 from fc2conv.preload import preload_torch
@@ -123,18 +124,19 @@ def convert_source(
     after the converted weights are published, proven in Keras before it is renamed into place.
     """
     started = time.perf_counter()
-    if keras_out is None and source.module is None:
-        preload_torch(source.format)  # its import overlaps copying the input's bytes
     _refuse_conversions(source)
     if keras_out is not None:
         require_keras_model(source)
     plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
+    out_infos = {info.name: converted_info(plan, info) for info in source.infos}
+    if keras_out is None and not proven_without_torch(source, plan.layers, out_infos):
+        preload_torch(source.format)  # torch is needed: its import overlaps copying the input's bytes
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
-    # The evidence needs torch: it is weighed on another thread while the bytes are copied, and a
-    # strict conversion it fails publishes nothing.
+    # The evidence is weighed on another thread while the bytes are copied; a strict conversion it
+    # fails publishes nothing.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        weighed = pool.submit(weigh_evidence, plan, source.tensors, geometry_given=input_shape is not None)
+        weighed = pool.submit(weigh_evidence, plan, source, geometry_given=input_shape is not None)
         writer = _Writer(source, plan, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict))
         if source.shards is None:
             output = file_path(output_path) if output_path is not None else default_output(source.path)
@@ -307,7 +309,7 @@ class _Writer:
             self._fetch,
             self.metadata,
             [c for c in self.plan.layers if c.weight in names],
-            self.source.tensors,
+            self.source,
             overwrite=overwrite,
             protect=protect,
             strict=self.strict,
@@ -354,7 +356,7 @@ def write_checked(
     fetch: Callable[[str], torch.Tensor],
     metadata: dict[str, str],
     changes: Sequence[LayerChange],
-    original: Mapping[str, torch.Tensor],
+    original: Source,
     *,
     overwrite: bool,
     protect: Sequence[Path] = (),
@@ -369,7 +371,9 @@ def write_checked(
 
     Tensors in ``spans`` are copied from the input file by the kernel. The written file is then
     checked while it is flushed to the disk: each converted kernel byte for byte against the exact
-    rearrangement of its weight and numerically against the FC; each other tensor, when ``untouched``
+    rearrangement of its weight in ``original`` and numerically against the FC (from the files' bytes
+    with numpy where the kernel keeps its weight's bytes, else through torch:
+    :func:`fc2conv.jobs.proofs.prove_layers`); each other tensor, when ``untouched``
     (the input's tensors) is given, byte for byte against the input (a difference is a write failure).
     ``veto``, asked last, can still discard the file (nothing is published).
 
@@ -398,7 +402,7 @@ def _check_written(
     path: Path,
     out_infos: Sequence[TensorInfo],
     changes: Sequence[LayerChange],
-    original: Mapping[str, torch.Tensor],
+    original: Source,
     spans: Mapping[str, ByteSpan],
     untouched: Mapping[str, torch.Tensor] | None,
     strict: bool,
@@ -420,4 +424,4 @@ def _check_written(
                 raise OutputError(
                     f"{path}: the written tensor {info.name!r} differs from the input; nothing was published"
                 )
-    return check_changes(changes, original, written.tensors, exact=True, strict=strict, compared=compared)
+    return prove_layers(changes, original, written, compared, strict=strict)
