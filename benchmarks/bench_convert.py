@@ -223,7 +223,7 @@ _SPLIT_PROBE = r"""
 import json, sys, time
 started = time.perf_counter()
 spent = {"import torch (background)": 0.0, "read": 0.0, "write": 0.0, "fsync": 0.0, "check: bytes": 0.0,
-         "check: numeric": 0.0, "wait for torch": 0.0}
+         "check: numeric (numpy)": 0.0, "check: numeric (torch)": 0.0, "wait for torch": 0.0, "evidence": 0.0}
 import threading
 def timed(module, name, key, main_thread_only=False):
     real = getattr(module, name)
@@ -240,11 +240,14 @@ timed(preload, "_import_torch", "import torch (background)")
 timed(preload, "wait_for_torch", "wait for torch", main_thread_only=True)  # not the evidence's thread
 check.wait_for_torch = preload.wait_for_torch  # imported by name there
 
-import fc2conv.jobs.convert as convert, fc2conv.jobs.verify as verify
+import fc2conv.jobs.convert as convert, fc2conv.jobs.verify as verify, fc2conv.jobs.proofs as proofs
 for module in (convert, verify):
     timed(module, "open_source", "read")
     timed(module, "compare_spans", "check: bytes")
-    timed(module, "check_changes", "check: numeric")
+timed(proofs, "check_layer_arrays", "check: numeric (numpy)")
+timed(proofs, "check_changes", "check: numeric (torch)")
+timed(convert, "weigh_evidence", "evidence")  # on its own thread, while the bytes are copied
+timed(verify, "_recorded_evidence", "evidence")
 timed(convert, "write_safetensors", "write")
 timed(convert, "fsync_file", "fsync")
 command, args = sys.argv[1], sys.argv[2:]
@@ -255,8 +258,9 @@ if command == "convert":
 else:
     result = verify.verify_files(args[0], args[1])
 assert result.ok
-spent["check: numeric"] -= spent["wait for torch"]  # the numeric check starts by waiting for torch
+spent["check: numeric (torch)"] -= spent["wait for torch"]  # torch's check starts by waiting for torch
 spent["total (in process, after Python's start)"] = time.perf_counter() - started
+spent["torch imported (1 = yes)"] = float("torch" in sys.modules)
 print(json.dumps(spent))
 """
 

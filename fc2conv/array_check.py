@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fc2conv.check import (
     MAX_ROWS,
@@ -34,9 +35,6 @@ from fc2conv.plan import LayerChange
 from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import FlattenOrder
 
-if TYPE_CHECKING:
-    import numpy as np
-
 __all__ = ["check_layer_arrays", "conv2d"]
 
 # Values of the float64 weight rows held at once (8 MB): bounds the check's memory whatever the layer.
@@ -50,8 +48,6 @@ def conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None) ->
     cross-correlation (the kernel is not flipped), ``x`` (N, C, H, W), ``kernel`` (O, C, kH, kW), the
     arithmetic in their common dtype.
     """
-    import numpy as np
-
     kh, kw = kernel.shape[2:]
     windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))  # (N, C, H', W', kH, kW)
     out = np.tensordot(windows, kernel, axes=([1, 4, 5], [1, 2, 3]))  # (N, H', W', O)
@@ -77,8 +73,6 @@ class _Maps:
 
     def flattened(self, x: np.ndarray, change: LayerChange) -> np.ndarray:
         """Maps flattened as the FC read them, in float64."""
-        import numpy as np
-
         return _flatten(x, change.flatten_order).astype(np.float64)
 
     def windows(self, change: LayerChange) -> Iterator[np.ndarray]:
@@ -90,8 +84,6 @@ class _Maps:
 
 
 def _draw_maps(change: LayerChange, dtype: str, rng: np.random.Generator) -> _Maps:
-    import numpy as np
-
     m, grid = change.in_map, grid_of(change)
     precision = np.float64 if dtype == "float64" else np.float32
 
@@ -113,8 +105,6 @@ class _Tally:
         self.pattern_mismatch = False
 
     def add(self, key: str, got: np.ndarray, reference: np.ndarray) -> None:
-        import numpy as np
-
         finite = np.isfinite(reference)
         if not finite.all():
             self.nonfinite = True
@@ -147,8 +137,6 @@ def check_layer_arrays(
         bias, kernel_bias: The FC's and the conv's biases (float arrays), if any.
         tolerance, seed, max_rows: As for :func:`~fc2conv.check.check_layer`.
     """
-    import numpy as np
-
     dtype = coarser_dtype(weight.dtype_name, kernel.dtype_name)
     result = replace(blank_check(change, dtype, weight.shape, change.new_shape, tolerance), engine="numpy")
     kernel_bias = bias if kernel_bias is None else kernel_bias
@@ -190,8 +178,6 @@ def _empty(
     result: LayerCheck, change: LayerChange, bias: np.ndarray | None, kernel_bias: np.ndarray | None
 ) -> LayerCheck:
     """A layer with no weights: both sides output the bias alone, if any."""
-    import numpy as np
-
     error = scale = 0.0
     if bias is not None and kernel_bias is not None and bias.size:
         scale = float(np.nan_to_num(np.abs(bias.astype(np.float64)), nan=math.inf).max())
@@ -224,8 +210,6 @@ def _measure_chunk(
     tally: _Tally,
 ) -> None:
     """The conv on these rows (in the kernel's precision) against the float64 FC."""
-    import numpy as np
-
     rows = np.arange(chunk.start, chunk.stop)
     k = kernel.take(rows)  # float32, or float64 for a float64 kernel
     k = k.reshape(len(rows), *change.new_shape[1:])

@@ -20,7 +20,7 @@ from fc2conv.diskio import ByteSpan
 from fc2conv.formats.safetensors import open_safetensors
 from fc2conv.matrix import round_to_dtype
 from fc2conv.plan import LayerChange
-from fc2conv.span_arrays import SpanMatrix, span_vector
+from fc2conv.span_arrays import span_matrix, span_vector
 from fc2conv.types import InputShape
 from tests.conftest import ROOT
 
@@ -140,15 +140,15 @@ def test_span_matrices_read_the_values_safetensors_holds(tmp_path, dtype):
     tensor = torch.randn(7, 5, generator=torch.Generator().manual_seed(5)).to(DTYPES[dtype])
     save_file({"a": torch.zeros(3), "w": tensor, "b": tensor[0].clone()}, tmp_path / "t.safetensors")
     source = open_safetensors(tmp_path / "t.safetensors")
-    matrix = SpanMatrix(source.spans["w"], dtype, (7, 5))
+    matrix = span_matrix(source.spans["w"], dtype, (7, 5))
     wide = torch.float64 if dtype == "float64" else torch.float32
     assert matrix.shape == (7, 5) and matrix.dtype_name == dtype
     assert np.array_equal(matrix.take(np.array([1, 4, 6])), tensor[[1, 4, 6]].to(wide).numpy())
     assert np.array_equal(span_vector(source.spans["b"], dtype, 5), tensor[0].to(wide).numpy())
     with pytest.raises(ValueError, match="does not hold"):
-        SpanMatrix(source.spans["w"], dtype, (7, 6))
+        span_matrix(source.spans["w"], dtype, (7, 6))
     with pytest.raises(ValueError, match="not a floating dtype"):
-        SpanMatrix(ByteSpan(tmp_path / "t.safetensors", 0, 8), "int64", (1, 1))
+        span_matrix(ByteSpan(tmp_path / "t.safetensors", 0, 8), "int64", (1, 1))
 
 
 _NO_TORCH = """

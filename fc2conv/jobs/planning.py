@@ -1,7 +1,6 @@
 """A checkpoint's plan from its listing, and what its weights say of the plan: shared by the commands.
 
-Light to import: ``inspect`` plans from shapes alone; the evidence (which needs torch) is imported
-when it is weighed.
+Light to import: ``inspect`` plans from shapes alone; the evidence (numpy) is imported when it is weighed.
 """
 
 from __future__ import annotations
@@ -11,13 +10,14 @@ from typing import TYPE_CHECKING
 from fc2conv.errors import PlanError
 from fc2conv.formats import Listing, Source
 from fc2conv.layouts import LayoutChoice
-from fc2conv.matrix import Matrix
 from fc2conv.plan import LayerChange, Plan, plan_conversion, plan_pointwise
 from fc2conv.results import Evidence
 from fc2conv.types import FLOAT_DTYPES, FlattenOrder, ShapeLike
 
 if TYPE_CHECKING:
     import torch
+
+    from fc2conv.matrix import Matrix
 
 __all__ = ["first_fc_weight", "plan_for", "weigh_evidence"]
 
@@ -72,9 +72,9 @@ def first_fc_weight(change: LayerChange, source: Source) -> Matrix | torch.Tenso
     info = next((i for i in source.infos if i.name == change.weight), None)
     span = source.spans.get(change.weight)
     if span is not None and info is not None and change.layout == "out_in" and info.dtype in FLOAT_DTYPES:
-        from fc2conv.span_arrays import SpanMatrix
+        from fc2conv.span_arrays import span_matrix
 
-        return SpanMatrix(span, info.dtype, change.old_shape)
+        return span_matrix(span, info.dtype, change.old_shape)
     from fc2conv.convert import fc_weight
 
     return fc_weight(change, source.tensors[change.weight])

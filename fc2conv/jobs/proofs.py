@@ -20,7 +20,7 @@ from fc2conv.convert import keeps_bytes
 from fc2conv.formats import Source
 from fc2conv.plan import LayerChange
 from fc2conv.results import LayerCheck
-from fc2conv.span_arrays import SpanMatrix, span_vector
+from fc2conv.span_arrays import span_matrix, span_vector
 from fc2conv.types import FLOAT_DTYPES, TensorInfo, dtype_itemsize
 
 __all__ = ["prove_layers", "proven_without_torch"]
@@ -127,8 +127,8 @@ def _prove_from_bytes(
     """The byte proof (the spans compared) and the numeric check from the files' bytes (numpy)."""
     dtype = infos[change.weight].dtype
     out, in_features = change.old_shape
-    weight = SpanMatrix(original.spans[change.weight], dtype, (out, in_features))
-    kernel = SpanMatrix(converted.spans[change.weight], dtype, (out, math.prod(change.new_shape[1:])))
+    weight = span_matrix(original.spans[change.weight], dtype, (out, in_features))
+    kernel = span_matrix(converted.spans[change.weight], dtype, (out, math.prod(change.new_shape[1:])))
     bias = kernel_bias = None
     if change.bias is not None:
         bias_dtype = infos[change.bias].dtype
