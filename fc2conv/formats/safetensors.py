@@ -231,6 +231,9 @@ class _LazyTensors(Mapping[str, "torch.Tensor"]):
             self._handle = safetensors_handle(self._path)
         return self._handle.get_tensor(name)
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would load the tensor (and torch)
+        return name in self._known
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
