@@ -110,7 +110,8 @@ class _Tally:
             self.nonfinite = True
             if not np.array_equal(finite, np.isfinite(got)):
                 self.pattern_mismatch = True
-        diff = np.abs(got - reference)[finite]
+        with np.errstate(invalid="ignore"):  # inf - inf where both sides overflow: not a finite reference
+            diff = np.abs(got - reference)[finite]
         err = float(diff.max()) if diff.size else 0.0
         self.errors[key] = max(self.errors[key], math.inf if math.isnan(err) else err)
         if finite.any():
@@ -143,9 +144,9 @@ def check_layer_arrays(
     problem = _shape_problem(change, weight, kernel, bias, kernel_bias)
     if problem is not None or weight.shape[0] * weight.shape[1] == 0:
         return _empty(result, change, bias, kernel_bias) if problem is None else replace(result, problem=problem)
-    rng = np.random.default_rng(seed)
-    maps = _draw_maps(change, kernel.dtype_name, rng)
+    rng = np.random.default_rng(seed)  # the rows are drawn first, then the maps
     rows = rows_to_check(weight.shape[0], max_rows, lambda n: rng.permutation(n).tolist())
+    maps = _draw_maps(change, kernel.dtype_name, rng)
     tally = _Tally()
     for chunk in _row_chunks(rows, weight.shape[1]):
         _measure_chunk(change, maps, chunk, weight, kernel, bias, kernel_bias, tally)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from fc2conv.diskio import ByteSpan
-from fc2conv.matrix import ArrayMatrix, bfloat16_to_float32, compute_dtype
+from fc2conv.matrix import ArrayMatrix, Matrix, bfloat16_to_float32, compute_dtype
 from fc2conv.types import FLOAT_DTYPES
 
 __all__ = ["span_matrix", "span_vector"]
@@ -34,8 +34,20 @@ def _mapped(span: ByteSpan, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.memmap(span.path, dtype=stored, mode="r", offset=span.offset, shape=shape)
 
 
-def span_matrix(span: ByteSpan, dtype: str, shape: tuple[int, int]) -> ArrayMatrix:
+class _EmptyMatrix:
+    """A matrix without values (a dimension is 0), of any declared shape: ``(2**62, 0)`` makes no array."""
+
+    def __init__(self, dtype: str, shape: tuple[int, int]) -> None:
+        self.dtype_name, self.shape = dtype, shape
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return np.empty((len(rows), 0), dtype=compute_dtype(self.dtype_name))
+
+
+def span_matrix(span: ByteSpan, dtype: str, shape: tuple[int, int]) -> Matrix:
     """A 2-D tensor's bytes in a file as a :class:`~fc2conv.matrix.Matrix`, read a few rows at a time."""
+    if 0 in shape and span.nbytes == 0:
+        return _EmptyMatrix(dtype, shape)
     return ArrayMatrix(_mapped(span, dtype, shape), dtype)
 
 
