@@ -65,6 +65,7 @@ edits = st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size
 
 @FUZZ
 @given(edits=edits, cut=st.none() | st.integers(0, len(REAL_PT)))
+@example(edits=[(0, 99), (103, 128)], cut=120)  # a pickle string that is not UTF-8 (found by this test)
 def test_mutated_torch_checkpoints(tmp_path_factory, edits, cut):
     path = tmp_path_factory.mktemp("pt") / "m.pt"
     path.write_bytes(_mutate(REAL_PT, edits, cut))
