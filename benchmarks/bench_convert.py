@@ -241,10 +241,11 @@ timed(preload, "wait_for_torch", "wait for torch", main_thread_only=True)  # not
 check.wait_for_torch = preload.wait_for_torch  # imported by name there
 
 import fc2conv.jobs.convert as convert, fc2conv.jobs.verify as verify, fc2conv.jobs.proofs as proofs
+import fc2conv.array_check as array_check
 for module in (convert, verify):
     timed(module, "open_source", "read")
     timed(module, "compare_spans", "check: bytes")
-timed(proofs, "check_layer_arrays", "check: numeric (numpy)")
+timed(array_check, "check_layer_arrays", "check: numeric (numpy)")
 timed(proofs, "check_changes", "check: numeric (torch)")
 timed(convert, "weigh_evidence", "evidence")  # on its own thread, while the bytes are copied
 timed(verify, "_recorded_evidence", "evidence")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,10 +18,10 @@ from fc2conv.formats import Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
 from fc2conv.jobs.planning import plan_for, weigh_evidence
-from fc2conv.jobs.proofs import prove_layers, proven_without_torch
+from fc2conv.jobs.proofs import checks_ahead, prove_layers, proven_without_torch
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan
-from fc2conv.preload import preload_torch
+from fc2conv.preload import preload_numpy, preload_torch
 from fc2conv.publish import FolderOutput, atomic_folder, atomic_output, file_path, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
 from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
@@ -71,9 +71,11 @@ def convert_file(
     """Convert a checkpoint to safetensors whose FC layers are convolution kernels.
 
     Tensors are streamed one at a time from the (memory-mapped) input into a temporary file beside
-    the output; every converted layer is then checked numerically *from the written file* against
-    the input, and only if all checks pass is the file renamed onto the output path. A failed check
-    leaves the output path untouched and returns ``written=False``.
+    the output; every byte of the written file is then compared with the input, every converted
+    layer is checked numerically against the FC (from the written file; a kernel proven to be its
+    weight's bytes, on those bytes, with numpy and while they are copied), and only if all checks
+    pass is the file renamed onto the output path. A failed check leaves the output path untouched
+    and returns ``written=False``.
 
     A sharded Hugging Face checkpoint (an ``*.safetensors.index.json``, or a folder of shards) is
     written as a folder of shards with the same names plus a new index; ``output_path`` is then
@@ -131,6 +133,7 @@ def convert_source(
     out_infos = {info.name: converted_info(plan, info) for info in source.infos}
     if keras_out is None and not proven_without_torch(source, plan.layers, out_infos):
         preload_torch(source.format)  # torch is needed: its import overlaps copying the input's bytes
+    preload_numpy()  # for the proofs from the files' bytes and the evidence, also while the bytes are copied
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
     # The evidence is weighed on another thread while the bytes are copied; a strict conversion it
@@ -138,6 +141,8 @@ def convert_source(
     with ThreadPoolExecutor(max_workers=1) as pool:
         weighed = pool.submit(weigh_evidence, plan, source, geometry_given=input_shape is not None)
         writer = _Writer(source, plan, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict))
+        # The numeric checks of kernels copied as bytes, on the input's bytes, also while they are copied.
+        writer.ahead = checks_ahead(plan.layers, source, out_infos, pool)
         if source.shards is None:
             output = file_path(output_path) if output_path is not None else default_output(source.path)
             written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
@@ -280,6 +285,7 @@ class _Writer:
             for name, span in source.spans.items()
             if (change := plan.change_for(name)) is None or keeps_bytes(change)
         }
+        self.ahead: Mapping[str, Future[LayerCheck]] = {}  # numeric checks started before the write
         self.size = 0  # bytes of the files written so far
         self.done = 0  # bytes of tensor data written so far
         self.checks: list[LayerCheck] = []
@@ -318,6 +324,7 @@ class _Writer:
             untouched=self.source.tensors,
             veto=self.veto,
             into=into,
+            ahead=self.ahead,
         )
         self.checks.extend(checks)
         self.size += size
@@ -366,6 +373,7 @@ def write_checked(
     untouched: Mapping[str, torch.Tensor] | None = None,
     veto: Callable[[], bool] | None = None,
     into: FolderOutput | None = None,
+    ahead: Mapping[str, Future[LayerCheck]] | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
     """Write a safetensors file atomically, check every byte of it and its converted layers, then publish it.
 
@@ -379,7 +387,8 @@ def write_checked(
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
     nothing is left at ``target``). With ``into``, the file is the one named ``target.name`` of that
-    output folder, published with the whole folder.
+    output folder, published with the whole folder. ``ahead``: numeric checks already started on the
+    input's bytes (:func:`fc2conv.jobs.proofs.checks_ahead`).
     """
     checks: list[LayerCheck] = []
     output = into.file(target.name) if into is not None else atomic_output(target, overwrite=overwrite, protect=protect)
@@ -389,7 +398,7 @@ def write_checked(
             # The disk flush (I/O) and the checks of the written file (memory and CPU) overlap.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 synced = pool.submit(fsync_file, tmp)
-                checks = _check_written(tmp, out_infos, changes, original, spans or {}, untouched, strict)
+                checks = _check_written(tmp, out_infos, changes, original, spans or {}, untouched, strict, ahead)
                 synced.result()
             if not all(c.ok for c in checks) or (veto is not None and veto()):
                 raise _CheckFailed
@@ -406,6 +415,7 @@ def _check_written(
     spans: Mapping[str, ByteSpan],
     untouched: Mapping[str, torch.Tensor] | None,
     strict: bool,
+    ahead: Mapping[str, Future[LayerCheck]] | None = None,
 ) -> list[LayerCheck]:
     """Every byte of the written file against the input; the numeric check of every converted layer."""
     written = open_safetensors(path)
@@ -424,4 +434,4 @@ def _check_written(
                 raise OutputError(
                     f"{path}: the written tensor {info.name!r} differs from the input; nothing was published"
                 )
-    return prove_layers(changes, original, written, compared, strict=strict)
+    return prove_layers(changes, original, written, compared, strict=strict, ahead=ahead)

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Container, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import replace
 
-from fc2conv.array_check import check_layer_arrays
 from fc2conv.check import MAX_ROWS, PROVEN_ROWS, check_changes, span_difference, tolerance_for
 from fc2conv.convert import keeps_bytes
+from fc2conv.diskio import ByteSpan
 from fc2conv.formats import Source
 from fc2conv.plan import LayerChange
 from fc2conv.results import LayerCheck
-from fc2conv.span_arrays import span_matrix, span_vector
 from fc2conv.types import FLOAT_DTYPES, TensorInfo, dtype_itemsize
 
-__all__ = ["prove_layers", "proven_without_torch"]
+__all__ = ["checks_ahead", "prove_layers", "proven_without_torch"]
 
 # Formats whose tensors are read without torch and lie in the file as plain bytes.
 _BYTE_FORMATS = ("torch", "safetensors", "sharded safetensors")
@@ -78,13 +78,16 @@ def prove_layers(
     atol: float | None = None,
     rtol: float | None = None,
     strict: bool = False,
+    ahead: Mapping[str, Future[LayerCheck]] | None = None,
 ) -> list[LayerCheck]:
     """Each layer's numeric check and byte proof: with numpy from the files' bytes where it can, else torch.
 
     ``compared`` holds, per name, the first differing byte of the two files' spans (None: equal), as
     :func:`fc2conv.check.compare_spans` gives it; a layer whose weight was compared there is proven
-    from the bytes.
+    from the bytes. ``ahead`` holds checks started by :func:`checks_ahead` (used only with the default
+    tolerances: they were made with them).
     """
+    ahead = ahead if ahead is not None and atol is None and rtol is None else {}
     infos, out_infos = {i.name: i for i in original.infos}, {i.name: i for i in converted.infos}
     by_bytes = {
         c.weight
@@ -107,7 +110,7 @@ def prove_layers(
         else ()
     )
     return [
-        _prove_from_bytes(c, infos, original, converted, compared[c.weight], atol, rtol, strict)
+        _prove_from_bytes(c, infos, original, converted, compared[c.weight], atol, rtol, strict, ahead.get(c.weight))
         if c.weight in by_bytes
         else next(through_torch)
         for c in changes
@@ -123,26 +126,65 @@ def _prove_from_bytes(
     atol: float | None,
     rtol: float | None,
     strict: bool,
+    ahead: Future[LayerCheck] | None,
 ) -> LayerCheck:
-    """The byte proof (the spans compared) and the numeric check from the files' bytes (numpy)."""
-    dtype = infos[change.weight].dtype
-    out, in_features = change.old_shape
-    weight = span_matrix(original.spans[change.weight], dtype, (out, in_features))
-    kernel = span_matrix(converted.spans[change.weight], dtype, (out, math.prod(change.new_shape[1:])))
-    bias = kernel_bias = None
-    if change.bias is not None:
-        bias_dtype = infos[change.bias].dtype
-        bias = span_vector(original.spans[change.bias], bias_dtype, out)
-        kernel_bias = span_vector(converted.spans[change.bias], bias_dtype, out)
+    """The byte proof (the spans compared) and the numeric check from the files' bytes (numpy).
+
+    A numeric check made ahead on the input's bytes is the kernel's own once the bytes are proven equal;
+    a kernel whose bytes differ is checked from the converted file's bytes.
+    """
     proven = first_difference is None
-    result = check_layer_arrays(
-        change, weight, kernel, bias, kernel_bias,
-        tolerance=tolerance_for(dtype, atol, rtol, terms=in_features),
-        max_rows=PROVEN_ROWS if proven else MAX_ROWS,
-    )  # fmt: skip
+    if proven and ahead is not None:
+        result = ahead.result()
+    else:
+        result = _numeric(change, infos, original.spans, converted.spans, proven, atol, rtol)
     result = replace(result, strict=strict, exact=proven)
     if first_difference is not None and result.problem is None:
-        difference = span_difference(change, first_difference, dtype_itemsize(dtype))
+        difference = span_difference(change, first_difference, dtype_itemsize(infos[change.weight].dtype))
         numeric = result.failure  # when the numbers fail too, they come first
         result = replace(result, problem=f"{numeric}; {difference}" if numeric else difference)
     return result
+
+
+def _numeric(
+    change: LayerChange,
+    infos: Mapping[str, TensorInfo],
+    spans: Mapping[str, ByteSpan],
+    kernel_spans: Mapping[str, ByteSpan],
+    proven: bool,
+    atol: float | None,
+    rtol: float | None,
+) -> LayerCheck:
+    """The numeric check with numpy: the FC from ``spans``, the conv from ``kernel_spans`` (maybe the same)."""
+    from fc2conv.array_check import check_layer_arrays  # numpy: imported while the bytes were copied
+    from fc2conv.span_arrays import span_matrix, span_vector
+
+    dtype = infos[change.weight].dtype
+    out, in_features = change.old_shape
+    weight = span_matrix(spans[change.weight], dtype, (out, in_features))
+    kernel = span_matrix(kernel_spans[change.weight], dtype, (out, math.prod(change.new_shape[1:])))
+    bias = kernel_bias = None
+    if change.bias is not None:
+        bias = span_vector(spans[change.bias], infos[change.bias].dtype, out)
+        kernel_bias = span_vector(kernel_spans[change.bias], infos[change.bias].dtype, out)
+    return check_layer_arrays(
+        change, weight, kernel, bias, kernel_bias, tolerance=tolerance_for(dtype, atol, rtol, terms=in_features),
+        max_rows=PROVEN_ROWS if proven else MAX_ROWS,
+    )  # fmt: skip
+
+
+def checks_ahead(
+    changes: Sequence[LayerChange], original: Source, out_infos: Mapping[str, TensorInfo], pool: Executor
+) -> dict[str, Future[LayerCheck]]:
+    """Start, on ``pool``, the numeric checks of the layers that will be copied as bytes, on the input's bytes.
+
+    Run while the bytes are copied: once the byte proof shows that a written kernel is its weight's
+    bytes, the check on the input's bytes is the check of the written kernel
+    (:func:`prove_layers` takes these results for such layers).
+    """
+    infos = {i.name: i for i in original.infos}
+    return {
+        c.weight: pool.submit(_numeric, c, infos, original.spans, original.spans, True, None, None)
+        for c in changes
+        if _provable(c, infos, original.spans, out_infos, original.spans)
+    }

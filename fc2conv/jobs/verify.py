@@ -13,12 +13,11 @@ from fc2conv.check import compare_spans, tensors_identical
 from fc2conv.convert import keeps_bytes
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import ShapeError
-from fc2conv.evidence import order_evidence
 from fc2conv.formats import Source, open_source
 from fc2conv.jobs.planning import first_fc_weight
 from fc2conv.jobs.proofs import prove_layers, proven_without_torch
 from fc2conv.plan import LayerChange
-from fc2conv.preload import preload_torch
+from fc2conv.preload import preload_numpy, preload_torch
 from fc2conv.record import changes_from_metadata
 from fc2conv.results import Evidence, TensorMismatch, VerifyResult
 from fc2conv.shapes import as_spec, resolve_shape
@@ -77,6 +76,7 @@ def verify_sources(
     changes = _converted_layers(original, converted, flatten_order, notes)
     if not _without_torch(original, converted, changes):
         preload_torch(original.format, converted.format)  # its import overlaps comparing the bytes
+    preload_numpy()  # for the proofs from the bytes, also while they are compared
     # The layer whose map is more than 1x1 carries the geometry (a chain's first layer).
     first = next((c for c in changes if c.in_map.height * c.in_map.width > 1), changes[0] if changes else None)
     if first is not None:
@@ -146,6 +146,8 @@ def _recorded_evidence(changes: Sequence[LayerChange], original: Source, convert
     first = next((c for c in changes if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
     if first is None or first.weight not in original.tensors or original.heads is not None:
         return None
+    from fc2conv.evidence import order_evidence  # numpy, imported meanwhile on another thread
+
     weight = first_fc_weight(first, original)
     return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map))
 
