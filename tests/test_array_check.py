@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,40 @@ def test_numpy_path_figures_agree_with_the_torch_path(tmp_path):
     assert 0.5 < ours.reference_scale / theirs.reference_scale < 2
     assert ours.max_rel_error < 3 * tolerance_for("float32", terms=128).rtol
     assert Path(tmp_path / "a1.safetensors").stat().st_size == Path(tmp_path / "a2.safetensors").stat().st_size
+
+
+def test_checks_made_ahead_on_the_input_are_taken_only_for_kernels_proven_byte_for_byte(tmp_path, monkeypatch):
+    """The numeric check of a copied kernel runs on the input's bytes while copying; a damaged copy is re-checked."""
+    import fc2conv.jobs.convert as convert_job
+    import fc2conv.jobs.proofs as proofs
+
+    calls: list[bool] = []
+    real_numeric = proofs._numeric
+
+    def numeric(change, infos, spans, kernel_spans, *args):
+        calls.append(spans is kernel_spans)  # True: ahead, on the input's own bytes
+        return real_numeric(change, infos, spans, kernel_spans, *args)
+
+    monkeypatch.setattr(proofs, "_numeric", numeric)
+    weight = torch.randn(16, 8 * 2 * 2, generator=torch.Generator().manual_seed(9))
+    save_file({"fc.weight": weight}, tmp_path / "a.safetensors")
+    result = convert_job.convert_file(tmp_path / "a.safetensors", tmp_path / "b.safetensors", input_shape="8x2x2")
+    assert result.written and calls == [True] and result.checks[0].exact
+
+    real_write = convert_job.write_safetensors
+
+    def write_then_damage(path, infos, *args, **kwargs):
+        size = real_write(path, infos, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.seek(-4, 2)  # the last weight of the kernel
+            f.write(struct.pack("<f", 1000.0))
+        return size
+
+    calls.clear()
+    monkeypatch.setattr(convert_job, "write_safetensors", write_then_damage)
+    damaged = convert_job.convert_file(tmp_path / "a.safetensors", tmp_path / "c.safetensors", input_shape="8x2x2")
+    assert calls == [True, False]  # made ahead, then redone on the written bytes, which differ
+    (check,) = damaged.checks
+    assert not damaged.written and not check.ok and not check.exact
+    assert check.max_abs_error > 100 and "index [15, 7, 1, 1]" in check.problem
+    assert not (tmp_path / "c.safetensors").exists()
