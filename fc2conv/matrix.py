@@ -143,8 +143,10 @@ class ArrayMatrix:
 
 def _is_tensor(weight: object) -> TypeGuard[torch.Tensor]:
     """Whether ``weight`` is a ``torch.Tensor``, without importing torch (no tensor exists before it is)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(weight, torch.Tensor)
+    # torch may be importing on another thread (fc2conv.preload): a module without Tensor yet, and no
+    # tensor can exist before it has one.
+    tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor_type is not None and isinstance(weight, tensor_type)
 
 
 def as_matrix(weight: object) -> Matrix:

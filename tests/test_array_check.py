@@ -281,3 +281,14 @@ def test_checks_made_ahead_on_the_input_are_taken_only_for_kernels_proven_byte_f
     assert not damaged.written and not check.ok and not check.exact
     assert check.max_abs_error > 100 and "index [15, 7, 1, 1]" in check.problem
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_matrix_is_told_from_a_tensor_while_torch_is_still_importing(monkeypatch):
+    """torch half imported on another thread (a module without Tensor yet): arrays and matrices are read as such."""
+    import types
+
+    from fc2conv.matrix import as_matrix
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # as sys.modules shows it mid-import
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.array_equal(as_matrix(values).take(np.array([2])), values[[2]])

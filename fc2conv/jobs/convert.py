@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -305,7 +306,6 @@ class _Writer:
         *,
         overwrite: bool,
         protect: Sequence[Path] = (),
-        into: FolderOutput | None = None,
     ) -> bool:
         """Write ``infos`` (converted) to ``target`` atomically; False (nothing written) if a check fails."""
         names = {info.name for info in infos}
@@ -323,7 +323,6 @@ class _Writer:
             spans=self.spans,
             untouched=self.source.tensors,
             veto=self.veto,
-            into=into,
             ahead=self.ahead,
         )
         self.checks.extend(checks)
@@ -339,10 +338,17 @@ class _Writer:
         inputs = [layout.folder / file for file in (*layout.files, *([index_name] if layout.index else []))]
         try:
             with atomic_folder(folder, overwrite=overwrite, protect=layout.folder, inputs=inputs) as output:
-                for file in layout.files:
-                    infos = [self.out_infos[name] for name in by_file.get(file, ())]
-                    if not self.write_file(Path(file), infos, overwrite=False, into=output):
-                        raise _CheckFailed  # nothing is published: the finished shards go
+                # Each shard is checked (and flushed) on another thread while the next one is written.
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fc2conv-check") as checker:
+                    pending: deque[Future[tuple[list[LayerCheck], int]]] = deque()
+                    for file in layout.files:
+                        if len(pending) == _SHARDS_AHEAD:  # a bounded lead: each pending check holds a descriptor
+                            self._collect(pending.popleft())
+                        pending.append(self._write_shard(output, file, by_file.get(file, ()), checker))
+                    while pending:
+                        self._collect(pending.popleft())
+                if not all(c.ok for c in self.checks) or (self.veto is not None and self.veto()):
+                    raise _CheckFailed  # nothing is published: the finished shards go
                 weight_map = {name: file for file in layout.files for name in by_file.get(file, ())}
                 index_metadata = {k: v for k, v in layout.index_metadata.items() if k != "total_size"}
                 with output.file(index_name) as tmp:
@@ -351,6 +357,45 @@ class _Writer:
         except _CheckFailed:
             return False
         return True
+
+    def _write_shard(
+        self, output: FolderOutput, file: str, names: Sequence[str], checker: Executor
+    ) -> Future[tuple[list[LayerCheck], int]]:
+        """Write one shard into the output folder; its checks run on ``checker``, through a descriptor of their own."""
+        out_infos = [self.out_infos[name] for name in names]
+        with output.file(file) as tmp:
+            size = write_safetensors(tmp, out_infos, self._fetch, self.metadata, sync=False, on_tensor=self._written,
+                                     spans=self.spans)  # fmt: skip
+            reader = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)  # the file, whatever its name becomes meanwhile
+        # Through the descriptor where the system names descriptors (an unnamed file's only path); else by the
+        # staging name, which stays until the folder is published (after every check).
+        by_descriptor = Path(f"/proc/self/fd/{reader}")
+        path = by_descriptor if by_descriptor.exists() else tmp
+        written = set(names)
+        changes = [c for c in self.plan.layers if c.weight in written]
+        return checker.submit(self._check_shard, reader, path, out_infos, changes, size)
+
+    def _collect(self, future: Future[tuple[list[LayerCheck], int]]) -> None:
+        checks, size = future.result()
+        self.checks.extend(checks)
+        self.size += size
+
+    def _check_shard(
+        self, reader: int, path: Path, out_infos: list[TensorInfo], changes: list[LayerChange], size: int
+    ) -> tuple[list[LayerCheck], int]:
+        """A written shard flushed to the disk and checked as :func:`write_checked` checks a file."""
+        try:
+            os.fsync(reader)
+            checks = _check_written(
+                path, out_infos, changes, self.source, self.spans, self.source.tensors, self.strict, self.ahead
+            )
+        finally:
+            os.close(reader)
+        return checks, size
+
+
+# Shards written while earlier ones are still being checked, at most.
+_SHARDS_AHEAD = 2
 
 
 class _CheckFailed(Exception):
@@ -372,7 +417,6 @@ def write_checked(
     spans: Mapping[str, ByteSpan] | None = None,
     untouched: Mapping[str, torch.Tensor] | None = None,
     veto: Callable[[], bool] | None = None,
-    into: FolderOutput | None = None,
     ahead: Mapping[str, Future[LayerCheck]] | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
     """Write a safetensors file atomically, check every byte of it and its converted layers, then publish it.
@@ -386,12 +430,11 @@ def write_checked(
     ``veto``, asked last, can still discard the file (nothing is published).
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
-    nothing is left at ``target``). With ``into``, the file is the one named ``target.name`` of that
-    output folder, published with the whole folder. ``ahead``: numeric checks already started on the
-    input's bytes (:func:`fc2conv.jobs.proofs.checks_ahead`).
+    nothing is left at ``target``). ``ahead``: numeric checks already started on the input's bytes
+    (:func:`fc2conv.jobs.proofs.checks_ahead`).
     """
     checks: list[LayerCheck] = []
-    output = into.file(target.name) if into is not None else atomic_output(target, overwrite=overwrite, protect=protect)
+    output = atomic_output(target, overwrite=overwrite, protect=protect)
     try:
         with output as tmp:
             size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor, spans=spans)
