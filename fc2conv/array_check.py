@@ -24,11 +24,13 @@ from fc2conv.check import (
     MAX_ROWS,
     SAMPLES,
     WINDOW_SAMPLES,
+    Tally,
     blank_check,
     coarser_dtype,
     grid_of,
     row_runs,
     rows_to_check,
+    shape_problem,
 )
 from fc2conv.matrix import Matrix, round_to_dtype
 from fc2conv.plan import LayerChange
@@ -101,31 +103,8 @@ def _draw_maps(change: LayerChange, dtype: str, rng: np.random.Generator) -> _Ma
         # Rounded to the kernel's dtype, so both sides see these values.
         return round_to_dtype(rng.standard_normal((n, m.channels, h, w)), dtype).astype(precision)
 
-    big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
-    return _Maps(draw(SAMPLES, m.height, m.width), big, grid)
-
-
-class _Tally:
-    """The largest errors and the reference scale seen so far, over chunks of rows."""
-
-    def __init__(self) -> None:
-        self.errors = {"traced": 0.0, "window": 0.0}
-        self.scale = 0.0
-        self.nonfinite = False
-        self.pattern_mismatch = False
-
-    def add(self, key: str, got: np.ndarray, reference: np.ndarray) -> None:
-        finite = np.isfinite(reference)
-        if not finite.all():
-            self.nonfinite = True
-            if not np.array_equal(finite, np.isfinite(got)):
-                self.pattern_mismatch = True
-        with np.errstate(invalid="ignore"):  # inf - inf where both sides overflow: not a finite reference
-            diff = np.abs(got - reference)[finite]
-        err = float(diff.max()) if diff.size else 0.0
-        self.errors[key] = max(self.errors[key], math.inf if math.isnan(err) else err)
-        if finite.any():
-            self.scale = max(self.scale, float(np.abs(reference[finite]).max()))
+    traced = draw(SAMPLES, m.height, m.width)
+    return _Maps(traced, draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1), grid)
 
 
 def check_layer_arrays(
@@ -157,32 +136,23 @@ def check_layer_arrays(
     rng = np.random.default_rng(seed)  # the rows are drawn first, then the maps
     rows = rows_to_check(weight.shape[0], max_rows, lambda n: rng.permutation(n).tolist())
     maps = _draw_maps(change, kernel.dtype_name, rng)
-    tally = _Tally()
+    tally = Tally()
     for chunk in _row_chunks(rows, weight.shape[1]):
         _measure_chunk(change, maps, chunk, weight, kernel, bias, kernel_bias, tally)
-    max_abs = math.inf if tally.pattern_mismatch else max(tally.errors.values())
-    max_rel = max_abs / tally.scale if tally.scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    return replace(
-        result, max_abs_error=max_abs, max_rel_error=max_rel, window_max_abs_error=tally.errors["window"],
-        window_grid=maps.grid, reference_scale=tally.scale, rows_checked=len(rows), nonfinite=tally.nonfinite,
-        problem="non-finite outputs differ between FC and conv" if tally.pattern_mismatch else None,
-    )  # fmt: skip
+    return tally.result(result, maps.grid, len(rows))
 
 
 def _shape_problem(
     change: LayerChange, weight: Matrix, kernel: Matrix, bias: np.ndarray | None, kernel_bias: np.ndarray | None
 ) -> str | None:
-    """Why the arrays cannot be the layer the change describes."""
-    if tuple(weight.shape) != change.old_shape:
-        return f"weight shape {tuple(weight.shape)} != expected {change.old_shape}"
-    if tuple(kernel.shape) != (change.out_features, math.prod(change.new_shape[1:])):
-        return f"kernel of {tuple(kernel.shape)} values does not hold the expected {change.new_shape}"
-    if (bias is None) != (kernel_bias is None):
-        return "bias present on one side only"
-    for side, values in (("bias", bias), ("conv bias", kernel_bias)):
-        if values is not None and tuple(values.shape) != (change.out_features,):
-            return f"{side} shape {tuple(values.shape)} != expected {(change.out_features,)}"
-    return None
+    """Why the arrays cannot be the layer the change describes (the kernel's rows read as its shape)."""
+    kernel_shape: tuple[int, ...] = tuple(kernel.shape)
+    if kernel_shape == (change.out_features, math.prod(change.new_shape[1:])):
+        kernel_shape = change.new_shape
+    shapes = (bias, kernel_bias)
+    return shape_problem(
+        change, tuple(weight.shape), kernel_shape, *(b.shape if b is not None else None for b in shapes)
+    )
 
 
 def _empty(
@@ -218,7 +188,7 @@ def _measure_chunk(
     kernel: Matrix,
     bias: np.ndarray | None,
     kernel_bias: np.ndarray | None,
-    tally: _Tally,
+    tally: Tally,
 ) -> None:
     """The conv on these rows (in the kernel's precision) against the float64 FC."""
     rows = np.arange(chunk.start, chunk.stop)

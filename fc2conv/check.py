@@ -22,6 +22,7 @@ from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import FlattenOrder, dtype_name
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
@@ -35,8 +36,10 @@ __all__ = [
     "grid_of",
     "kernel_difference",
     "kernel_is_exact",
+    "Tally",
     "row_runs",
     "rows_to_check",
+    "shape_problem",
     "span_difference",
     "tensors_identical",
     "tolerance_for",
@@ -167,8 +170,8 @@ def grid_of(change: LayerChange) -> tuple[int, int]:
     return (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
 
 
-class _Tally:
-    """The largest errors and the reference scale seen so far, over chunks of rows."""
+class Tally:
+    """The largest errors and the reference scale seen so far, over chunks of rows (numpy arrays, float64)."""
 
     def __init__(self) -> None:
         self.errors = {"traced": 0.0, "window": 0.0}
@@ -176,19 +179,31 @@ class _Tally:
         self.nonfinite = False
         self.pattern_mismatch = False
 
-    def add(self, key: str, got: torch.Tensor, reference: torch.Tensor) -> None:
-        import torch
+    def add(self, key: str, got: np.ndarray, reference: np.ndarray) -> None:
+        """Errors of ``got`` against ``reference``, where the reference is finite (NaN/Inf must match there)."""
+        import numpy as np
 
-        finite = torch.isfinite(reference)
-        if not bool(finite.all()):
+        finite = np.isfinite(reference)
+        if not finite.all():
             self.nonfinite = True
-            if not torch.equal(finite, torch.isfinite(got)):
+            if not np.array_equal(finite, np.isfinite(got)):
                 self.pattern_mismatch = True
-        diff = (got - reference).abs()[finite]
-        err = float(diff.max()) if diff.numel() else 0.0
+        with np.errstate(invalid="ignore"):  # inf - inf where both overflow: not where the reference is finite
+            diff = np.abs(got - reference)[finite]
+        err = float(diff.max()) if diff.size else 0.0
         self.errors[key] = max(self.errors[key], math.inf if math.isnan(err) else err)
-        if bool(finite.any()):
-            self.scale = max(self.scale, float(reference.abs()[finite].max()))
+        if finite.any():
+            self.scale = max(self.scale, float(np.abs(reference[finite]).max()))
+
+    def result(self, check: LayerCheck, grid: tuple[int, int], rows: int) -> LayerCheck:
+        """``check`` with the errors tallied over ``rows`` rows."""
+        max_abs = math.inf if self.pattern_mismatch else max(self.errors.values())
+        max_rel = max_abs / self.scale if self.scale > 0 else (0.0 if max_abs == 0 else math.inf)
+        return replace(
+            check, max_abs_error=max_abs, max_rel_error=max_rel, window_max_abs_error=self.errors["window"],
+            window_grid=grid, reference_scale=self.scale, rows_checked=rows, nonfinite=self.nonfinite,
+            problem="non-finite outputs differ between FC and conv" if self.pattern_mismatch else None,
+        )  # fmt: skip
 
 
 def check_layer(
@@ -242,16 +257,10 @@ def check_layer(
     generator = torch.Generator().manual_seed(seed)
     probe = _draw_probe(change, kernel.dtype, generator)
     rows = rows_to_check(weight.shape[0], max_rows, lambda n: torch.randperm(n, generator=generator).tolist())
-    tally = _Tally()
+    tally = Tally()
     for chunk in _row_chunks(rows, kernel, weight.shape[1]):
         _measure_chunk(probe, chunk, weight, kernel, bias, kernel_bias, tally)
-    max_abs = math.inf if tally.pattern_mismatch else max(tally.errors.values())
-    max_rel = max_abs / tally.scale if tally.scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    return replace(
-        result, max_abs_error=max_abs, max_rel_error=max_rel, window_max_abs_error=tally.errors["window"],
-        window_grid=probe.grid, reference_scale=tally.scale, rows_checked=len(rows), nonfinite=tally.nonfinite,
-        problem="non-finite outputs differ between FC and conv" if tally.pattern_mismatch else None,
-    )  # fmt: skip
+    return tally.result(result, probe.grid, len(rows))
 
 
 def blank_check(
@@ -279,15 +288,28 @@ def _shape_problem(
     kernel_bias: torch.Tensor | None,
 ) -> str | None:
     """Why the tensors cannot be the layer the change describes (shapes come from a file: check them all)."""
-    if tuple(kernel.shape) != change.new_shape:
-        return f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}"
-    if tuple(weight.shape) != change.old_shape:
-        return f"weight shape {tuple(weight.shape)} != expected {change.old_shape}"
+    bias_shape = None if bias is None else tuple(bias.shape)
+    kernel_bias_shape = None if kernel_bias is None else tuple(kernel_bias.shape)
+    return shape_problem(change, tuple(weight.shape), tuple(kernel.shape), bias_shape, kernel_bias_shape)
+
+
+def shape_problem(
+    change: LayerChange,
+    weight: tuple[int, ...],
+    kernel: tuple[int, ...],
+    bias: tuple[int, ...] | None,
+    kernel_bias: tuple[int, ...] | None,
+) -> str | None:
+    """Why tensors of these shapes cannot be the layer the change describes (None: they can)."""
+    if kernel != change.new_shape:
+        return f"kernel shape {kernel} != expected {change.new_shape}"
+    if weight != change.old_shape:
+        return f"weight shape {weight} != expected {change.old_shape}"
     if (bias is None) != (kernel_bias is None):
         return "bias present on one side only"
-    for side, tensor in (("bias", bias), ("conv bias", kernel_bias)):
-        if tensor is not None and tuple(tensor.shape) != (change.out_features,):
-            return f"{side} shape {tuple(tensor.shape)} != expected {(change.out_features,)}"
+    for side, shape in (("bias", bias), ("conv bias", kernel_bias)):
+        if shape is not None and shape != (change.out_features,):
+            return f"{side} shape {shape} != expected {(change.out_features,)}"
     return None
 
 
@@ -337,7 +359,7 @@ def _measure_chunk(
     kernel: torch.Tensor,
     bias: torch.Tensor | None,
     kernel_bias: torch.Tensor | None,
-    tally: _Tally,
+    tally: Tally,
 ) -> None:
     """The conv on these rows (in the kernel's dtype) against the float64 Linear, a few rows at a time."""
     import torch.nn.functional as F
@@ -354,8 +376,9 @@ def _measure_chunk(
         part = chunk[sub : sub + ref_rows]
         w64 = weight[part.start : part.stop].double()
         b64 = bias[part.start : part.stop].double() if bias is not None else None
-        tally.add("traced", got["traced"][:, sub : sub + len(part)], F.linear(probe.traced_flat, w64, b64))
-        tally.add("window", got["window"][:, sub : sub + len(part)], probe.windows_linear(w64, b64))
+        traced, window = F.linear(probe.traced_flat, w64, b64), probe.windows_linear(w64, b64)
+        tally.add("traced", got["traced"][:, sub : sub + len(part)].numpy(), traced.numpy())
+        tally.add("window", got["window"][:, sub : sub + len(part)].numpy(), window.numpy())
 
 
 def rows_to_check(out: int, max_rows: int | None, permutation: Callable[[int], list[int]]) -> list[int]:
