@@ -292,3 +292,14 @@ def test_a_matrix_is_told_from_a_tensor_while_torch_is_still_importing(monkeypat
     monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # as sys.modules shows it mid-import
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert np.array_equal(as_matrix(values).take(np.array([2])), values[[2]])
+
+
+def test_the_readme_sample_converts_and_verifies_without_torch(tmp_path):
+    """The set-up command of the README never imports torch (its two kernels keep their weights' bytes)."""
+    out = tmp_path / "small_cnn.conv.safetensors"
+    source = ROOT / "sample_models" / "small_cnn.pt"
+    converted = _run_without_torch("convert", source, "--input-shape", "32x4x4", "-o", out)
+    assert converted.returncode == 0 and "TORCH False" in converted.stderr, converted.stderr
+    assert "conv (float32, numpy) = FC (float64)" in converted.stdout
+    verified = _run_without_torch("verify", source, out)
+    assert verified.returncode == 0 and "TORCH False" in verified.stderr, verified.stderr
