@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -22,17 +22,25 @@ from fc2conv.results import LayerCheck, Tolerance
 from fc2conv.types import FlattenOrder, dtype_name
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "blank_check",
     "check_changes",
     "check_layer",
     "coarser_dtype",
     "compare_spans",
     "first_difference",
+    "grid_of",
     "kernel_difference",
     "kernel_is_exact",
+    "Tally",
+    "row_runs",
+    "rows_to_check",
+    "shape_problem",
+    "span_difference",
     "tensors_identical",
     "tolerance_for",
 ]
@@ -146,7 +154,7 @@ def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Genera
         return x.to(dtype)  # both sides see these exact (rounded) values
 
     traced = draw(SAMPLES, m.height, m.width)
-    grid = _grid(change)
+    grid = grid_of(change)
     big = draw(WINDOW_SAMPLES, m.height + grid[0] - 1, m.width + grid[1] - 1)
     probe = _Probe(traced, big, grid, _flatten(traced.double(), change.flatten_order), change.flatten_order,
                    (m.height, m.width), None)  # fmt: skip
@@ -157,13 +165,13 @@ def _draw_probe(change: LayerChange, dtype: torch.dtype, generator: torch.Genera
     return probe
 
 
-def _grid(change: LayerChange) -> tuple[int, int]:
+def grid_of(change: LayerChange) -> tuple[int, int]:
     """Output positions of the sliding-window check: 3x3 windows of a map, or S positions of a pointwise layer."""
     return (1, POINTWISE_SEQUENCE) if change.pointwise else (WINDOW_GROWTH + 1, WINDOW_GROWTH + 1)
 
 
-class _Tally:
-    """The largest errors and the reference scale seen so far, over chunks of rows."""
+class Tally:
+    """The largest errors and the reference scale seen so far, over chunks of rows (numpy arrays, float64)."""
 
     def __init__(self) -> None:
         self.errors = {"traced": 0.0, "window": 0.0}
@@ -171,19 +179,31 @@ class _Tally:
         self.nonfinite = False
         self.pattern_mismatch = False
 
-    def add(self, key: str, got: torch.Tensor, reference: torch.Tensor) -> None:
-        import torch
+    def add(self, key: str, got: np.ndarray, reference: np.ndarray) -> None:
+        """Errors of ``got`` against ``reference``, where the reference is finite (NaN/Inf must match there)."""
+        import numpy as np
 
-        finite = torch.isfinite(reference)
-        if not bool(finite.all()):
+        finite = np.isfinite(reference)
+        if not finite.all():
             self.nonfinite = True
-            if not torch.equal(finite, torch.isfinite(got)):
+            if not np.array_equal(finite, np.isfinite(got)):
                 self.pattern_mismatch = True
-        diff = (got - reference).abs()[finite]
-        err = float(diff.max()) if diff.numel() else 0.0
+        with np.errstate(invalid="ignore"):  # inf - inf where both overflow: not where the reference is finite
+            diff = np.abs(got - reference)[finite]
+        err = float(diff.max()) if diff.size else 0.0
         self.errors[key] = max(self.errors[key], math.inf if math.isnan(err) else err)
-        if bool(finite.any()):
-            self.scale = max(self.scale, float(reference.abs()[finite].max()))
+        if finite.any():
+            self.scale = max(self.scale, float(np.abs(reference[finite]).max()))
+
+    def result(self, check: LayerCheck, grid: tuple[int, int], rows: int) -> LayerCheck:
+        """``check`` with the errors tallied over ``rows`` rows."""
+        max_abs = math.inf if self.pattern_mismatch else max(self.errors.values())
+        max_rel = max_abs / self.scale if self.scale > 0 else (0.0 if max_abs == 0 else math.inf)
+        return replace(
+            check, max_abs_error=max_abs, max_rel_error=max_rel, window_max_abs_error=self.errors["window"],
+            window_grid=grid, reference_scale=self.scale, rows_checked=rows, nonfinite=self.nonfinite,
+            problem="non-finite outputs differ between FC and conv" if self.pattern_mismatch else None,
+        )  # fmt: skip
 
 
 def check_layer(
@@ -227,13 +247,7 @@ def check_layer(
     import torch
 
     dtype = coarser_dtype(dtype_name(weight.dtype), dtype_name(kernel.dtype))
-    result = LayerCheck(
-        name=change.name, became=change.became, dtype=dtype, old_shape=tuple(weight.shape),
-        new_shape=tuple(kernel.shape), parameters=change.parameters, max_abs_error=math.inf,
-        max_rel_error=math.inf, window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
-        tolerance=tolerance or tolerance_for(dtype, terms=weight.shape[1]), flatten_order=change.flatten_order,
-        pointwise=change.pointwise,
-    )  # fmt: skip
+    result = blank_check(change, dtype, tuple(weight.shape), tuple(kernel.shape), tolerance)
     kernel_bias = bias if kernel_bias is None else kernel_bias
     problem = _shape_problem(change, weight, kernel, bias, kernel_bias)
     if problem is not None:
@@ -242,16 +256,27 @@ def check_layer(
         return _check_empty(result, change, bias, kernel_bias)
     generator = torch.Generator().manual_seed(seed)
     probe = _draw_probe(change, kernel.dtype, generator)
-    rows = _rows_to_check(weight.shape[0], max_rows, generator)
-    tally = _Tally()
+    rows = rows_to_check(weight.shape[0], max_rows, lambda n: torch.randperm(n, generator=generator).tolist())
+    tally = Tally()
     for chunk in _row_chunks(rows, kernel, weight.shape[1]):
         _measure_chunk(probe, chunk, weight, kernel, bias, kernel_bias, tally)
-    max_abs = math.inf if tally.pattern_mismatch else max(tally.errors.values())
-    max_rel = max_abs / tally.scale if tally.scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    return replace(
-        result, max_abs_error=max_abs, max_rel_error=max_rel, window_max_abs_error=tally.errors["window"],
-        window_grid=probe.grid, reference_scale=tally.scale, rows_checked=len(rows), nonfinite=tally.nonfinite,
-        problem="non-finite outputs differ between FC and conv" if tally.pattern_mismatch else None,
+    return tally.result(result, probe.grid, len(rows))
+
+
+def blank_check(
+    change: LayerChange,
+    dtype: str,
+    old_shape: tuple[int, ...],
+    new_shape: tuple[int, ...],
+    tolerance: Tolerance | None,
+) -> LayerCheck:
+    """A layer's check before anything is measured (errors infinite); ``tolerance`` defaults to the dtype's."""
+    return LayerCheck(
+        name=change.name, became=change.became, dtype=dtype, old_shape=old_shape, new_shape=new_shape,
+        parameters=change.parameters, max_abs_error=math.inf, max_rel_error=math.inf,
+        window_max_abs_error=math.inf, window_grid=(0, 0), reference_scale=0.0,
+        tolerance=tolerance or tolerance_for(dtype, terms=old_shape[1] if len(old_shape) > 1 else 1),
+        flatten_order=change.flatten_order, pointwise=change.pointwise,
     )  # fmt: skip
 
 
@@ -263,15 +288,28 @@ def _shape_problem(
     kernel_bias: torch.Tensor | None,
 ) -> str | None:
     """Why the tensors cannot be the layer the change describes (shapes come from a file: check them all)."""
-    if tuple(kernel.shape) != change.new_shape:
-        return f"kernel shape {tuple(kernel.shape)} != expected {change.new_shape}"
-    if tuple(weight.shape) != change.old_shape:
-        return f"weight shape {tuple(weight.shape)} != expected {change.old_shape}"
+    bias_shape = None if bias is None else tuple(bias.shape)
+    kernel_bias_shape = None if kernel_bias is None else tuple(kernel_bias.shape)
+    return shape_problem(change, tuple(weight.shape), tuple(kernel.shape), bias_shape, kernel_bias_shape)
+
+
+def shape_problem(
+    change: LayerChange,
+    weight: tuple[int, ...],
+    kernel: tuple[int, ...],
+    bias: tuple[int, ...] | None,
+    kernel_bias: tuple[int, ...] | None,
+) -> str | None:
+    """Why tensors of these shapes cannot be the layer the change describes (None: they can)."""
+    if kernel != change.new_shape:
+        return f"kernel shape {kernel} != expected {change.new_shape}"
+    if weight != change.old_shape:
+        return f"weight shape {weight} != expected {change.old_shape}"
     if (bias is None) != (kernel_bias is None):
         return "bias present on one side only"
-    for side, tensor in (("bias", bias), ("conv bias", kernel_bias)):
-        if tensor is not None and tuple(tensor.shape) != (change.out_features,):
-            return f"{side} shape {tuple(tensor.shape)} != expected {(change.out_features,)}"
+    for side, shape in (("bias", bias), ("conv bias", kernel_bias)):
+        if shape is not None and shape != (change.out_features,):
+            return f"{side} shape {shape} != expected {(change.out_features,)}"
     return None
 
 
@@ -286,7 +324,7 @@ def _check_empty(
             error = _max_abs(bias, kernel_bias)
     rel = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
     return replace(
-        result, max_abs_error=error, max_rel_error=rel, window_max_abs_error=error, window_grid=_grid(change),
+        result, max_abs_error=error, max_rel_error=rel, window_max_abs_error=error, window_grid=grid_of(change),
         reference_scale=scale, rows_checked=0,
     )  # fmt: skip
 
@@ -309,7 +347,7 @@ def _row_chunks(rows: list[int], kernel: torch.Tensor, in_features: int) -> Iter
     Slices of consecutive rows are views: no copy of a memory-mapped weight.
     """
     conv_rows = max(1, 2 * _CHUNK_BYTES // (kernel.element_size() * max(1, in_features)))
-    for start_run, stop in _runs(rows):
+    for start_run, stop in row_runs(rows):
         for start in range(start_run, stop, conv_rows):
             yield range(start, min(stop, start + conv_rows))
 
@@ -321,7 +359,7 @@ def _measure_chunk(
     kernel: torch.Tensor,
     bias: torch.Tensor | None,
     kernel_bias: torch.Tensor | None,
-    tally: _Tally,
+    tally: Tally,
 ) -> None:
     """The conv on these rows (in the kernel's dtype) against the float64 Linear, a few rows at a time."""
     import torch.nn.functional as F
@@ -338,24 +376,23 @@ def _measure_chunk(
         part = chunk[sub : sub + ref_rows]
         w64 = weight[part.start : part.stop].double()
         b64 = bias[part.start : part.stop].double() if bias is not None else None
-        tally.add("traced", got["traced"][:, sub : sub + len(part)], F.linear(probe.traced_flat, w64, b64))
-        tally.add("window", got["window"][:, sub : sub + len(part)], probe.windows_linear(w64, b64))
+        traced, window = F.linear(probe.traced_flat, w64, b64), probe.windows_linear(w64, b64)
+        tally.add("traced", got["traced"][:, sub : sub + len(part)].numpy(), traced.numpy())
+        tally.add("window", got["window"][:, sub : sub + len(part)].numpy(), window.numpy())
 
 
-def _rows_to_check(out: int, max_rows: int | None, generator: torch.Generator) -> list[int]:
+def rows_to_check(out: int, max_rows: int | None, permutation: Callable[[int], list[int]]) -> list[int]:
     """All rows, or a seeded sample of ``max_rows`` in blocks of :data:`ROW_BLOCK` consecutive rows.
 
-    The sample always holds the first and the last block. Blocks keep reads of a memory-mapped weight
-    sequential and let the check use views instead of copies.
+    The sample always holds the first and the last block; the other blocks are taken in the order of
+    ``permutation(number of blocks)`` (a seeded random permutation). Blocks keep reads of a
+    memory-mapped weight sequential and let the check use views instead of copies.
     """
-    import torch
-
     if max_rows is None or out <= max_rows:
         return list(range(out))
     block = min(ROW_BLOCK, max_rows // 2)
     starts = {0, out - block}
-    candidates = torch.randperm(max(1, out // block), generator=generator).tolist()
-    for index in candidates:
+    for index in permutation(max(1, out // block)):
         if len(starts) * block >= max_rows:
             break
         starts.add(min(index * block, out - block))
@@ -363,7 +400,7 @@ def _rows_to_check(out: int, max_rows: int | None, generator: torch.Generator) -
     return rows[:max_rows] if len(rows) > max_rows else rows
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
+def row_runs(rows: list[int]) -> list[tuple[int, int]]:
     """Sorted row numbers as ``(start, stop)`` runs of consecutive rows."""
     runs: list[tuple[int, int]] = []
     for row in rows:
@@ -539,8 +576,7 @@ def _byte_proof(
     if kernel.dtype != weight.dtype or tuple(kernel.shape) != change.new_shape:
         return False, None
     if compared != -1 and _rule_keeps_bytes(change, weight):
-        where = None if compared is None else list(_unravel(compared // weight.element_size(), change.new_shape))
-        difference = None if where is None else _difference_text(change, where)
+        difference = None if compared is None else span_difference(change, compared, weight.element_size())
     else:
         difference = kernel_difference(change, weight, kernel)
     return difference is None, difference
@@ -552,6 +588,11 @@ def _rule_keeps_bytes(change: LayerChange, weight: torch.Tensor) -> bool:
         return False
     expected = fc_to_conv_weight(weight, replace(change, layout="out_in"))
     return expected.is_contiguous() and expected.data_ptr() == weight.data_ptr()
+
+
+def span_difference(change: LayerChange, offset: int, itemsize: int) -> str:
+    """The byte proof's failure when the kernel's bytes first differ from its weight's at ``offset``."""
+    return _difference_text(change, list(_unravel(offset // itemsize, change.new_shape)))
 
 
 def _difference_text(change: LayerChange, where: list[int]) -> str:

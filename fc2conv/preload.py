@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 
-__all__ = ["preload_torch", "wait_for_torch"]
+__all__ = ["preload_numpy", "preload_torch", "wait_for_torch"]
 
 # Formats read without torch (headers, or a torch.save zip read as data), whose checks need torch later.
 # Others (Keras, ONNX) import libraries that may import torch themselves: two threads importing torch
@@ -32,6 +32,22 @@ def preload_torch(*formats: str) -> None:
     # A daemon thread: an interrupted run exits without waiting for the import (see wait_for_torch).
     _thread = threading.Thread(target=_import_torch, name="fc2conv-import-torch", daemon=True)
     _thread.start()
+
+
+def preload_numpy() -> None:
+    """Start importing numpy in the background (a tenth of a second) for the proofs computed with it.
+
+    numpy's import is the ordinary one: a thread that needs numpy meanwhile waits on the import lock.
+    """
+    if "numpy" not in sys.modules:
+        threading.Thread(target=_import_numpy, name="fc2conv-import-numpy", daemon=True).start()
+
+
+def _import_numpy() -> None:
+    try:
+        import numpy  # noqa: F401
+    except BaseException:  # noqa: BLE001 - the import is retried, and its error raised, where numpy is needed
+        pass
 
 
 def _import_torch() -> None:

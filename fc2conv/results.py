@@ -61,6 +61,9 @@ class LayerCheck:
     strict: bool = False
     flatten_order: FlattenOrder = "chw"
     pointwise: bool = False
+    # What computed the conv: torch's conv2d, or its definition in numpy from the files' bytes (a kernel
+    # proven to be its weight's bytes: fc2conv.array_check).
+    engine: Literal["torch", "numpy"] = "torch"
 
     @property
     def ok(self) -> bool:
@@ -91,11 +94,12 @@ class LayerCheck:
     @property
     def proves(self) -> str:
         """What a pass proves, exactly: the conv computes the FC on inputs flattened in this order."""
+        conv = f"conv ({self.dtype}{', numpy' if self.engine == 'numpy' else ''})"
         if self.pointwise:
-            return f"1x1 conv ({self.dtype}) = Linear (float64) on each of {self.window_grid[1]} positions"
+            return f"1x1 {conv} = Linear (float64) on each of {self.window_grid[1]} positions"
         grid = "x".join(map(str, self.window_grid))
         on = "" if self.new_shape[2:] == (1, 1) else f" on the map flattened {self.flatten_order}"
-        return f"conv ({self.dtype}) = FC (float64){on}, traced size + {grid} sliding positions"
+        return f"{conv} = FC (float64){on}, traced size + {grid} sliding positions"
 
 
 @dataclass(frozen=True)

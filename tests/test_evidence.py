@@ -8,7 +8,10 @@ percent from CPU to CPU).
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,9 +25,10 @@ from fc2conv.evidence import (
     order_evidence,
     order_warning,
 )
+from fc2conv.matrix import ArrayMatrix, as_matrix, bfloat16_to_float32
 from fc2conv.plan import LayerChange
 from fc2conv.types import InputShape
-from tests.conftest import SAMPLES
+from tests.conftest import ROOT, SAMPLES
 from tests.evidence_cases import (
     RANDOM_CASES,
     SYNTHETIC_KINDS,
@@ -262,6 +266,85 @@ def test_weights_memory_mapped_by_fc2conv_give_the_in_memory_figures():
     )
 
 
+# --- weights as tensors, arrays or any Matrix --------------------------------------------------------
+
+
+class RowsOfAnArray:
+    """A Matrix of the protocol alone (as a reader of a file's mapped bytes would be): it logs what is read."""
+
+    def __init__(self, array: np.ndarray, dtype_name: str | None = None) -> None:
+        self.array, self.name, self.taken = array, dtype_name or array.dtype.name, []
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.array.shape
+
+    @property
+    def dtype_name(self) -> str:
+        return self.name
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        assert rows.dtype == np.int64 and np.all(np.diff(rows) > 0)
+        self.taken.append(rows.copy())
+        return self.array[rows].astype(np.float64 if self.name == "float64" else np.float32)
+
+
+def test_a_tensor_an_array_and_a_matrix_give_the_same_evidence(tmp_path):
+    shape = InputShape(64, 3, 3)
+    weight = synthetic_weight("smooth maps, channel and position offsets", (64, 3, 3), "hwc", rows=300)
+    array = weight.numpy()
+    mapped = np.memmap(tmp_path / "fc.bin", dtype=np.float32, mode="w+", shape=array.shape)
+    mapped[:] = array
+    custom = RowsOfAnArray(array)
+    reference = order_evidence(weight, shape)
+    assert reference.favoured == "hwc" and reference.rows == 64
+    for form in (array, mapped, custom, as_matrix(weight), torch.nn.Parameter(weight.clone())):
+        assert order_evidence(form, shape) == reference
+    assert sum(len(rows) for rows in custom.taken) == 64  # the sample alone was read
+    candidates = [shape, InputShape(16, 6, 6), InputShape(64, 9, 1)]
+    assert geometry_evidence(array, candidates) == geometry_evidence(weight, candidates)
+
+    bits = weight.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(bfloat16_to_float32(bits), weight.bfloat16().float().numpy())
+    in_bfloat16 = order_evidence(weight.bfloat16(), shape)
+    assert order_evidence(ArrayMatrix(bits, "bfloat16"), shape) == in_bfloat16
+    assert order_evidence(RowsOfAnArray(bfloat16_to_float32(bits), "bfloat16"), shape) == in_bfloat16
+    assert in_bfloat16.favoured == "hwc" and in_bfloat16.margin == pytest.approx(reference.margin, rel=0.03)
+    assert order_evidence(array.astype(np.float64), shape) == order_evidence(weight.double(), shape)
+    assert order_evidence(array.astype(np.float16), shape) == order_evidence(weight.half(), shape)
+
+
+def test_integer_arrays_and_matrices_are_not_applicable_and_are_not_read():
+    found = order_evidence(np.ones((8, 512), dtype=np.int8), DIGITS_MAP)
+    assert (
+        found.strength == "not applicable"
+        and found.explanation == "not applicable: the weight is int8, not floating point"
+    )
+    custom = RowsOfAnArray(np.ones((8, 512), dtype=np.int8))
+    assert order_evidence(custom, DIGITS_MAP) == found and not custom.taken
+    assert geometry_evidence(custom, [DIGITS_MAP]).strength == "not applicable"
+    with pytest.raises(ValueError, match="2-D"):
+        order_evidence(np.ones(512, dtype=np.float32), DIGITS_MAP)
+    with pytest.raises(TypeError, match="a numpy array or a Matrix"):
+        order_evidence([[1.0] * 512] * 8, DIGITS_MAP)
+
+
+@pytest.mark.slow
+def test_evidence_from_an_array_never_imports_torch():
+    code = (
+        "import sys\n"
+        "from safetensors.numpy import load_file\n"
+        "from fc2conv.evidence import geometry_evidence, map_factorisations, order_evidence\n"
+        "from fc2conv.types import InputShape\n"
+        "weight = load_file('sample_models/digits_channels_last.safetensors')['classifier.1.weight']\n"
+        "found = order_evidence(weight, InputShape(32, 4, 4))\n"
+        "geometry = geometry_evidence(weight, map_factorisations(512))\n"
+        "print(type(weight).__name__, found.favoured, geometry.ranking[0].shape, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.split() == ["ndarray", "hwc", "32x4x4", "False"]
+
+
 def test_a_sample_of_rows_gives_the_verdict_of_every_row():
     """The default reads 64 seeded rows; on a large layer that gives the verdict of all of them."""
     shape = InputShape(64, 6, 6)
@@ -312,7 +395,7 @@ def test_layout_and_sums_match_a_direct_computation(map_shape, order):
     values -= values.mean(dim=1, keepdim=True)
     change = LayerChange("fc", "fc.weight", None, "float64", (6, shape.features), shape, order)
     kernel = fc_to_conv_weight(values, change)
-    assert torch.equal(evidence._kernel_view(values, shape, order), kernel)
+    assert torch.equal(torch.from_numpy(evidence._kernel_view(values.numpy(), shape, order)), kernel)
 
     residual = kernel - kernel.mean(dim=(2, 3), keepdim=True) - kernel.mean(dim=1, keepdim=True)
     cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
@@ -328,9 +411,14 @@ def test_layout_and_sums_match_a_direct_computation(map_shape, order):
     unexplained = residual.square().sum(dim=(1, 2, 3)) - products.clamp(min=0).square() / neighbours.square().sum(
         dim=(1, 2, 3)
     )
-    sums = evidence._order_sums(evidence._SampledRows(values, values.square().sum(dim=1)), shape, order)
-    assert torch.allclose(sums.smooth_adjacent, adjacent)
-    assert torch.allclose(sums.unexplained, unexplained)
+    rows = values.numpy()
+    sums = evidence._order_sums(evidence._SampledRows(rows, (rows**2).sum(axis=1)), shape, order)
+    assert torch.allclose(torch.from_numpy(sums.smooth_adjacent), adjacent)
+    assert torch.allclose(torch.from_numpy(sums.unexplained), unexplained)
+    raw_adjacent = (kernel[..., :, 1:] - kernel[..., :, :-1]).square().sum(dim=(1, 2, 3)) + (
+        kernel[..., 1:, :] - kernel[..., :-1, :]
+    ).square().sum(dim=(1, 2, 3))
+    assert torch.allclose(torch.from_numpy(evidence._adjacent_squares(rows, shape, order, {})), raw_adjacent)
 
 
 def test_statistics_are_about_one_for_noise():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
@@ -65,6 +65,7 @@ edits = st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size
 
 @FUZZ
 @given(edits=edits, cut=st.none() | st.integers(0, len(REAL_PT)))
+@example(edits=[(0, 99), (103, 128)], cut=120)  # a pickle string that is not UTF-8 (found by this test)
 def test_mutated_torch_checkpoints(tmp_path_factory, edits, cut):
     path = tmp_path_factory.mktemp("pt") / "m.pt"
     path.write_bytes(_mutate(REAL_PT, edits, cut))
@@ -166,6 +167,7 @@ def test_random_bytes(tmp_path_factory, data, suffix):
     max_examples=max(10, EXAMPLES // 5), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(edits=edits)
+@example(edits=[(-43, 129)])  # a central directory whose header offset does not fit a seek (found by this test)
 def test_mutated_checkpoint_through_the_whole_conversion(tmp_path_factory, edits):
     folder = tmp_path_factory.mktemp("conv")
     source = folder / "m.pt"

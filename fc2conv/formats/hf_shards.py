@@ -173,6 +173,9 @@ class _ShardedTensors(Mapping[str, "torch.Tensor"]):
             handle = self._handles[file] = safetensors_handle(self._folder / file)
         return handle.get_tensor(name)
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would load the tensor (and torch)
+        return name in self._owner
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)
 

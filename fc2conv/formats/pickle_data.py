@@ -230,7 +230,10 @@ class _Machine:
 
     def op_binunicode(self) -> None:
         (length,) = struct.unpack("<I", self.stream.exact(4))
-        self.stack.append(str(self.stream.exact(length), "utf-8", "surrogatepass"))
+        try:
+            self.stack.append(str(self.stream.exact(length), "utf-8", "surrogatepass"))
+        except UnicodeDecodeError as exc:  # pickle's own reader fails here too
+            raise Truncated(f"a string that is not UTF-8 ({exc.reason})") from None
 
     def op_long1(self) -> None:
         size = self.stream.exact(1)[0]

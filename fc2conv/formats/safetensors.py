@@ -9,6 +9,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,6 +232,9 @@ class _LazyTensors(Mapping[str, "torch.Tensor"]):
             self._handle = safetensors_handle(self._path)
         return self._handle.get_tensor(name)
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would load the tensor (and torch)
+        return name in self._known
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
@@ -303,6 +307,9 @@ def write_safetensors(
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         with contextlib.ExitStack() as inputs:
             inputs.callback(os.close, fd)
+            # Writeback is started on another thread: the call can wait for the disk's queue, and the
+            # next tensor need not wait with it. (Closed, so waited for, before the file is.)
+            writeback = inputs.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="fc2conv-writeback"))
             position = _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
             sources = _InputFiles(inputs)
             for info in infos:
@@ -311,7 +318,7 @@ def write_safetensors(
                     copy_span(sources.fd(span.path), span.offset, fd, position, span.nbytes)
                 else:
                     _write_tensor(fd, position, info, fetch(info.name))
-                start_writeback(fd, position, info.nbytes)
+                writeback.submit(start_writeback, fd, position, info.nbytes)
                 position += info.nbytes
                 if on_tensor is not None:
                     on_tensor(info)

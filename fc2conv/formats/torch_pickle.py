@@ -152,6 +152,9 @@ class _MappedTensors(Mapping[str, "torch.Tensor"]):
         dtype = getattr(torch, ref.dtype)
         return torch.empty(0, dtype=dtype).set_(storage, ref.offset, ref.shape, ref.stride)
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's default would make the tensor (and import torch)
+        return name in self._refs
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._refs)
 

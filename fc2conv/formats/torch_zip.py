@@ -131,6 +131,8 @@ def _record_offset(raw: IO[bytes], info: zipfile.ZipInfo, file_size: int) -> int
     """Where a stored record's bytes start in the file (after its local header); None if compressed or odd."""
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         return None
+    if not 0 <= info.header_offset <= file_size:  # a corrupt directory: seek() would refuse a huge offset
+        return None
     raw.seek(info.header_offset)
     header = raw.read(_LOCAL_HEADER.size)
     if len(header) != _LOCAL_HEADER.size:

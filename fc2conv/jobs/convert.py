@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
-from fc2conv.check import check_changes, compare_spans, tensors_identical
+from fc2conv.check import compare_spans, tensors_identical
 from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import OutputError, PlanError
@@ -18,9 +19,10 @@ from fc2conv.formats import Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
 from fc2conv.jobs.planning import plan_for, weigh_evidence
+from fc2conv.jobs.proofs import checks_ahead, prove_layers, proven_without_torch
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan
-from fc2conv.preload import preload_torch
+from fc2conv.preload import preload_numpy, preload_torch
 from fc2conv.publish import FolderOutput, atomic_folder, atomic_output, file_path, fsync_file
 from fc2conv.record import METADATA_PREFIX, changes_from_metadata, plan_to_metadata
 from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
@@ -70,9 +72,11 @@ def convert_file(
     """Convert a checkpoint to safetensors whose FC layers are convolution kernels.
 
     Tensors are streamed one at a time from the (memory-mapped) input into a temporary file beside
-    the output; every converted layer is then checked numerically *from the written file* against
-    the input, and only if all checks pass is the file renamed onto the output path. A failed check
-    leaves the output path untouched and returns ``written=False``.
+    the output; every byte of the written file is then compared with the input, every converted
+    layer is checked numerically against the FC (from the written file; a kernel proven to be its
+    weight's bytes, on those bytes, with numpy and while they are copied), and only if all checks
+    pass is the file renamed onto the output path. A failed check leaves the output path untouched
+    and returns ``written=False``.
 
     A sharded Hugging Face checkpoint (an ``*.safetensors.index.json``, or a folder of shards) is
     written as a folder of shards with the same names plus a new index; ``output_path`` is then
@@ -123,19 +127,23 @@ def convert_source(
     after the converted weights are published, proven in Keras before it is renamed into place.
     """
     started = time.perf_counter()
-    if keras_out is None and source.module is None:
-        preload_torch(source.format)  # its import overlaps copying the input's bytes
     _refuse_conversions(source)
     if keras_out is not None:
         require_keras_model(source)
     plan = plan_for(source, input_shape, flatten_order, layers, pointwise, weight_layout, trust_shape)
+    out_infos = {info.name: converted_info(plan, info) for info in source.infos}
+    if keras_out is None and not proven_without_torch(source, plan.layers, out_infos):
+        preload_torch(source.format)  # torch is needed: its import overlaps copying the input's bytes
+    preload_numpy()  # for the proofs from the files' bytes and the evidence, also while the bytes are copied
     metadata = {k: v for k, v in source.metadata.items() if not k.startswith(METADATA_PREFIX)}
     metadata.update(plan_to_metadata(plan, __version__, source=source.path.name))
-    # The evidence needs torch: it is weighed on another thread while the bytes are copied, and a
-    # strict conversion it fails publishes nothing.
+    # The evidence is weighed on another thread while the bytes are copied; a strict conversion it
+    # fails publishes nothing.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        weighed = pool.submit(weigh_evidence, plan, source.tensors, geometry_given=input_shape is not None)
+        weighed = pool.submit(weigh_evidence, plan, source, geometry_given=input_shape is not None)
         writer = _Writer(source, plan, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict))
+        # The numeric checks of kernels copied as bytes, on the input's bytes, also while they are copied.
+        writer.ahead = checks_ahead(plan.layers, source, out_infos, pool)
         if source.shards is None:
             output = file_path(output_path) if output_path is not None else default_output(source.path)
             written = writer.write_file(output, source.infos, overwrite=overwrite, protect=[source.path])
@@ -278,6 +286,7 @@ class _Writer:
             for name, span in source.spans.items()
             if (change := plan.change_for(name)) is None or keeps_bytes(change)
         }
+        self.ahead: Mapping[str, Future[LayerCheck]] = {}  # numeric checks started before the write
         self.size = 0  # bytes of the files written so far
         self.done = 0  # bytes of tensor data written so far
         self.checks: list[LayerCheck] = []
@@ -297,7 +306,6 @@ class _Writer:
         *,
         overwrite: bool,
         protect: Sequence[Path] = (),
-        into: FolderOutput | None = None,
     ) -> bool:
         """Write ``infos`` (converted) to ``target`` atomically; False (nothing written) if a check fails."""
         names = {info.name for info in infos}
@@ -307,7 +315,7 @@ class _Writer:
             self._fetch,
             self.metadata,
             [c for c in self.plan.layers if c.weight in names],
-            self.source.tensors,
+            self.source,
             overwrite=overwrite,
             protect=protect,
             strict=self.strict,
@@ -315,7 +323,7 @@ class _Writer:
             spans=self.spans,
             untouched=self.source.tensors,
             veto=self.veto,
-            into=into,
+            ahead=self.ahead,
         )
         self.checks.extend(checks)
         self.size += size
@@ -330,10 +338,17 @@ class _Writer:
         inputs = [layout.folder / file for file in (*layout.files, *([index_name] if layout.index else []))]
         try:
             with atomic_folder(folder, overwrite=overwrite, protect=layout.folder, inputs=inputs) as output:
-                for file in layout.files:
-                    infos = [self.out_infos[name] for name in by_file.get(file, ())]
-                    if not self.write_file(Path(file), infos, overwrite=False, into=output):
-                        raise _CheckFailed  # nothing is published: the finished shards go
+                # Each shard is checked (and flushed) on another thread while the next one is written.
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fc2conv-check") as checker:
+                    pending: deque[Future[tuple[list[LayerCheck], int]]] = deque()
+                    for file in layout.files:
+                        if len(pending) == _SHARDS_AHEAD:  # a bounded lead: each pending check holds a descriptor
+                            self._collect(pending.popleft())
+                        pending.append(self._write_shard(output, file, by_file.get(file, ()), checker))
+                    while pending:
+                        self._collect(pending.popleft())
+                if not all(c.ok for c in self.checks) or (self.veto is not None and self.veto()):
+                    raise _CheckFailed  # nothing is published: the finished shards go
                 weight_map = {name: file for file in layout.files for name in by_file.get(file, ())}
                 index_metadata = {k: v for k, v in layout.index_metadata.items() if k != "total_size"}
                 with output.file(index_name) as tmp:
@@ -342,6 +357,45 @@ class _Writer:
         except _CheckFailed:
             return False
         return True
+
+    def _write_shard(
+        self, output: FolderOutput, file: str, names: Sequence[str], checker: Executor
+    ) -> Future[tuple[list[LayerCheck], int]]:
+        """Write one shard into the output folder; its checks run on ``checker``, through a descriptor of their own."""
+        out_infos = [self.out_infos[name] for name in names]
+        with output.file(file) as tmp:
+            size = write_safetensors(tmp, out_infos, self._fetch, self.metadata, sync=False, on_tensor=self._written,
+                                     spans=self.spans)  # fmt: skip
+            reader = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)  # the file, whatever its name becomes meanwhile
+        # Through the descriptor where the system names descriptors (an unnamed file's only path); else by the
+        # staging name, which stays until the folder is published (after every check).
+        by_descriptor = Path(f"/proc/self/fd/{reader}")
+        path = by_descriptor if by_descriptor.exists() else tmp
+        written = set(names)
+        changes = [c for c in self.plan.layers if c.weight in written]
+        return checker.submit(self._check_shard, reader, path, out_infos, changes, size)
+
+    def _collect(self, future: Future[tuple[list[LayerCheck], int]]) -> None:
+        checks, size = future.result()
+        self.checks.extend(checks)
+        self.size += size
+
+    def _check_shard(
+        self, reader: int, path: Path, out_infos: list[TensorInfo], changes: list[LayerChange], size: int
+    ) -> tuple[list[LayerCheck], int]:
+        """A written shard flushed to the disk and checked as :func:`write_checked` checks a file."""
+        try:
+            os.fsync(reader)
+            checks = _check_written(
+                path, out_infos, changes, self.source, self.spans, self.source.tensors, self.strict, self.ahead
+            )
+        finally:
+            os.close(reader)
+        return checks, size
+
+
+# Shards written while earlier ones are still being checked, at most.
+_SHARDS_AHEAD = 2
 
 
 class _CheckFailed(Exception):
@@ -354,7 +408,7 @@ def write_checked(
     fetch: Callable[[str], torch.Tensor],
     metadata: dict[str, str],
     changes: Sequence[LayerChange],
-    original: Mapping[str, torch.Tensor],
+    original: Source,
     *,
     overwrite: bool,
     protect: Sequence[Path] = (),
@@ -363,29 +417,31 @@ def write_checked(
     spans: Mapping[str, ByteSpan] | None = None,
     untouched: Mapping[str, torch.Tensor] | None = None,
     veto: Callable[[], bool] | None = None,
-    into: FolderOutput | None = None,
+    ahead: Mapping[str, Future[LayerCheck]] | None = None,
 ) -> tuple[list[LayerCheck], int, bool]:
     """Write a safetensors file atomically, check every byte of it and its converted layers, then publish it.
 
     Tensors in ``spans`` are copied from the input file by the kernel. The written file is then
     checked while it is flushed to the disk: each converted kernel byte for byte against the exact
-    rearrangement of its weight and numerically against the FC; each other tensor, when ``untouched``
+    rearrangement of its weight in ``original`` and numerically against the FC (from the files' bytes
+    with numpy where the kernel keeps its weight's bytes, else through torch:
+    :func:`fc2conv.jobs.proofs.prove_layers`); each other tensor, when ``untouched``
     (the input's tensors) is given, byte for byte against the input (a difference is a write failure).
     ``veto``, asked last, can still discard the file (nothing is published).
 
     Returns the checks, the file size and whether it was published (False: a check failed, and
-    nothing is left at ``target``). With ``into``, the file is the one named ``target.name`` of that
-    output folder, published with the whole folder.
+    nothing is left at ``target``). ``ahead``: numeric checks already started on the input's bytes
+    (:func:`fc2conv.jobs.proofs.checks_ahead`).
     """
     checks: list[LayerCheck] = []
-    output = into.file(target.name) if into is not None else atomic_output(target, overwrite=overwrite, protect=protect)
+    output = atomic_output(target, overwrite=overwrite, protect=protect)
     try:
         with output as tmp:
             size = write_safetensors(tmp, out_infos, fetch, metadata, sync=False, on_tensor=on_tensor, spans=spans)
             # The disk flush (I/O) and the checks of the written file (memory and CPU) overlap.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 synced = pool.submit(fsync_file, tmp)
-                checks = _check_written(tmp, out_infos, changes, original, spans or {}, untouched, strict)
+                checks = _check_written(tmp, out_infos, changes, original, spans or {}, untouched, strict, ahead)
                 synced.result()
             if not all(c.ok for c in checks) or (veto is not None and veto()):
                 raise _CheckFailed
@@ -398,10 +454,11 @@ def _check_written(
     path: Path,
     out_infos: Sequence[TensorInfo],
     changes: Sequence[LayerChange],
-    original: Mapping[str, torch.Tensor],
+    original: Source,
     spans: Mapping[str, ByteSpan],
     untouched: Mapping[str, torch.Tensor] | None,
     strict: bool,
+    ahead: Mapping[str, Future[LayerCheck]] | None = None,
 ) -> list[LayerCheck]:
     """Every byte of the written file against the input; the numeric check of every converted layer."""
     written = open_safetensors(path)
@@ -420,4 +477,4 @@ def _check_written(
                 raise OutputError(
                     f"{path}: the written tensor {info.name!r} differs from the input; nothing was published"
                 )
-    return check_changes(changes, original, written.tensors, exact=True, strict=strict, compared=compared)
+    return prove_layers(changes, original, written, compared, strict=strict, ahead=ahead)

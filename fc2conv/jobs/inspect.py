@@ -61,7 +61,7 @@ def inspect_file(
     weighed = None
     if evidence and plan is not None:
         source = open_source(path, trust_pickle=trust_pickle, state_dict_key=state_dict_key)
-        weighed = weigh_evidence(plan, source.tensors, geometry_given=input_shape is not None)
+        weighed = weigh_evidence(plan, source, geometry_given=input_shape is not None)
     return InspectResult(
         evidence=weighed,
         path=listing.path,

@@ -155,9 +155,11 @@ def convert_model_source(
     checks: list[LayerCheck] = []
     size, written = 0, False
     if end_to_end.ok:  # a model that fails end to end is not written at all
+        weights = original.state_dict()
+        before = Source(path=source.path, format="torch module", infos=tensor_infos(weights), tensors=weights)
         checks, size, written = write_checked(
-            target, tensor_infos(state), state.__getitem__, metadata, checked, original.state_dict(),
-            overwrite=overwrite, protect=[source.path],
+            target, tensor_infos(state), state.__getitem__, metadata, checked, before, overwrite=overwrite,
+            protect=[source.path],
         )  # fmt: skip
     exports = _write_exports(converted, export, onnx, overwrite, source.path) if written else []
     return ConvertResult(

@@ -9,14 +9,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fc2conv.check import check_changes, compare_spans, tensors_identical
-from fc2conv.convert import fc_weight, keeps_bytes
+from fc2conv.check import compare_spans, tensors_identical
+from fc2conv.convert import keeps_bytes
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import ShapeError
-from fc2conv.evidence import order_evidence
 from fc2conv.formats import Source, open_source
+from fc2conv.jobs.planning import first_fc_weight
+from fc2conv.jobs.proofs import prove_layers, proven_without_torch
 from fc2conv.plan import LayerChange
-from fc2conv.preload import preload_torch
+from fc2conv.preload import preload_numpy, preload_torch
 from fc2conv.record import changes_from_metadata
 from fc2conv.results import Evidence, TensorMismatch, VerifyResult
 from fc2conv.shapes import as_spec, resolve_shape
@@ -71,9 +72,11 @@ def verify_sources(
     strict: bool = False,
 ) -> VerifyResult:
     """:func:`verify_files` on two checkpoints already opened."""
-    preload_torch(original.format, converted.format)  # its import overlaps comparing the bytes
     notes: list[str] = [*original.notes, *converted.notes]
     changes = _converted_layers(original, converted, flatten_order, notes)
+    if not _without_torch(original, converted, changes):
+        preload_torch(original.format, converted.format)  # its import overlaps comparing the bytes
+    preload_numpy()  # for the proofs from the bytes, also while they are compared
     # The layer whose map is more than 1x1 carries the geometry (a chain's first layer).
     first = next((c for c in changes if c.in_map.height * c.in_map.width > 1), changes[0] if changes else None)
     if first is not None:
@@ -88,10 +91,7 @@ def verify_sources(
     others = sorted((original_names & converted_names) - {c.weight for c in changes})
     # Every byte, compared first where both files give the spans (memcmp, no torch needed yet).
     compared = compare_spans(_span_pairs(original, converted, present, others))
-    checks = check_changes(
-        present, original.tensors, converted.tensors, atol=atol, rtol=rtol, exact=True, strict=strict,
-        compared=compared,
-    )  # fmt: skip
+    checks = prove_layers(present, original, converted, compared, atol=atol, rtol=rtol, strict=strict)
     different = [TensorMismatch(n, difference(original.tensors[n], converted.tensors[n])) for n in others
                  if not _identical(n, compared, original, converted)]  # fmt: skip
     if not changes:
@@ -109,6 +109,19 @@ def verify_sources(
         evidence=evidence,
         strict=strict,
     )
+
+
+def _without_torch(original: Source, converted: Source, changes: Sequence[LayerChange]) -> bool:
+    """Whether every tensor of both files is compared as bytes and every layer proven from them (no torch)."""
+    if converted.format not in ("safetensors", "sharded safetensors") or converted.module is not None:
+        return False
+    if any(info.name not in converted.spans for info in converted.infos):
+        return False
+    converted_infos = {i.name: i for i in converted.infos}
+    others = [i for i in original.infos if i.name not in {c.weight for c in changes}]
+    if any(converted_infos.get(i.name) != i for i in others):  # a difference is named through torch
+        return False
+    return proven_without_torch(original, changes, converted_infos)
 
 
 def _span_pairs(
@@ -133,7 +146,9 @@ def _recorded_evidence(changes: Sequence[LayerChange], original: Source, convert
     first = next((c for c in changes if c.in_map.height * c.in_map.width > 1 and c.in_map.channels > 1), None)
     if first is None or first.weight not in original.tensors or original.heads is not None:
         return None
-    weight = fc_weight(first, original.tensors[first.weight])
+    from fc2conv.evidence import order_evidence  # numpy, imported meanwhile on another thread
+
+    weight = first_fc_weight(first, original)
     return Evidence(first.name, first.flatten_order, first.in_map, order_evidence(weight, first.in_map))
 
 
