@@ -95,8 +95,9 @@ def prove_layers(
         if c.weight in compared and _provable(c, infos, original.spans, out_infos, converted.spans)
     }
     rest = [c for c in changes if c.weight not in by_bytes]
-    through_torch = iter(
-        check_changes(
+    checked: list[LayerCheck] = []
+    if rest:  # else torch is not needed, and not imported
+        checked = check_changes(
             rest,
             original.tensors,
             converted.tensors,
@@ -105,10 +106,8 @@ def prove_layers(
             exact=True,
             strict=strict,
             compared=compared,
-        )  # fmt: skip
-        if rest
-        else ()
-    )
+        )
+    through_torch = iter(checked)
     return [
         _prove_from_bytes(c, infos, original, converted, compared[c.weight], atol, rtol, strict, ahead.get(c.weight))
         if c.weight in by_bytes
