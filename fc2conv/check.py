@@ -73,6 +73,9 @@ ROW_BLOCK = 64
 PROVEN_ROWS = 64
 # Rows of a float64 weight held at once: bounds the check's extra memory (about 6x this) whatever the layer size.
 _CHUNK_BYTES = 8 * 2**20
+# Span comparisons: pieces of this many bytes, on this many threads (one large tensor on both cores).
+_COMPARE_STEP = 64 * 2**20
+_COMPARE_THREADS = 2
 # The flattened float64 windows of the sliding-window check are kept up to this size.
 _WINDOWS_BYTES = 256 * 2**20
 
@@ -605,12 +608,34 @@ def compare_spans(pairs: Mapping[str, tuple[ByteSpan, ByteSpan]]) -> dict[str, i
     Every byte is compared (``memcmp`` over the mapped files, no torch); spans of different lengths
     differ at the end of the shorter one.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     paths = [path for first, second in pairs.values() for path in (first.path, second.path)]
-    found: dict[str, int | None] = {}
-    with mapped(*paths) as maps:
-        for name, (first, second) in pairs.items():
-            length = min(first.nbytes, second.nbytes)
-            a, b = replace(first, nbytes=length), replace(second, nbytes=length)
-            differs = first_differing_byte(maps[first.path], a, maps[second.path], b)
-            found[name] = length if differs is None and first.nbytes != second.nbytes else differs
+    # Pieces of at most _COMPARE_STEP bytes, on two threads (memcmp releases the GIL): a large tensor
+    # is compared by both cores.
+    pieces = [
+        (
+            name,
+            replace(first, offset=first.offset + start, nbytes=step),
+            replace(second, offset=second.offset + start, nbytes=step),
+        )
+        for name, (first, second) in pairs.items()
+        for start, step in _pieces(min(first.nbytes, second.nbytes))
+    ]
+    found: dict[str, int | None] = dict.fromkeys(pairs)
+    with mapped(*paths) as maps, ThreadPoolExecutor(max_workers=_COMPARE_THREADS) as pool:
+        differing = pool.map(lambda p: first_differing_byte(maps[p[1].path], p[1], maps[p[2].path], p[2]), pieces)
+        for (name, a, _), differs in zip(pieces, differing, strict=True):
+            earlier = found[name]
+            if differs is not None:
+                where = a.offset - pairs[name][0].offset + differs
+                found[name] = where if earlier is None else min(where, earlier)
+    for name, (first, second) in pairs.items():
+        if found[name] is None and first.nbytes != second.nbytes:
+            found[name] = min(first.nbytes, second.nbytes)  # the shorter one ends there
     return found
+
+
+def _pieces(length: int) -> list[tuple[int, int]]:
+    """``(start, length)`` pieces of at most :data:`_COMPARE_STEP` bytes covering ``length`` bytes (one if 0)."""
+    return [(start, min(_COMPARE_STEP, length - start)) for start in range(0, length, _COMPARE_STEP)] or [(0, 0)]

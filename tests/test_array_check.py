@@ -303,3 +303,27 @@ def test_the_readme_sample_converts_and_verifies_without_torch(tmp_path):
     assert "conv (float32, numpy) = FC (float64)" in converted.stdout
     verified = _run_without_torch("verify", source, out)
     assert verified.returncode == 0 and "TORCH False" in verified.stderr, verified.stderr
+
+
+def test_spans_compared_in_pieces_on_two_threads_give_the_first_difference(tmp_path, monkeypatch):
+    import fc2conv.check as check
+
+    monkeypatch.setattr(check, "_COMPARE_STEP", 64)  # 1000-byte spans in 16 pieces
+    data = bytes(range(256)) * 16
+    (tmp_path / "a").write_bytes(data)
+    changed = bytearray(data)
+    changed[100 + 700] ^= 1
+    changed[100 + 130] ^= 1
+    changed[1100 + 999] ^= 1
+    (tmp_path / "b").write_bytes(bytes(changed))
+    a, b = tmp_path / "a", tmp_path / "b"
+    found = check.compare_spans(
+        {
+            "two": (ByteSpan(a, 100, 1000), ByteSpan(b, 100, 1000)),
+            "last": (ByteSpan(a, 1100, 1000), ByteSpan(b, 1100, 1000)),
+            "same": (ByteSpan(a, 0, 100), ByteSpan(b, 0, 100)),
+            "shorter": (ByteSpan(a, 0, 100), ByteSpan(b, 0, 90)),
+            "empty": (ByteSpan(a, 5, 0), ByteSpan(b, 5, 0)),
+        }
+    )
+    assert found == {"two": 130, "last": 999, "same": None, "shorter": 90, "empty": None}
