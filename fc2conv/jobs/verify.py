@@ -118,7 +118,8 @@ def _without_torch(original: Source, converted: Source, changes: Sequence[LayerC
     if any(info.name not in converted.spans for info in converted.infos):
         return False
     converted_infos = {i.name: i for i in converted.infos}
-    others = [i for i in original.infos if i.name not in {c.weight for c in changes}]
+    kernels = {c.weight for c in changes}
+    others = [i for i in original.infos if i.name not in kernels]
     if any(converted_infos.get(i.name) != i for i in others):  # a difference is named through torch
         return False
     return proven_without_torch(original, changes, converted_infos)
