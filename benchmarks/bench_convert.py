@@ -290,17 +290,25 @@ def main(argv: list[str] | None = None) -> int:
 
     fc2conv = shutil.which("fc2conv") or sys.exit("fc2conv is not installed (pip install -e .)")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fc2conv-bench-"))
+    try:
+        _run(fc2conv, work, args.only, args.repeat)
+    finally:
+        if args.workdir is None:  # several GB of checkpoints and outputs: a temp dir goes, a given one stays
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _run(fc2conv: str, work: Path, only: str | None, repeat: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "hand_convert.py").write_text(HAND_CONVERT)
     (work / "hand_verify.py").write_text(HAND_VERIFY)
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {sys.version.split()[0]}")
-    if args.only in (None, "vgg"):
-        _bench_vgg(fc2conv, work, args.repeat)
-    if args.only in (None, "llm"):
-        _bench_llm(fc2conv, work, args.repeat)
+    if only in (None, "vgg"):
+        _bench_vgg(fc2conv, work, repeat)
+    if only in (None, "llm"):
+        _bench_llm(fc2conv, work, repeat)
     _startup(work, fc2conv)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
-    return 0
 
 
 def _bench_vgg(fc2conv: str, work: Path, repeat: int) -> None:
