@@ -469,7 +469,7 @@ def _convert_onnx(source: Source, output: str | None, dense: bool, force: bool, 
     "--evidence",
     is_flag=True,
     help="Also weigh what the first head's weights say of the flatten order (and of the map, if inferred). "
-    "Reads those weights (and imports torch) where inspect otherwise reads shapes only.",
+    "Reads a sample of those weights' rows where inspect otherwise reads shapes only.",
 )
 @_trust_option
 @_json_option
