@@ -8,6 +8,7 @@ import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -78,6 +79,11 @@ class Listing:
     heads: tuple[HeadHint, ...] | None = None
     heads_refused: tuple[str, ...] = ()  # why the file's other heads cannot be converted with proof
     native: Any = None  # the format's own reading of the file (a KerasFile, an OnnxFile), for its own outputs
+
+    @cached_property
+    def info_by_name(self) -> dict[str, TensorInfo]:
+        """``infos`` by name, made once (a sharded checkpoint's shards each look names up in it)."""
+        return {info.name: info for info in self.infos}
 
 
 @dataclass

@@ -463,7 +463,8 @@ def _check_written(
     """Every byte of the written file against the input; the numeric check of every converted layer."""
     written = open_safetensors(path)
     # Spans first: memcmp over the mapped files needs no torch (which may still be importing).
-    compared = compare_spans({n: (span, written.spans[n]) for n, span in spans.items() if n in written.spans})
+    # The written file's tensors looked up in the input's spans (a shard holds a few of many).
+    compared = compare_spans({n: (spans[n], span) for n, span in written.spans.items() if n in spans})
     converted = {c.weight for c in changes}
     if untouched is not None:
         for info in out_infos:

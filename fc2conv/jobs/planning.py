@@ -69,7 +69,7 @@ def weigh_evidence(plan: Plan, source: Source, *, geometry_given: bool) -> Evide
 
 def first_fc_weight(change: LayerChange, source: Source) -> Matrix | torch.Tensor:
     """An FC weight ``(out, in)`` to weigh evidence on: over the file's bytes if it lies there so, else the tensor."""
-    info = next((i for i in source.infos if i.name == change.weight), None)
+    info = source.info_by_name.get(change.weight)
     span = source.spans.get(change.weight)
     if span is not None and info is not None and change.layout == "out_in" and info.dtype in FLOAT_DTYPES:
         from fc2conv.span_arrays import span_matrix

@@ -65,8 +65,7 @@ def proven_without_torch(original: Source, changes: Sequence[LayerChange], out_i
         return False
     if any(info.name not in original.spans for info in original.infos):
         return False
-    infos = {i.name: i for i in original.infos}
-    return all(_provable(c, infos, original.spans, out_infos, out_infos) for c in changes)
+    return all(_provable(c, original.info_by_name, original.spans, out_infos, out_infos) for c in changes)
 
 
 def prove_layers(
@@ -88,7 +87,7 @@ def prove_layers(
     tolerances: they were made with them).
     """
     ahead = ahead if ahead is not None and atol is None and rtol is None else {}
-    infos, out_infos = {i.name: i for i in original.infos}, {i.name: i for i in converted.infos}
+    infos, out_infos = original.info_by_name, converted.info_by_name
     by_bytes = {
         c.weight
         for c in changes
@@ -181,7 +180,7 @@ def checks_ahead(
     bytes, the check on the input's bytes is the check of the written kernel
     (:func:`prove_layers` takes these results for such layers).
     """
-    infos = {i.name: i for i in original.infos}
+    infos = original.info_by_name
     return {
         c.weight: pool.submit(_numeric, c, infos, original.spans, original.spans, True, None, None)
         for c in changes

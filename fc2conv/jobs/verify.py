@@ -117,7 +117,7 @@ def _without_torch(original: Source, converted: Source, changes: Sequence[LayerC
         return False
     if any(info.name not in converted.spans for info in converted.infos):
         return False
-    converted_infos = {i.name: i for i in converted.infos}
+    converted_infos = converted.info_by_name
     kernels = {c.weight for c in changes}
     others = [i for i in original.infos if i.name not in kernels]
     if any(converted_infos.get(i.name) != i for i in others):  # a difference is named through torch
@@ -129,8 +129,7 @@ def _span_pairs(
     original: Source, converted: Source, changes: Sequence[LayerChange], others: Sequence[str]
 ) -> dict[str, tuple[ByteSpan, ByteSpan]]:
     """The byte spans to compare: other tensors of the same dtype and shape, kernels that keep their bytes."""
-    original_infos = {i.name: i for i in original.infos}
-    converted_infos = {i.name: i for i in converted.infos}
+    original_infos, converted_infos = original.info_by_name, converted.info_by_name
     names = [n for n in others if original_infos[n] == converted_infos[n]]
     names += [c.weight for c in changes if keeps_bytes(c)]
     return {n: (original.spans[n], converted.spans[n]) for n in names if n in original.spans and n in converted.spans}
