@@ -34,6 +34,18 @@ def _load_samples_module():
 make_samples = _load_samples_module()
 
 
+# --- the README ---------------------------------------------------------------------------------------
+
+
+def readme_safety_row(case_id: str) -> str:
+    """The row of the README's safety tables that names the case ``case_id`` (fails the test if none does)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Safety and failure behaviour") :]
+    row = next((line for line in section.splitlines() if f"`{case_id}`" in line), None)
+    assert row is not None, f"README has no row for {case_id}"
+    return row
+
+
 # --- running the command line ---------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fc2conv.cli import cli
-from tests.conftest import ROOT, SAMPLES, head_state_dict, run_capped, st_bytes, st_entry
+from tests.conftest import SAMPLES, head_state_dict, readme_safety_row, run_capped, st_bytes, st_entry
 
 # --- payloads that run code when unpickled: each would create the file MARKER -------------------
 
@@ -512,11 +512,8 @@ def test_bad_input(tmp_path, case):
 
 
 def test_readme_table_matches_the_cases():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Safety and failure behaviour") :]
     for case in CASES:
-        row = next((line for line in section.splitlines() if f"`{case.id}`" in line), None)
-        assert row is not None, f"README has no row for {case.id}"
+        row = readme_safety_row(case.id)
         assert f"| {case.exit_code} |" in row and case.message in row, row
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import readme_safety_row
 
 CAP_BYTES = 3 * 2**30  # address space: python + torch need about 1 GiB; every case asks for more than the rest
 PEAK_RSS_MB = 700  # torch's import alone is about 300 MB here
@@ -205,11 +205,8 @@ def test_tiny_hostile_file_allocates_nothing_big(tmp_path, case):
 
 
 def test_readme_table_has_the_memory_cases():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Safety and failure behaviour") :]
     for case in MEMORY_CASES:
-        row = next((line for line in section.splitlines() if f"`{case.id}`" in line), None)
-        assert row is not None, f"README has no row for {case.id}"
+        row = readme_safety_row(case.id)
         assert "| 2 |" in row and case.message in row, row
 
 
