@@ -16,7 +16,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ByteSpan", "MappedFile", "copy_span", "first_differing_byte", "start_writeback"]
+__all__ = [
+    "WRITEBACK_STEP",
+    "ByteSpan",
+    "MappedFile",
+    "Writeback",
+    "copy_span",
+    "first_differing_byte",
+    "start_writeback",
+]
 
 # Bytes moved or compared per call. Each call returns to Python, which must then take the GIL back,
 # and while torch is being imported on another thread that can wait for a long C call (loading its
@@ -26,6 +34,10 @@ _COPY_STEP = 2**30
 # copy_file_range and sendfile say "not here" with these: fall back to reading and writing.
 _UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 _SYNC_FILE_RANGE_WRITE = 2
+# Bytes written before their writeback is started: the disk then works while the next ones are copied
+# (a 411 MB tensor started at once only after its copy made the copy and the flush take turns: 0.44 s
+# for VGG16's 553 MB copy + fsync, against 0.30 s in 64 MB steps, measured).
+WRITEBACK_STEP = 2**26
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,37 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         return
     function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
     function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+class Writeback:
+    """Writeback started on a helper thread as ranges are written (:func:`start_writeback`), never waited for.
+
+    ``sync_file_range`` can wait for the disk's queue; the writer goes on meanwhile, and its fsync,
+    which waits for every dirty page however it was started, is what makes the data durable. The
+    helper has a descriptor of its own (a duplicate), closed after its last call: the writer may close
+    its own at once.
+    """
+
+    def __init__(self, fd: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._fd = os.dup(fd)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fc2conv-writeback")
+        self._finished = False
+
+    def start(self, offset: int, nbytes: int) -> None:
+        """Queue the writeback of ``nbytes`` written at ``offset``."""
+        self._pool.submit(self._start, offset, nbytes)
+
+    def _start(self, offset: int, nbytes: int) -> None:
+        if not self._finished:  # after close(), the fsync is flushing the rest anyway
+            start_writeback(self._fd, offset, nbytes)
+
+    def close(self) -> None:
+        """No more ranges: the helper skips what is queued, closes its descriptor and ends."""
+        self._finished = True
+        self._pool.submit(os.close, self._fd)
+        self._pool.shutdown(wait=False)
 
 
 class MappedFile:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fc2conv.diskio import ByteSpan
 from fc2conv.errors import CheckpointError, OutputError
 from fc2conv.formats import read_listing
 from fc2conv.formats.safetensors import read_safetensors_header, write_safetensors
@@ -99,3 +102,66 @@ def test_streamed_writer_matches_safetensors_reader(tmp_path, dtype):
 def test_writer_refuses_a_tensor_that_is_not_as_declared(tmp_path):
     with pytest.raises(OutputError, match="declared float32"):
         write_safetensors(tmp_path / "o.safetensors", [TensorInfo("a", (2,), "float32")], lambda name: torch.zeros(3))
+
+
+def _raw_file(path, pieces):
+    """A file holding random bytes at the given offsets: ``{name: (offset, nbytes)}`` -> the bytes written."""
+    generator = torch.Generator().manual_seed(3)
+    size = max(offset + nbytes for offset, nbytes in pieces.values())
+    data = bytearray(torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator).numpy().tobytes())
+    path.write_bytes(data)
+    return {name: bytes(data[offset : offset + nbytes]) for name, (offset, nbytes) in pieces.items()}
+
+
+def test_copied_tensors_are_written_in_the_input_order_keeping_their_place_in_the_page(tmp_path):
+    """Bytes copied from an input lie at the same offset within a page as there (the kernel copies whole
+    pages; a filesystem that shares blocks can share them): the header is padded, which safetensors allows."""
+    source = tmp_path / "raw.bin"
+    pieces = {"small": (24, 8192), "big": (10_000, 2**20), "tail": (2_000_000, 100)}
+    expected = _raw_file(source, pieces)
+    spans = {name: ByteSpan(source, offset, nbytes) for name, (offset, nbytes) in pieces.items()}
+    infos = [TensorInfo(name, (nbytes // 4,), "float32") for name, (_, nbytes) in pieces.items()]
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, infos[::-1], _no_fetch, {"note": "x" * 37}, spans=spans)
+    header = read_safetensors_header(out)
+    assert header.data_start % 8 == 0
+    written = header.spans(out)
+    assert sorted(written, key=lambda name: written[name].offset) == ["small", "big", "tail"]  # the input's order
+    assert written["big"].offset % 4096 == pieces["big"][0] % 4096  # the most bytes keep their page offset
+    loaded = load_file(str(out))
+    for name, data in expected.items():
+        assert loaded[name].numpy().tobytes() == data
+
+
+def test_the_header_is_padded_to_8_bytes_when_no_page_offset_can_be_kept(tmp_path):
+    source = tmp_path / "raw.bin"
+    pieces = {"odd": (1001, 4096), "other": (8191, 4000)}  # neither keeps the data section 8-byte aligned
+    expected = _raw_file(source, pieces)
+    spans = {name: ByteSpan(source, offset, nbytes) for name, (offset, nbytes) in pieces.items()}
+    infos = [TensorInfo(name, (nbytes,), "uint8") for name, (_, nbytes) in pieces.items()]
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, infos, _no_fetch, spans=spans)
+    header = read_safetensors_header(out)
+    raw_length = len(out.read_bytes()[8 : header.data_start].rstrip(b" "))
+    assert header.data_start % 8 == 0 and header.data_start - 8 - raw_length < 8
+    assert {name: t.numpy().tobytes() for name, t in load_file(str(out)).items()} == expected
+
+
+def test_the_writer_leaves_no_descriptor_open(tmp_path):
+    """The writeback helper has a descriptor of its own, closed once its queue is done."""
+    source = tmp_path / "raw.bin"
+    pieces = {f"t{i}": (i * 3 * 2**20, 3 * 2**20) for i in range(4)}
+    _raw_file(source, pieces)
+    spans = {name: ByteSpan(source, offset, nbytes) for name, (offset, nbytes) in pieces.items()}
+    infos = [TensorInfo(name, (nbytes,), "uint8") for name, (_, nbytes) in pieces.items()]
+    before = set(os.listdir("/proc/self/fd"))
+    for attempt in range(3):
+        write_safetensors(tmp_path / f"out{attempt}.safetensors", infos, _no_fetch, spans=spans, sync=False)
+    deadline = time.monotonic() + 10
+    while set(os.listdir("/proc/self/fd")) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not set(os.listdir("/proc/self/fd")) - before
+
+
+def _no_fetch(name):
+    raise AssertionError(f"{name} was to be copied from its span, not fetched")

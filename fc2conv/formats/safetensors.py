@@ -9,12 +9,11 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fc2conv.diskio import ByteSpan, copy_span, start_writeback
+from fc2conv.diskio import WRITEBACK_STEP, ByteSpan, Writeback, copy_span
 from fc2conv.errors import CheckpointError, OutputError
 from fc2conv.formats.base import Listing, ReadOptions, Source, natural_key, open_regular
 from fc2conv.types import TensorInfo, dtype_name
@@ -257,6 +256,10 @@ class _SafetensorsReader:
         return open_safetensors(path)
 
 
+# The data section starts at a multiple of this (safetensors' writers pad the header to it).
+_DATA_ALIGNMENT = 8
+_PAGE = 4096
+
 READER = _SafetensorsReader()
 
 
@@ -278,13 +281,14 @@ def write_safetensors(
     The header is computed from ``infos`` first. A tensor listed in ``spans`` (its exact bytes, found
     in an input file) is copied from there by the kernel, without torch; every other tensor is
     fetched, checked against its declared shape and dtype, and its bytes written straight from its
-    memory. Writeback to the disk starts as each tensor is written; the file is fsynced unless
+    memory. Writeback to the disk starts as the bytes are written (every 64 MB); the file is fsynced unless
     ``sync`` is false (the caller then syncs before publishing it), and its header is re-read and
     validated as the last step.
 
     Args:
         path: File to write (use :func:`fc2conv.publish.atomic_output` for a temporary path).
-        infos: Name, shape and dtype of every tensor, in the order to write them.
+        infos: Name, shape and dtype of every tensor, in the order to write them (those copied from
+            ``spans`` first, in the order their bytes lie there: :func:`_file_order`).
         fetch: Returns the tensor for a name (e.g. a memory-mapped one, converted on the fly).
         metadata: String metadata stored under ``__metadata__``.
         sync: fsync the file before returning.
@@ -299,26 +303,31 @@ def write_safetensors(
     """
     if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian data
         raise OutputError("writing safetensors needs a little-endian machine")
-    raw = _header_bytes(infos, metadata)
     spans = spans or {}
+    infos = _file_order(infos, spans)
+    raw = _header_bytes(infos, metadata, spans)
     try:
         # Not opened with O_TRUNC: on ext4, a file truncated to zero and rewritten is flushed on close
         # (auto_da_alloc), which made writing ~2.5x slower. Any tail of an older file is cut below.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         with contextlib.ExitStack() as inputs:
             inputs.callback(os.close, fd)
-            # Writeback is started on another thread: the call can wait for the disk's queue, and the
-            # next tensor need not wait with it. (Closed, so waited for, before the file is.)
-            writeback = inputs.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="fc2conv-writeback"))
+            # Writeback is started on another thread as the bytes are written: the call can wait for
+            # the disk's queue, and the copy need not wait with it (the fsync waits for it all).
+            writeback = Writeback(fd)
+            inputs.callback(writeback.close)
             position = _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
             sources = _InputFiles(inputs)
             for info in infos:
                 span = spans.get(info.name)
                 if span is not None and span.nbytes == info.nbytes:
-                    copy_span(sources.fd(span.path), span.offset, fd, position, span.nbytes)
+                    for start in range(0, span.nbytes, WRITEBACK_STEP):  # the disk writes while the rest is copied
+                        step = min(WRITEBACK_STEP, span.nbytes - start)
+                        copy_span(sources.fd(span.path), span.offset + start, fd, position + start, step)
+                        writeback.start(position + start, step)
                 else:
                     _write_tensor(fd, position, info, fetch(info.name))
-                writeback.submit(start_writeback, fd, position, info.nbytes)
+                    writeback.start(position, info.nbytes)
                 position += info.nbytes
                 if on_tensor is not None:
                     on_tensor(info)
@@ -357,7 +366,50 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
     return offset + done
 
 
-def _header_bytes(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+def _file_order(infos: Sequence[TensorInfo], spans: Mapping[str, ByteSpan]) -> list[TensorInfo]:
+    """Tensors copied from input files first, in the order their bytes lie there; the others after, as given.
+
+    A safetensors file's tensor order is not part of its meaning (readers look tensors up by name),
+    so the copy reads each input front to back and, with :func:`_page_padding`, keeps its page offsets.
+    """
+
+    def key(item: tuple[int, TensorInfo]) -> tuple[int, str, int, int]:
+        index, info = item
+        span = spans.get(info.name)
+        if span is None or span.nbytes != info.nbytes:
+            return (1, "", 0, index)
+        return (0, str(span.path), span.offset, index)
+
+    return [info for _, info in sorted(enumerate(infos), key=key)]
+
+
+def _page_padding(infos: Sequence[TensorInfo], spans: Mapping[str, ByteSpan], header_end: int) -> int:
+    """Spaces after the header (which safetensors allows) so that most copied bytes keep their place in a page.
+
+    A copy whose source and target offsets differ within a page is ~1.5x slower in the kernel (VGG16's
+    553 MB: 0.43 s against 0.28 s, copy + fsync, measured), and a filesystem that shares blocks can
+    only share aligned ones. The tensors' bytes are contiguous, so one padding fixes the offset of
+    every tensor modulo the page: the one that aligns the most bytes is chosen, keeping the data
+    section 8-byte aligned.
+    """
+    aligned_bytes: dict[int, int] = {}
+    offset = 0
+    for info in infos:
+        span = spans.get(info.name)
+        if span is not None and span.nbytes == info.nbytes and info.nbytes:
+            start = (span.offset - offset) % _PAGE  # where the data section must start, modulo the page
+            if start % _DATA_ALIGNMENT == 0:
+                aligned_bytes[start] = aligned_bytes.get(start, 0) + info.nbytes
+        offset += info.nbytes
+    if not aligned_bytes:
+        return -header_end % _DATA_ALIGNMENT
+    best = max(aligned_bytes, key=lambda start: (aligned_bytes[start], -start))
+    return (best - header_end) % _PAGE
+
+
+def _header_bytes(
+    infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None, spans: Mapping[str, ByteSpan] | None = None
+) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -373,7 +425,8 @@ def _header_bytes(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | Non
         header[info.name] = {"dtype": code, "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    # The data section starts 8-byte aligned, at the page offset that suits the copy.
+    return raw + b" " * _page_padding(infos, spans or {}, 8 + len(raw))
 
 
 def _write_tensor(fd: int, offset: int, info: TensorInfo, tensor: torch.Tensor) -> None:
