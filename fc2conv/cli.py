@@ -7,6 +7,7 @@ converted; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -587,6 +588,34 @@ def verify(
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Console-script entry point (``fc2conv``)."""
-    cli.main(args=argv, prog_name="fc2conv")
+    """Console-script entry point (``fc2conv``): the command, then a quick exit.
+
+    numpy's OpenBLAS is held to one thread: fc2conv makes no BLAS call, and the idle threads it
+    starts otherwise spin beside the copy (0.09 s of CPU in a 0.7 s conversion, measured). The
+    process ends without tearing the interpreter down (:func:`os._exit`, once the output is flushed):
+    every file is closed and fsynced by then, and freeing numpy's and the checks' objects one by one
+    took 0.04 s more.
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        cli.main(args=argv, prog_name="fc2conv")
+    except SystemExit as done:
+        _exit_now(done.code)
     raise AssertionError("unreachable")  # pragma: no cover - cli.main exits
+
+
+def _exit_now(code: object) -> NoReturn:
+    """End the process with ``sys.exit(code)``'s status, its output flushed, without the interpreter's teardown."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): the message on stderr, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: what could be said is lost, the status stays
+            pass
+    os._exit(status)

@@ -159,9 +159,9 @@ class _Refuse:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch was imported")
 sys.meta_path.insert(0, _Refuse())
-from fc2conv.cli import main
+from fc2conv.cli import cli
 try:
-    main(sys.argv[1:])
+    cli.main(sys.argv[1:], prog_name="fc2conv")  # not fc2conv.cli.main, whose quick exit skips `finally`
 finally:
     print("TORCH", "torch" in sys.modules, file=sys.stderr)
 """

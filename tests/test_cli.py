@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -382,3 +383,32 @@ def test_python_m_does_not_import_modules_from_the_current_folder(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("RAN")]
+
+
+_ENTRY_POINT = """
+import os, sys
+import fc2conv.cli
+
+def command(**kwargs):  # stands in for the click group: prints what the command would see, then exits
+    print("threads", os.environ.get("OPENBLAS_NUM_THREADS"), "args", kwargs["args"])
+    sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1])
+
+fc2conv.cli.cli.main = command
+fc2conv.cli.main(["inspect", "x"])
+"""
+
+
+@pytest.mark.parametrize(
+    "given, code, status, stderr",
+    [(None, "0", 0, ""), (None, "2", 2, ""), ("4", "1", 1, ""), (None, "Error: gone", 1, "Error: gone\n")],
+)
+def test_the_entry_point_keeps_blas_to_one_thread_and_exits_with_the_commands_status(given, code, status, stderr):
+    """`fc2conv` (the console script) sets OPENBLAS_NUM_THREADS=1 unless it is set, and its quick exit keeps
+    the status and the flushed output of ``sys.exit``."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    done = subprocess.run([sys.executable, "-c", _ENTRY_POINT, code], capture_output=True, text=True, env=env)
+    assert done.returncode == status
+    assert done.stdout == f"threads {given or '1'} args ['inspect', 'x']\n"
+    assert done.stderr == stderr
