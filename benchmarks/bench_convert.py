@@ -228,7 +228,8 @@ def split(work: Path, argv: list[str], runs: int = 3) -> dict[str, float]:
 
 
 _SPLIT_PROBE = r"""
-import json, sys, time
+import json, os, sys, time
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the fc2conv command runs (fc2conv.cli.main)
 started = time.perf_counter()
 spent = {"import torch (background)": 0.0, "read": 0.0, "write": 0.0, "fsync": 0.0, "check: bytes": 0.0,
          "check: numeric (numpy)": 0.0, "check: numeric (torch)": 0.0, "wait for torch": 0.0, "evidence": 0.0}

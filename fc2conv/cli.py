@@ -590,8 +590,9 @@ def verify(
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point (``fc2conv``): the command, then a quick exit.
 
-    numpy's OpenBLAS is held to one thread: fc2conv makes no BLAS call, and the idle threads it
-    starts otherwise spin beside the copy (0.09 s of CPU in a 0.7 s conversion, measured). The
+    numpy's OpenBLAS is held to one thread: the checks' products are small (sampled rows against a
+    few maps), and the idle threads it starts otherwise spin beside the copy (0.09 s of CPU in a
+    0.7 s conversion, measured). The
     process ends without tearing the interpreter down (:func:`os._exit`, once the output is flushed):
     every file is closed and fsynced by then, and freeing numpy's and the checks' objects one by one
     took 0.04 s more.
