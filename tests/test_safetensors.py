@@ -114,8 +114,8 @@ def _raw_file(path, pieces):
 
 
 def test_copied_tensors_are_written_in_the_input_order_keeping_their_place_in_the_page(tmp_path):
-    """Bytes copied from an input lie at the same offset within a page as there (the kernel copies whole
-    pages; a filesystem that shares blocks can share them): the header is padded, which safetensors allows."""
+    """Bytes copied from an input lie at the same offset within a page as there (the kernel copies them
+    faster): the header is padded with spaces, which safetensors allows."""
     source = tmp_path / "raw.bin"
     pieces = {"small": (24, 8192), "big": (10_000, 2**20), "tail": (2_000_000, 100)}
     expected = _raw_file(source, pieces)
