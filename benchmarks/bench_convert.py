@@ -22,8 +22,9 @@ alike. Commands:
   * cp -r + sync (the floor): `cp -r in out && sync`
   * fc2conv convert --pointwise --layers proj (84 projections become 1x1 kernels)
 
-Wall time is measured around each process; peak memory is read from /proc/<pid>/status (VmHWM, and
-the peak of RssAnon sampled every 5 ms: anonymous memory, not the mapped files). Three last
+Wall time is measured around each process, with nothing else running; peak memory is read from
+/proc/<pid>/status in a first round, which is not timed (VmHWM, and the peak of RssAnon sampled every
+5 ms: anonymous memory, not the mapped files; the sampling takes CPU beside the command). Three last
 in-process runs (the fastest is shown) split fc2conv's time into import (torch, on its background
 thread, when a layer needs it), read, write, fsync, the byte comparison, the numeric checks (numpy
 from the files' bytes, or torch), the evidence, and say whether torch was imported at all. Then the
@@ -132,8 +133,12 @@ def build_llm_layout(folder: Path, layers: int = 12, hidden: int = 2048, inter: 
     return total
 
 
-def measure(command: list[str], remove: Path | None = None) -> dict[str, float]:
-    """Wall seconds, peak RSS (VmHWM) and peak anonymous RSS (sampled) of one command, in MB."""
+def measure(command: list[str], remove: Path | None = None, *, sample: bool = False) -> dict[str, float]:
+    """Wall seconds of one command; with ``sample``, also its peak RSS (VmHWM) and peak anonymous RSS, in MB.
+
+    The memory is sampled from /proc every 5 ms by this process, which takes CPU beside the command: the
+    timed rounds do not sample.
+    """
     if remove is not None:
         shutil.rmtree(remove) if remove.is_dir() else remove.unlink(missing_ok=True)
     os.sync()
@@ -141,7 +146,7 @@ def measure(command: list[str], remove: Path | None = None) -> dict[str, float]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_anon = peak_hwm = 0
     status = Path(f"/proc/{process.pid}/status")
-    while process.poll() is None:
+    while sample and process.poll() is None:
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("RssAnon:"):
@@ -158,22 +163,21 @@ def measure(command: list[str], remove: Path | None = None) -> dict[str, float]:
     return {"wall": wall, "anon_mb": peak_anon / 1024, "hwm_mb": peak_hwm / 1024}
 
 
-def rounds(commands: dict[str, tuple[list[str], Path | None]], repeat: int) -> dict[str, list[dict[str, float]]]:
-    """Each command ``repeat`` times, interleaved (one warm-up round first, not counted)."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
-    for round_index in range(repeat + 1):
+def rounds(commands: dict[str, tuple[list[str], Path | None]], repeat: int) -> dict[str, dict[str, float]]:
+    """Each command ``repeat`` times, interleaved, summed up; a first round (not timed) samples the memory."""
+    memory = {name: measure(command, remove, sample=True) for name, (command, remove) in commands.items()}
+    runs: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeat):
         for name, (command, remove) in commands.items():
-            result = measure(command, remove)
-            if round_index:
-                runs[name].append(result)
-    return runs
+            runs[name].append(measure(command, remove)["wall"])
+    return {name: summary(runs[name], memory[name]) for name in commands}
 
 
-def summary(runs: list[dict[str, float]]) -> dict[str, float]:
-    walls = sorted(r["wall"] for r in runs)
+def summary(walls: list[float], memory: dict[str, float]) -> dict[str, float]:
+    walls = sorted(walls)
     return {
         "best": walls[0], "median": statistics.median(walls), "worst": walls[-1],
-        "anon_mb": max(r["anon_mb"] for r in runs), "hwm_mb": max(r["hwm_mb"] for r in runs),
+        "anon_mb": memory["anon_mb"], "hwm_mb": memory["hwm_mb"],
     }  # fmt: skip
 
 
@@ -321,7 +325,7 @@ def _bench_vgg(fc2conv: str, work: Path, repeat: int) -> None:
             commands = {
                 k: v for k, v in commands.items() if k in ("cp + fsync", "fc2conv convert", "hand script + fsync")
             }
-        results = {name: summary(runs) for name, runs in rounds(commands, repeat if scale == 1.0 else 1).items()}
+        results = rounds(commands, repeat if scale == 1.0 else 1)
         print_table(f"VGG16 layout x{scale:g}", size, "cp + fsync", results)
         if scale == 1.0:
             _vgg_ratios(results)
@@ -350,7 +354,7 @@ def _vgg_ratios(results: dict[str, dict[str, float]]) -> None:
 def _bench_llm(fc2conv: str, work: Path, repeat: int) -> None:
     source = work / "llm"
     size = sum(p.stat().st_size for p in source.glob("*")) if source.exists() else build_llm_layout(source)
-    results = {name: summary(runs) for name, runs in rounds(llm_commands(fc2conv, work, source), repeat).items()}
+    results = rounds(llm_commands(fc2conv, work, source), repeat)
     print_table("LLM-like sharded checkpoint, bf16, 3 shards", size, "cp -r + sync", results)
     f, cp = results["fc2conv convert --pointwise"], results["cp -r + sync"]
     print(f"  target convert <= 1.3x cp -r + sync: {f['best'] / cp['best']:.2f}x ({f['median'] / cp['median']:.2f}x)")
@@ -383,8 +387,9 @@ def _startup(work: Path, fc2conv: str) -> None:
         )
     figures["fc2conv --help"] = _best_of([fc2conv, "--help"])
     probe = (
-        "import sys\nfrom fc2conv.cli import main\nsys.argv = ['fc2conv', 'inspect', sys.argv[1], '--json']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n"
+        "import sys\nfrom fc2conv.cli import cli\n"  # cli.main, not main: its quick exit would skip the assert
+        "try:\n    cli.main(['inspect', sys.argv[1], '--json'], prog_name='fc2conv')\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     if (work / "vgg16_x1.pt").exists():
         subprocess.run([sys.executable, "-c", probe, str(work / "vgg16_x1.pt")], check=True, stdout=subprocess.DEVNULL)
