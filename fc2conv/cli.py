@@ -590,12 +590,11 @@ def verify(
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point (``fc2conv``): the command, then a quick exit.
 
-    numpy's OpenBLAS is held to one thread: the checks' products are small (sampled rows against a
-    few maps), and the idle threads it starts otherwise spin beside the copy (0.09 s of CPU in a
-    0.7 s conversion, measured). The
-    process ends without tearing the interpreter down (:func:`os._exit`, once the output is flushed):
-    every file is closed and fsynced by then, and freeing numpy's and the checks' objects one by one
-    took 0.04 s more.
+    numpy's OpenBLAS is held to one thread (unless ``OPENBLAS_NUM_THREADS`` is set): the checks'
+    products are small (sampled rows against a few maps), and the idle threads it starts otherwise
+    spin beside the copy (0.09 s of CPU in a 0.7 s conversion, measured). The process ends without
+    tearing the interpreter down (:func:`os._exit`, once the output is flushed): every file is closed
+    and fsynced by then, and freeing numpy's and the checks' objects one by one took 0.04 s more.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:

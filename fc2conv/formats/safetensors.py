@@ -281,9 +281,9 @@ def write_safetensors(
     The header is computed from ``infos`` first. A tensor listed in ``spans`` (its exact bytes, found
     in an input file) is copied from there by the kernel, without torch; every other tensor is
     fetched, checked against its declared shape and dtype, and its bytes written straight from its
-    memory. Writeback to the disk starts as the bytes are written (every 64 MB); the file is fsynced unless
-    ``sync`` is false (the caller then syncs before publishing it), and its header is re-read and
-    validated as the last step.
+    memory. Writeback to the disk starts as the bytes are written (every 64 MB); the file is fsynced
+    unless ``sync`` is false (the caller then syncs before publishing it), and its header is re-read
+    and validated as the last step.
 
     Args:
         path: File to write (use :func:`fc2conv.publish.atomic_output` for a temporary path).
