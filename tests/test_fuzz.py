@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ from safetensors import safe_open
 
 from fc2conv import convert_file, open_source, read_listing
 from fc2conv.check import tensors_identical
+from fc2conv.diskio import ByteSpan
 from fc2conv.errors import Fc2ConvError, PlanError, ShapeError
+from fc2conv.formats.safetensors import read_safetensors_header, write_safetensors
 from fc2conv.plan import plan_conversion
 from fc2conv.shapes import parse_shape
 from fc2conv.types import FLOAT_DTYPES, TensorInfo, dtype_name
@@ -220,3 +223,48 @@ def test_degenerate_safetensors(tmp_path, mode):
     with pytest.raises(Fc2ConvError):
         _load_everything(path)
         plan_conversion(open_source(path).infos)
+
+
+@FUZZ
+@given(
+    pieces=st.lists(
+        st.tuples(st.integers(0, 9000), st.integers(0, 3000), st.sampled_from([1, 2, 4, 8])), min_size=1, max_size=6
+    ),
+    order=st.randoms(use_true_random=False),
+    note=st.text(max_size=40),
+)
+def test_the_writer_copies_any_spans_into_a_file_safetensors_reads(tmp_path_factory, pieces, order, note):
+    """Spans anywhere in an input (any gaps, any order, any itemsize): the written file reads back, with
+    safetensors' own reader, as exactly their bytes; its data starts 8-byte aligned after at most a page
+    of padding; copied tensors lie in the input's order."""
+    folder = tmp_path_factory.mktemp("spans")
+    source = folder / "raw.bin"
+    offsets, position = [], 0
+    for gap, count, itemsize in pieces:
+        position += gap
+        offsets.append((position, count * itemsize))
+        position += count * itemsize
+    data = random.Random(position).randbytes(position)
+    source.write_bytes(data)
+    dtypes = {1: "uint8", 2: "float16", 4: "float32", 8: "float64"}
+    infos = [
+        TensorInfo(f"t{i}", (count,), dtypes[itemsize]) for i, (_, count, itemsize) in enumerate(pieces)
+    ]  # fmt: skip
+    spans = {f"t{i}": ByteSpan(source, offset, nbytes) for i, (offset, nbytes) in enumerate(offsets)}
+    shuffled = list(infos)
+    order.shuffle(shuffled)
+    out = folder / "out.safetensors"
+    write_safetensors(out, shuffled, _never_fetched, {"note": note}, spans=spans)
+    header = read_safetensors_header(out)
+    unpadded = len(out.read_bytes()[8 : header.data_start].rstrip(b" "))
+    assert header.data_start % 8 == 0 and header.data_start - 8 - unpadded < 4096 + 8
+    with safe_open(str(out), "numpy") as f:
+        for name, (offset, nbytes) in zip(spans, offsets, strict=True):
+            assert f.get_tensor(name).tobytes() == data[offset : offset + nbytes]
+    written = header.spans(out)
+    nonempty = [name for name in spans if spans[name].nbytes]  # their input offsets differ
+    assert sorted(nonempty, key=lambda n: written[n].offset) == sorted(nonempty, key=lambda n: spans[n].offset)
+
+
+def _never_fetched(name):
+    raise AssertionError(f"{name} was to be copied from its span")
