@@ -10,6 +10,7 @@ from fc2conv.plan import LayerChange, Plan, plan_conversion
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo, tensor_infos
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "fc_to_conv_weight",
     "fc_weight",
     "keeps_bytes",
+    "rearranged_kernel",
+    "rearranged_rows",
 ]
 
 
@@ -59,6 +62,48 @@ def fc_to_conv_weight(weight: torch.Tensor, change: LayerChange) -> torch.Tensor
     else:
         kernel = weight.reshape(out, m.channels, m.height, m.width)
     return kernel.contiguous()
+
+
+def rearranged_kernel(change: LayerChange, stored: np.ndarray) -> np.ndarray:
+    """:func:`fc_to_conv_weight` on a numpy array of the weight as stored: the same moves, a new array.
+
+    Only whole elements move, so any element type does (bfloat16 as its 16-bit patterns). The tests
+    hold it to :func:`fc_to_conv_weight` byte for byte in every order and layout.
+
+    Raises:
+        PlanError: if ``stored`` does not have the shape the plan was made for.
+    """
+    return _rearranged(change, _weight_rows(change, stored))
+
+
+def rearranged_rows(change: LayerChange, stored: np.ndarray, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`rearranged_kernel` ``rows`` output rows at a time: ``(first row, (n, C, H, W) array)`` pairs.
+
+    A block of kernel rows is made from the same rows of the ``(out, in)`` weight alone, so a large
+    kernel is never whole in memory.
+    """
+    weight = _weight_rows(change, stored)
+    for start in range(0, change.out_features, max(1, rows)):
+        yield start, _rearranged(change, weight[start : start + max(1, rows)])
+
+
+def _weight_rows(change: LayerChange, stored: np.ndarray) -> np.ndarray:
+    """The stored weight as ``(out, in)`` rows (a transposed view of an ``(in, out)`` one)."""
+    if tuple(stored.shape) != change.stored_shape:
+        raise PlanError(f"{change.weight} has shape {tuple(stored.shape)}, but the plan expects {change.stored_shape}")
+    return stored.T if change.layout == "in_out" else stored
+
+
+def _rearranged(change: LayerChange, rows: np.ndarray) -> np.ndarray:
+    """Rows of the ``(out, in)`` weight as the same rows of the kernel, contiguous (the rule of fc_to_conv_weight)."""
+    import numpy as np
+
+    m = change.in_map
+    if change.flatten_order == "hwc":
+        kernel = rows.reshape(len(rows), m.height, m.width, m.channels).transpose(0, 3, 1, 2)
+    else:
+        kernel = rows.reshape(len(rows), m.channels, m.height, m.width)
+    return np.ascontiguousarray(kernel)
 
 
 def keeps_bytes(change: LayerChange) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "MappedFile",
     "Writeback",
     "copy_span",
+    "first_difference_at",
     "first_differing_byte",
     "start_writeback",
 ]
@@ -200,14 +201,23 @@ def first_differing_byte(first: MappedFile, a: ByteSpan, second: MappedFile, b: 
         raise ValueError(f"spans of {a.nbytes} and {b.nbytes} bytes")
     if a.offset + a.nbytes > first.size or b.offset + b.nbytes > second.size:
         raise ValueError("a span reaches past the end of its file")
-    base_a, base_b = first.address + a.offset, second.address + b.offset
-    for start in range(0, a.nbytes, _COPY_STEP):
-        length = min(_COPY_STEP, a.nbytes - start)
-        if _memcmp(base_a + start, base_b + start, length) == 0:
+    return first_difference_at(first.address + a.offset, second.address + b.offset, a.nbytes)
+
+
+def first_difference_at(a: int, b: int, nbytes: int) -> int | None:
+    """The offset of the first byte that differs between ``nbytes`` at two addresses, or None.
+
+    ``memcmp`` a large step at a time (ctypes releases the GIL, so other threads run meanwhile); a
+    differing step is narrowed down by halves. Both ranges must be readable memory (a mapped file, an
+    array's buffer).
+    """
+    for start in range(0, nbytes, _COPY_STEP):
+        length = min(_COPY_STEP, nbytes - start)
+        if _memcmp(a + start, b + start, length) == 0:
             continue
         while length > 1:  # the first half that differs, down to one byte
             half = length // 2
-            if _memcmp(base_a + start, base_b + start, half) == 0:
+            if _memcmp(a + start, b + start, half) == 0:
                 start, length = start + half, length - half
             else:
                 length = half

@@ -16,7 +16,7 @@ from fc2conv.diskio import ByteSpan
 from fc2conv.matrix import ArrayMatrix, Matrix, bfloat16_to_float32, compute_dtype
 from fc2conv.types import FLOAT_DTYPES
 
-__all__ = ["span_matrix", "span_vector"]
+__all__ = ["span_array", "span_matrix", "span_vector"]
 
 # numpy's name for the dtype the bytes are read as (bfloat16 as its bits).
 _STORED_AS = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
@@ -44,11 +44,21 @@ class _EmptyMatrix:
         return np.empty((len(rows), 0), dtype=compute_dtype(self.dtype_name))
 
 
-def span_matrix(span: ByteSpan, dtype: str, shape: tuple[int, int]) -> Matrix:
-    """A 2-D tensor's bytes in a file as a :class:`~fc2conv.matrix.Matrix`, read a few rows at a time."""
+def span_array(span: ByteSpan, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor's bytes in a file as a read-only array of its elements (bfloat16 as its bits), mapped."""
+    return _mapped(span, dtype, shape)
+
+
+def span_matrix(span: ByteSpan, dtype: str, shape: tuple[int, int], *, transposed: bool = False) -> Matrix:
+    """A 2-D tensor's bytes in a file as a :class:`~fc2conv.matrix.Matrix`, read a few rows at a time.
+
+    ``transposed``: the file holds ``shape`` and the matrix is its transpose (a weight stored ``(in,
+    out)``, read as ``(out, in)``; each row taken is then a column of the file, gathered).
+    """
     if 0 in shape and span.nbytes == 0:
-        return _EmptyMatrix(dtype, shape)
-    return ArrayMatrix(_mapped(span, dtype, shape), dtype)
+        return _EmptyMatrix(dtype, (shape[1], shape[0]) if transposed else shape)
+    array = _mapped(span, dtype, shape)
+    return ArrayMatrix(array.T if transposed else array, dtype)
 
 
 def span_vector(span: ByteSpan, dtype: str, length: int) -> np.ndarray:

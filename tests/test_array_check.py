@@ -6,7 +6,6 @@ import json
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,31 +218,77 @@ def test_a_tampered_kernel_fails_verify_without_torch(tmp_path):
     assert "kernel differs from the exact rearrangement" in verified.stdout + verified.stderr
 
 
-def test_a_kernel_that_moves_bytes_still_imports_torch(tmp_path):
-    """The switch works the other way too: an hwc kernel is permuted by torch (here refused, so the run fails)."""
-    state = {"fc.weight": torch.randn(4, 3 * 2 * 2), "fc.bias": torch.zeros(4)}
+@pytest.mark.parametrize(
+    "args, layout",
+    [
+        (["--input-shape", "6x3x3", "--flatten-order", "hwc"], "out_in"),  # a channels-last map: permuted
+        (["--pointwise", "--weight-layout", "in-out"], "in_out"),  # GPT-2's Conv1D layout: transposed
+        (["--input-shape", "6x3x3", "--flatten-order", "hwc", "--weight-layout", "in-out"], "in_out"),  # both
+    ],
+)
+def test_kernels_that_move_bytes_are_rearranged_and_proven_without_torch(tmp_path, args, layout):
+    """A permuted or transposed kernel is rearranged with numpy from the input's bytes, every byte proven
+    against the rearrangement, and checked numerically: no torch, and the kernel is torch's own rule's."""
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(16, 6 * 3 * 3, generator=generator)
+    stored = weight.t().contiguous() if layout == "in_out" else weight
+    state = {"fc.weight": stored, "fc.bias": torch.randn(16, generator=generator)}
     save_file(state, tmp_path / "h.safetensors")
-    result = _run_without_torch("convert", tmp_path / "h.safetensors", "--input-shape", "3x2x2",
-                                "--flatten-order", "hwc", "-o", tmp_path / "h.conv.safetensors")  # fmt: skip
-    assert result.returncode != 0
-    assert not (tmp_path / "h.conv.safetensors").exists()
+    out = tmp_path / "h.conv.safetensors"
+    converted = _run_without_torch("convert", tmp_path / "h.safetensors", *args, "-o", out, "--json")
+    assert converted.returncode == 0 and "TORCH False" in converted.stderr, converted.stderr
+    [layer] = json.loads(converted.stdout)["layers"]
+    assert layer["ok"] and layer["exact"] and "numpy" in layer["proves"]
+    verified = _run_without_torch("verify", tmp_path / "h.safetensors", out, "--json")
+    assert verified.returncode == 0 and "TORCH False" in verified.stderr, verified.stderr
+    from safetensors.torch import load_file
+
+    kernel = load_file(out)["fc.weight"]
+    if "--pointwise" in args:
+        assert torch.equal(kernel, weight[:, :, None, None])
+        return
+    # Independently: the conv on an NCHW map = the FC on the map flattened channels-last (H, W, C).
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, generator=generator)
+    conv = F.conv2d(x, kernel.double(), state["fc.bias"].double()).flatten(1)
+    linear = F.linear(x.permute(0, 2, 3, 1).flatten(1), weight.double(), state["fc.bias"].double())
+    assert torch.allclose(conv, linear, rtol=1e-12, atol=1e-12)
 
 
-def test_numpy_path_figures_agree_with_the_torch_path(tmp_path):
-    """The same conversion proven from bytes (numpy) and through torch (an hwc twin): both pass, same scale."""
-    weight = torch.randn(64, 8 * 4 * 4, generator=torch.Generator().manual_seed(8))
-    save_file({"fc.weight": weight, "fc.bias": torch.zeros(64)}, tmp_path / "a.safetensors")
+def test_a_tampered_permuted_kernel_fails_verify_without_torch(tmp_path):
+    weight = torch.randn(8, 4 * 2 * 2, generator=torch.Generator().manual_seed(12))
+    save_file({"fc.weight": weight}, tmp_path / "m.safetensors")
+    out = tmp_path / "m.conv.safetensors"
+    done = _run_without_torch("convert", tmp_path / "m.safetensors", "--input-shape", "4x2x2", "--flatten-order",
+                              "hwc", "-o", out)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = bytearray(out.read_bytes())
+    data[-5] ^= 0x01  # a bit of the kernel's last element but one
+    out.write_bytes(bytes(data))
+    verified = _run_without_torch("verify", tmp_path / "m.safetensors", out, "--json")
+    assert verified.returncode == 1 and "TORCH False" in verified.stderr, verified.stderr
+    [layer] = json.loads(verified.stdout)["layers"]
+    assert "kernel differs from the exact rearrangement of fc.weight at index [7, 3, 1, 0]" in layer["problem"]
+
+
+@pytest.mark.parametrize("order", ["chw", "hwc"])
+def test_numpy_path_figures_agree_with_the_torch_path(tmp_path, order):
+    """The same conversion proven from the files' bytes (numpy) and by torch's check: both pass, same scale."""
+    from safetensors.torch import load_file
+
+    from fc2conv.check import check_changes
     from fc2conv.jobs.convert import convert_file
 
-    numpy_path = convert_file(tmp_path / "a.safetensors", tmp_path / "a1.safetensors", input_shape="8x4x4")
-    torch_path = convert_file(tmp_path / "a.safetensors", tmp_path / "a2.safetensors", input_shape="8x4x4",
-                              flatten_order="hwc")  # fmt: skip
-    (ours,), (theirs,) = numpy_path.checks, torch_path.checks
+    weight = torch.randn(64, 8 * 4 * 4, generator=torch.Generator().manual_seed(8))
+    state = {"fc.weight": weight, "fc.bias": torch.zeros(64)}
+    save_file(state, tmp_path / "a.safetensors")
+    result = convert_file(tmp_path / "a.safetensors", tmp_path / "b.safetensors", input_shape="8x4x4",
+                          flatten_order=order)  # fmt: skip
+    (ours,) = result.checks
+    (theirs,) = check_changes(result.plan.layers, state, load_file(tmp_path / "b.safetensors"), exact=True)
     assert ours.ok and theirs.ok and ours.exact and theirs.exact
     assert ours.engine == "numpy" and theirs.engine == "torch"
     assert 0.5 < ours.reference_scale / theirs.reference_scale < 2
     assert ours.max_rel_error < 3 * tolerance_for("float32", terms=128).rtol
-    assert Path(tmp_path / "a1.safetensors").stat().st_size == Path(tmp_path / "a2.safetensors").stat().st_size
 
 
 def test_checks_made_ahead_on_the_input_are_taken_only_for_kernels_proven_byte_for_byte(tmp_path, monkeypatch):

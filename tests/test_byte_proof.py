@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import fc2conv.jobs.convert as convert_job
 from fc2conv.check import first_difference, kernel_difference, rows_to_check
+from fc2conv.formats.safetensors import read_safetensors_header
 from fc2conv.plan import plan_conversion
 from fc2conv.types import tensor_infos
 from tests.conftest import head_state_dict, run
@@ -115,15 +116,16 @@ def test_a_dtype_change_is_judged_by_the_numeric_check_alone(tmp_path, save_pt):
     assert payload["layers"][0]["exact"] is False and payload["layers"][0]["problem"] is None
 
 
-def test_convert_checks_every_byte_of_the_written_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["chw", "hwc"])  # a kernel copied as bytes, and one permuted (numpy)
+def test_convert_checks_every_byte_of_the_written_file(tmp_path, monkeypatch, order):
     """A write that changes one byte of a kernel (a bad disk, a bug) is caught before publishing."""
     real = convert_job.write_safetensors
 
     def write_then_damage(path, infos, *args, **kwargs):
         size = real(path, infos, *args, **kwargs)
+        kernel = read_safetensors_header(path).spans(path)["fc1.weight"]
         with open(path, "r+b") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            f.seek(8 + header_len + 4 * 37 + 2)  # inside the first tensor written (fc1.weight)
+            f.seek(kernel.offset + 4 * 37 + 2)  # inside fc1's kernel, element 37
             byte = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0x01]))
@@ -133,7 +135,8 @@ def test_convert_checks_every_byte_of_the_written_file(tmp_path, monkeypatch):
     sd = {"fc1.weight": torch.randn(16, 32), "fc2.weight": torch.randn(10, 16)}
     torch.save(sd, tmp_path / "src.pt")
     out = tmp_path / "out.safetensors"
-    result = run("convert", tmp_path / "src.pt", "--input-shape", "8x2x2", "-o", out, "--json")
+    result = run("convert", tmp_path / "src.pt", "--input-shape", "8x2x2", "--flatten-order", order, "-o", out,
+                 "--json")  # fmt: skip
     assert result.exit_code == 1
     fc1 = json.loads(result.stdout)["layers"][0]
     assert fc1["ok"] is False and "index [1, 1, 0, 1]" in fc1["problem"]

@@ -182,3 +182,29 @@ def test_property_conv_head_equals_linear_head_at_traced_size_and_densely(c, h, 
             torch.testing.assert_close(
                 dense[:, :, i, j], _reference_head(weights, biases, window, order), rtol=1e-9, atol=1e-9
             )
+
+
+@pytest.mark.parametrize("order", ["chw", "hwc"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_numpy_rearrangement_is_torchs_rule_byte_for_byte(order, layout, dtype):
+    """rearranged_kernel (whole) and rearranged_rows (a few rows at a time) write what fc_to_conv_weight makes,
+    on the stored elements' bits (bfloat16 as uint16), for every order and layout."""
+    import numpy as np
+
+    from fc2conv.convert import rearranged_kernel, rearranged_rows
+
+    weight = torch.randn(10, 3 * 4 * 5, generator=torch.Generator().manual_seed(5)).to(dtype)
+    stored = weight.t().contiguous() if layout == "in_out" else weight
+    [change] = plan_conversion(tensor_infos({"fc.weight": stored}), (3, 4, 5), flatten_order=order,
+                               weight_layout=layout).layers  # fmt: skip
+    assert change.layout == layout
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[stored.element_size()]
+    stored_bits = stored.view(bits).numpy()
+    expected = fc_to_conv_weight(stored, change).view(bits).numpy()
+    assert rearranged_kernel(change, stored_bits).tobytes() == expected.tobytes()
+    blocks = list(rearranged_rows(change, stored_bits, 3))
+    assert [start for start, _ in blocks] == [0, 3, 6, 9]
+    assert np.concatenate([block for _, block in blocks]).tobytes() == expected.tobytes()
+    with pytest.raises(PlanError, match="plan expects"):
+        rearranged_kernel(change, stored_bits[:-1])

@@ -165,3 +165,18 @@ def test_the_writer_leaves_no_descriptor_open(tmp_path):
 
 def _no_fetch(name):
     raise AssertionError(f"{name} was to be copied from its span, not fetched")
+
+
+def test_the_writer_takes_numpy_arrays_of_the_elements_bits(tmp_path):
+    """A kernel rearranged with numpy is written from its array (bfloat16 as uint16 bits); one that is not as
+    declared is refused before anything is written."""
+    tensors = {"k": torch.randn(4, 3, 2, 2).to(torch.bfloat16), "b": torch.randn(4)}
+    arrays = {"k": tensors["k"].view(torch.int16).numpy(), "b": tensors["b"].numpy()}
+    infos = [TensorInfo("k", (4, 3, 2, 2), "bfloat16"), TensorInfo("b", (4,), "float32")]
+    write_safetensors(tmp_path / "a.safetensors", infos, arrays.__getitem__)
+    loaded = load_file(str(tmp_path / "a.safetensors"))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    with pytest.raises(OutputError, match="declared bfloat16"):
+        write_safetensors(tmp_path / "b.safetensors", infos, {"k": arrays["k"][:2], "b": arrays["b"]}.__getitem__)
+    with pytest.raises(OutputError, match="declared float32"):
+        write_safetensors(tmp_path / "c.safetensors", infos, {"k": arrays["k"], "b": arrays["b"][::2]}.__getitem__)

@@ -11,14 +11,15 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fc2conv.diskio import WRITEBACK_STEP, ByteSpan, Writeback, copy_span
 from fc2conv.errors import CheckpointError, OutputError
 from fc2conv.formats.base import Listing, ReadOptions, Source, natural_key, open_regular
-from fc2conv.types import TensorInfo, dtype_name
+from fc2conv.types import TensorInfo, dtype_itemsize, dtype_name
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
@@ -269,7 +270,7 @@ READER = _SafetensorsReader()
 def write_safetensors(
     path: str | os.PathLike[str],
     infos: Sequence[TensorInfo],
-    fetch: Callable[[str], torch.Tensor],
+    fetch: Callable[[str], torch.Tensor | np.ndarray],
     metadata: Mapping[str, str] | None = None,
     *,
     sync: bool = True,
@@ -289,7 +290,8 @@ def write_safetensors(
         path: File to write (use :func:`fc2conv.publish.atomic_output` for a temporary path).
         infos: Name, shape and dtype of every tensor, in the order to write them (those copied from
             ``spans`` first, in the order their bytes lie there: :func:`_file_order`).
-        fetch: Returns the tensor for a name (e.g. a memory-mapped one, converted on the fly).
+        fetch: Returns the tensor for a name (e.g. a memory-mapped one, converted on the fly), or a
+            numpy array of its elements (bfloat16 as its bits).
         metadata: String metadata stored under ``__metadata__``.
         sync: fsync the file before returning.
         on_tensor: Called after each tensor is written (for progress reports).
@@ -326,8 +328,11 @@ def write_safetensors(
                         copy_span(sources.fd(span.path), span.offset + start, fd, position + start, step)
                         writeback.start(position + start, step)
                 else:
-                    _write_tensor(fd, position, info, fetch(info.name))
-                    writeback.start(position, info.nbytes)
+                    data, _owner = _tensor_bytes(info, fetch(info.name))  # _owner keeps the memory alive
+                    for start in range(0, len(data), WRITEBACK_STEP):
+                        step = min(WRITEBACK_STEP, len(data) - start)
+                        _pwrite_all(fd, data[start : start + step], position + start)
+                        writeback.start(position + start, step)
                 position += info.nbytes
                 if on_tensor is not None:
                     on_tensor(info)
@@ -428,7 +433,11 @@ def _header_bytes(
     return raw + b" " * _page_padding(infos, spans or {}, 8 + len(raw))
 
 
-def _write_tensor(fd: int, offset: int, info: TensorInfo, tensor: torch.Tensor) -> None:
+def _tensor_bytes(info: TensorInfo, tensor: torch.Tensor | np.ndarray) -> tuple[memoryview, object]:
+    """The bytes of a tensor (or a numpy array) declared as ``info``, and the object that holds them."""
+    if not hasattr(tensor, "data_ptr"):  # a numpy array: its elements' bytes as they are
+        return _array_bytes(info, tensor), tensor
+    tensor = cast("torch.Tensor", tensor)
     if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
         raise OutputError(
             f"{info.name}: got {dtype_name(tensor.dtype)}{tuple(tensor.shape)}, declared {info.dtype}{info.shape}"
@@ -436,9 +445,17 @@ def _write_tensor(fd: int, offset: int, info: TensorInfo, tensor: torch.Tensor) 
     tensor = tensor.contiguous()
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
-        return
+        return memoryview(b""), tensor
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    # Zero-copy view of the tensor's bytes; `tensor` stays referenced until the write returns.
-    buffer = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
-    _pwrite_all(fd, memoryview(buffer), offset)
+    # Zero-copy view of the tensor's bytes, valid while `tensor` is referenced (the caller holds it).
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B"), tensor
+
+
+def _array_bytes(info: TensorInfo, array: np.ndarray) -> memoryview:
+    """A C-contiguous numpy array of ``info``'s shape and element size (its dtype may stand for another)."""
+    if tuple(array.shape) != info.shape or array.itemsize != dtype_itemsize(info.dtype) or not array.flags.c_contiguous:
+        raise OutputError(
+            f"{info.name}: got an array {array.dtype}{tuple(array.shape)}, declared {info.dtype}{info.shape}"
+        )
+    return array.data.cast("B") if array.size else memoryview(b"")

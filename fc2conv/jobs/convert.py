@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 from fc2conv._version import __version__
 from fc2conv.check import compare_spans, tensors_identical
-from fc2conv.convert import converted_info, converted_tensor, keeps_bytes
+from fc2conv.convert import converted_info, converted_tensor, keeps_bytes, rearranged_kernel
 from fc2conv.diskio import ByteSpan
 from fc2conv.errors import OutputError, PlanError
 from fc2conv.formats import Source, open_source
 from fc2conv.formats.hf_shards import INDEX_SUFFIX, index_json
 from fc2conv.formats.safetensors import open_safetensors, write_safetensors
 from fc2conv.jobs.planning import plan_for, weigh_evidence
-from fc2conv.jobs.proofs import checks_ahead, prove_layers, proven_without_torch
+from fc2conv.jobs.proofs import checks_ahead, moved_in_numpy, prove_layers, proven_without_torch
 from fc2conv.layouts import LayoutChoice
 from fc2conv.plan import LayerChange, Plan
 from fc2conv.preload import preload_numpy, preload_torch
@@ -29,6 +29,7 @@ from fc2conv.results import ConvertResult, Evidence, Export, LayerCheck
 from fc2conv.types import FlattenOrder, ShapeLike, TensorInfo
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
@@ -286,12 +287,21 @@ class _Writer:
             for name, span in source.spans.items()
             if (change := plan.change_for(name)) is None or keeps_bytes(change)
         }
+        # Kernels that move bytes, rearranged with numpy from the input's bytes (no torch).
+        self.moved = moved_in_numpy(plan.layers, source, self.out_infos)
         self.ahead: Mapping[str, Future[LayerCheck]] = {}  # numeric checks started before the write
         self.size = 0  # bytes of the files written so far
         self.done = 0  # bytes of tensor data written so far
         self.checks: list[LayerCheck] = []
 
-    def _fetch(self, name: str) -> torch.Tensor:
+    def _fetch(self, name: str) -> torch.Tensor | np.ndarray:
+        if name in self.moved:
+            from fc2conv.span_arrays import span_array
+
+            change = self.plan.change_for(name)
+            assert change is not None
+            stored = span_array(self.source.spans[name], self.out_infos[name].dtype, change.stored_shape)
+            return rearranged_kernel(change, stored)
         return converted_tensor(self.plan, name, self.source.tensors[name])
 
     def _written(self, info: TensorInfo) -> None:
@@ -405,7 +415,7 @@ class _CheckFailed(Exception):
 def write_checked(
     target: Path,
     out_infos: Sequence[TensorInfo],
-    fetch: Callable[[str], torch.Tensor],
+    fetch: Callable[[str], torch.Tensor | np.ndarray],
     metadata: dict[str, str],
     changes: Sequence[LayerChange],
     original: Source,

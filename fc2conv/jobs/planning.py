@@ -68,13 +68,16 @@ def weigh_evidence(plan: Plan, source: Source, *, geometry_given: bool) -> Evide
 
 
 def first_fc_weight(change: LayerChange, source: Source) -> Matrix | torch.Tensor:
-    """An FC weight ``(out, in)`` to weigh evidence on: over the file's bytes if it lies there so, else the tensor."""
+    """An FC weight ``(out, in)`` to weigh evidence on: over the file's bytes if it lies there, else the tensor.
+
+    A weight stored ``(in, out)`` is read transposed from the bytes (each row taken is a column of the file).
+    """
     info = source.info_by_name.get(change.weight)
     span = source.spans.get(change.weight)
-    if span is not None and info is not None and change.layout == "out_in" and info.dtype in FLOAT_DTYPES:
+    if span is not None and info is not None and info.shape == change.stored_shape and info.dtype in FLOAT_DTYPES:
         from fc2conv.span_arrays import span_matrix
 
-        return span_matrix(span, info.dtype, change.old_shape)
+        return span_matrix(span, info.dtype, change.stored_shape, transposed=change.layout == "in_out")
     from fc2conv.convert import fc_weight
 
     return fc_weight(change, source.tensors[change.weight])

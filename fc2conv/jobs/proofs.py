@@ -1,11 +1,13 @@
 """Which proof each converted layer gets, and whether a command needs torch at all.
 
-A kernel that keeps its weight's bytes (a ``chw`` reshape or a 1x1 view, the dtype unchanged) and
-whose bytes lie in both files is proven with numpy: its bytes compared with the weight's (``memcmp``),
-then the numeric check computed from the files' bytes (:mod:`fc2conv.array_check`). Every other layer
-(a permuted or transposed kernel, a dtype change, a tensor without a file span) goes through torch
-(:func:`fc2conv.check.check_changes`). A conversion or a verification whose layers are all of the first
-kind, and whose other tensors are all compared as bytes, never imports torch.
+A kernel whose weight's bytes lie in a file (a ``torch.save`` zip or safetensors) and whose own bytes
+lie in the written file, of the same floating dtype, is proven with numpy. One that keeps its weight's
+bytes (a ``chw`` reshape or a 1x1 view) has its bytes compared with the weight's (``memcmp``); one that
+moves them (an ``hwc`` permutation, a weight stored ``(in, out)``) with the weight rearranged in numpy
+(:func:`fc2conv.convert.rearranged_kernel`). Both then get the numeric check computed from the files'
+bytes (:mod:`fc2conv.array_check`). Every other layer (a dtype change, a tensor without a file span)
+goes through torch (:func:`fc2conv.check.check_changes`). A conversion or a verification whose layers
+are all of the first kind, and whose other tensors are all compared as bytes, never imports torch.
 """
 
 from __future__ import annotations
@@ -29,25 +31,25 @@ __all__ = ["checks_ahead", "prove_layers", "proven_without_torch"]
 _BYTE_FORMATS = ("torch", "safetensors", "sharded safetensors")
 
 
-def _provable(
+def _readable(
     change: LayerChange,
     infos: Mapping[str, TensorInfo],
     spans: Container[str],
     out_infos: Mapping[str, TensorInfo],
     out_spans: Container[str],
 ) -> bool:
-    """Whether ``change`` can be proven from the files' bytes: a kernel that keeps them, spans on both sides.
+    """Whether ``change`` can be proven from the files' bytes: its weight and kernel (and biases) have spans.
 
     The tensors must be floating point, of the same dtype on both sides, and of the shapes the change
     says (anything else goes to torch's check, which names the problem).
     """
     names = [n for n in (change.weight, change.bias) if n is not None]
-    if not keeps_bytes(change) or any(n not in infos or n not in out_infos for n in names):
+    if any(n not in infos or n not in out_infos for n in names):
         return False
     if any(n not in spans or n not in out_spans or infos[n].dtype != out_infos[n].dtype for n in names):
         return False
     weight, kernel = infos[change.weight], out_infos[change.weight]
-    if weight.dtype not in FLOAT_DTYPES or weight.shape != change.old_shape or kernel.shape != change.new_shape:
+    if weight.dtype not in FLOAT_DTYPES or weight.shape != change.stored_shape or kernel.shape != change.new_shape:
         return False
     if change.bias is None:
         return True
@@ -55,17 +57,27 @@ def _provable(
     return bias.dtype in FLOAT_DTYPES and bias.shape == out_bias.shape == (change.out_features,)
 
 
+def moved_in_numpy(changes: Sequence[LayerChange], original: Source, out_infos: Mapping[str, TensorInfo]) -> set[str]:
+    """The weights whose kernels move bytes and are rearranged (and proven) with numpy from the input's bytes."""
+    if original.format not in _BYTE_FORMATS or original.module is not None:
+        return set()
+    infos = original.info_by_name
+    return {
+        c.weight for c in changes if not keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, out_infos)
+    }
+
+
 def proven_without_torch(original: Source, changes: Sequence[LayerChange], out_infos: Mapping[str, TensorInfo]) -> bool:
     """Whether a conversion of ``original`` (written as ``out_infos``) can be written and proven without torch.
 
-    Every tensor must be copied as bytes (so each has a span) and every converted layer proven by
-    :func:`prove_layers`' numpy path.
+    Every tensor must lie in the input as bytes (so each has a span: copied, or rearranged with
+    numpy) and every converted layer proven by :func:`prove_layers`' numpy path.
     """
     if original.format not in _BYTE_FORMATS or original.module is not None:
         return False
     if any(info.name not in original.spans for info in original.infos):
         return False
-    return all(_provable(c, original.info_by_name, original.spans, out_infos, out_infos) for c in changes)
+    return all(_readable(c, original.info_by_name, original.spans, out_infos, out_infos) for c in changes)
 
 
 def prove_layers(
@@ -83,16 +95,24 @@ def prove_layers(
 
     ``compared`` holds, per name, the first differing byte of the two files' spans (None: equal), as
     :func:`fc2conv.check.compare_spans` gives it; a layer whose weight was compared there is proven
-    from the bytes. ``ahead`` holds checks started by :func:`checks_ahead` (used only with the default
-    tolerances: they were made with them).
+    from the bytes. A kernel that moves its weight's bytes, both lying in the files, is compared here
+    with the weight rearranged in numpy, and proven from the bytes too. ``ahead`` holds checks started
+    by :func:`checks_ahead` (used only with the default tolerances: they were made with them).
     """
     ahead = ahead if ahead is not None and atol is None and rtol is None else {}
     infos, out_infos = original.info_by_name, converted.info_by_name
     by_bytes = {
         c.weight
         for c in changes
-        if c.weight in compared and _provable(c, infos, original.spans, out_infos, converted.spans)
+        if c.weight in compared and keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, converted.spans)
     }
+    if original.format in _BYTE_FORMATS and original.module is None:  # kernels that move bytes: against numpy's
+        compared = {**compared, **{
+            c.weight: _moved_difference(c, infos, original.spans, converted.spans)
+            for c in changes
+            if not keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, converted.spans)
+        }}  # fmt: skip
+        by_bytes |= {c.weight for c in changes if not keeps_bytes(c) and c.weight in compared}
     rest = [c for c in changes if c.weight not in by_bytes]
     checked: list[LayerCheck] = []
     if rest:  # else torch is not needed, and not imported
@@ -159,7 +179,7 @@ def _numeric(
 
     dtype = infos[change.weight].dtype
     out, in_features = change.old_shape
-    weight = span_matrix(spans[change.weight], dtype, (out, in_features))
+    weight = span_matrix(spans[change.weight], dtype, change.stored_shape, transposed=change.layout == "in_out")
     kernel = span_matrix(kernel_spans[change.weight], dtype, (out, math.prod(change.new_shape[1:])))
     bias = kernel_bias = None
     if change.bias is not None:
@@ -184,5 +204,38 @@ def checks_ahead(
     return {
         c.weight: pool.submit(_numeric, c, infos, original.spans, original.spans, True, None, None)
         for c in changes
-        if _provable(c, infos, original.spans, out_infos, original.spans)
+        if keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, original.spans)
     }
+
+
+def _moved_difference(
+    change: LayerChange,
+    infos: Mapping[str, TensorInfo],
+    spans: Mapping[str, ByteSpan],
+    kernel_spans: Mapping[str, ByteSpan],
+) -> int | None:
+    """The first byte (None: none) at which the written kernel differs from its weight rearranged in numpy.
+
+    Every byte is compared (``memcmp``), a block of kernel rows (at most 64 MB) rearranged at a time.
+    """
+    from fc2conv.convert import rearranged_rows  # numpy: imported while the bytes were copied
+    from fc2conv.diskio import first_difference_at
+    from fc2conv.span_arrays import span_array
+
+    dtype = infos[change.weight].dtype
+    row = math.prod(change.new_shape[1:])
+    stored = span_array(spans[change.weight], dtype, change.stored_shape)
+    written = span_array(kernel_spans[change.weight], dtype, (change.out_features, row))
+    row_bytes = row * dtype_itemsize(dtype)
+    for start, block in rearranged_rows(change, stored, _COMPARE_STEP // max(1, row_bytes)):
+        if block.nbytes == 0:
+            continue
+        target = written[start : start + len(block)]
+        differs = first_difference_at(block.ctypes.data, target.ctypes.data, block.nbytes)
+        if differs is not None:
+            return start * row_bytes + differs
+    return None
+
+
+# Bytes of a rearranged kernel compared at once (a block of its rows).
+_COMPARE_STEP = 2**26
