@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from fc2conv.convert import fc_to_conv_weight, fc_weight
-from fc2conv.diskio import ByteSpan, first_differing_byte, mapped
+from fc2conv.diskio import ByteSpan, first_differing_byte, mapped, pieces
 from fc2conv.plan import LayerChange
 from fc2conv.preload import wait_for_torch
 from fc2conv.results import LayerCheck, Tolerance
@@ -613,19 +613,19 @@ def compare_spans(pairs: Mapping[str, tuple[ByteSpan, ByteSpan]]) -> dict[str, i
     paths = [path for first, second in pairs.values() for path in (first.path, second.path)]
     # Pieces of at most _COMPARE_STEP bytes, on two threads (memcmp releases the GIL): a large tensor
     # is compared by both cores.
-    pieces = [
+    parts = [
         (
             name,
             replace(first, offset=first.offset + start, nbytes=step),
             replace(second, offset=second.offset + start, nbytes=step),
         )
         for name, (first, second) in pairs.items()
-        for start, step in _pieces(min(first.nbytes, second.nbytes))
+        for start, step in pieces(min(first.nbytes, second.nbytes), _COMPARE_STEP) or [(0, 0)]  # one if empty
     ]
     found: dict[str, int | None] = dict.fromkeys(pairs)
     with mapped(*paths) as maps, ThreadPoolExecutor(max_workers=_COMPARE_THREADS) as pool:
-        differing = pool.map(lambda p: first_differing_byte(maps[p[1].path], p[1], maps[p[2].path], p[2]), pieces)
-        for (name, a, _), differs in zip(pieces, differing, strict=True):
+        differing = pool.map(lambda p: first_differing_byte(maps[p[1].path], p[1], maps[p[2].path], p[2]), parts)
+        for (name, a, _), differs in zip(parts, differing, strict=True):
             earlier = found[name]
             if differs is not None:
                 where = a.offset - pairs[name][0].offset + differs
@@ -634,8 +634,3 @@ def compare_spans(pairs: Mapping[str, tuple[ByteSpan, ByteSpan]]) -> dict[str, i
         if found[name] is None and first.nbytes != second.nbytes:
             found[name] = min(first.nbytes, second.nbytes)  # the shorter one ends there
     return found
-
-
-def _pieces(length: int) -> list[tuple[int, int]]:
-    """``(start, length)`` pieces of at most :data:`_COMPARE_STEP` bytes covering ``length`` bytes (one if 0)."""
-    return [(start, min(_COMPARE_STEP, length - start)) for start in range(0, length, _COMPARE_STEP)] or [(0, 0)]

@@ -24,6 +24,7 @@ __all__ = [
     "copy_span",
     "first_difference_at",
     "first_differing_byte",
+    "pieces",
     "start_writeback",
 ]
 
@@ -50,6 +51,11 @@ class ByteSpan:
     path: Path
     offset: int
     nbytes: int
+
+
+def pieces(nbytes: int, step: int = WRITEBACK_STEP) -> list[tuple[int, int]]:
+    """``(start, length)`` pieces of at most ``step`` bytes covering ``nbytes`` bytes (none if 0)."""
+    return [(start, min(step, nbytes - start)) for start in range(0, nbytes, step)]
 
 
 def copy_span(source_fd: int, source_offset: int, target_fd: int, target_offset: int, nbytes: int) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from fc2conv.diskio import WRITEBACK_STEP, ByteSpan, Writeback, copy_span
+from fc2conv.diskio import ByteSpan, Writeback, copy_span, pieces
 from fc2conv.errors import CheckpointError, OutputError
 from fc2conv.formats.base import Listing, ReadOptions, Source, natural_key, open_regular
 from fc2conv.types import TensorInfo, dtype_itemsize, dtype_name
@@ -322,15 +322,14 @@ def write_safetensors(
             sources = _InputFiles(inputs)
             for info in infos:
                 span = spans.get(info.name)
+                # A piece at a time, its writeback started at once: the disk writes while the rest is written.
                 if span is not None and span.nbytes == info.nbytes:
-                    for start in range(0, span.nbytes, WRITEBACK_STEP):  # the disk writes while the rest is copied
-                        step = min(WRITEBACK_STEP, span.nbytes - start)
+                    for start, step in pieces(span.nbytes):
                         copy_span(sources.fd(span.path), span.offset + start, fd, position + start, step)
                         writeback.start(position + start, step)
                 else:
                     data, _owner = _tensor_bytes(info, fetch(info.name))  # _owner keeps the memory alive
-                    for start in range(0, len(data), WRITEBACK_STEP):
-                        step = min(WRITEBACK_STEP, len(data) - start)
+                    for start, step in pieces(len(data)):
                         _pwrite_all(fd, data[start : start + step], position + start)
                         writeback.start(position + start, step)
                 position += info.nbytes
