@@ -142,7 +142,9 @@ def convert_source(
     # fails publishes nothing.
     with ThreadPoolExecutor(max_workers=1) as pool:
         weighed = pool.submit(weigh_evidence, plan, source, geometry_given=input_shape is not None)
-        writer = _Writer(source, plan, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict))
+        writer = _Writer(
+            source, plan, out_infos, metadata, strict, progress, veto=lambda: _vetoed(weighed.result(), strict)
+        )
         # The numeric checks of kernels copied as bytes, on the input's bytes, also while they are copied.
         writer.ahead = checks_ahead(plan.layers, source, out_infos, pool)
         if source.shards is None:
@@ -270,6 +272,7 @@ class _Writer:
         self,
         source: Source,
         plan: Plan,
+        out_infos: Mapping[str, TensorInfo],
         metadata: dict[str, str],
         strict: bool,
         progress: ProgressCallback | None,
@@ -277,7 +280,7 @@ class _Writer:
     ) -> None:
         self.source, self.plan, self.metadata, self.strict = source, plan, metadata, strict
         self.veto = veto  # asked before each file is published: True discards it
-        self.out_infos = {info.name: converted_info(plan, info) for info in source.infos}
+        self.out_infos = out_infos  # each tensor as written (converted_info)
         self.total = sum(i.nbytes for i in self.out_infos.values())
         self.progress = progress
         # Tensors written as they lie in the input (untouched ones, and kernels whose rearrangement keeps

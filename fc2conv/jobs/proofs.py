@@ -25,7 +25,7 @@ from fc2conv.plan import LayerChange
 from fc2conv.results import LayerCheck
 from fc2conv.types import FLOAT_DTYPES, TensorInfo, dtype_itemsize
 
-__all__ = ["checks_ahead", "prove_layers", "proven_without_torch"]
+__all__ = ["checks_ahead", "moved_in_numpy", "prove_layers", "proven_without_torch"]
 
 # Formats whose tensors are read without torch and lie in the file as plain bytes.
 _BYTE_FORMATS = ("torch", "safetensors", "sharded safetensors")
@@ -57,14 +57,26 @@ def _readable(
     return bias.dtype in FLOAT_DTYPES and bias.shape == out_bias.shape == (change.out_features,)
 
 
-def moved_in_numpy(changes: Sequence[LayerChange], original: Source, out_infos: Mapping[str, TensorInfo]) -> set[str]:
-    """The weights whose kernels move bytes and are rearranged (and proven) with numpy from the input's bytes."""
-    if original.format not in _BYTE_FORMATS or original.module is not None:
+def _from_bytes(original: Source) -> bool:
+    """Whether ``original``'s tensors are read without torch, as plain bytes of its files."""
+    return original.format in _BYTE_FORMATS and original.module is None
+
+
+def moved_in_numpy(
+    changes: Sequence[LayerChange],
+    original: Source,
+    out_infos: Mapping[str, TensorInfo],
+    out_spans: Container[str] | None = None,
+) -> set[str]:
+    """The weights whose kernels move bytes and are rearranged (and proven) with numpy from the input's bytes.
+
+    ``out_spans``: the kernels that lie in the written file as bytes (by default every one of
+    ``out_infos``: a file about to be written).
+    """
+    if not _from_bytes(original):
         return set()
-    infos = original.info_by_name
-    return {
-        c.weight for c in changes if not keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, out_infos)
-    }
+    infos, written = original.info_by_name, out_infos if out_spans is None else out_spans
+    return {c.weight for c in changes if not keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, written)}
 
 
 def proven_without_torch(original: Source, changes: Sequence[LayerChange], out_infos: Mapping[str, TensorInfo]) -> bool:
@@ -73,9 +85,7 @@ def proven_without_torch(original: Source, changes: Sequence[LayerChange], out_i
     Every tensor must lie in the input as bytes (so each has a span: copied, or rearranged with
     numpy) and every converted layer proven by :func:`prove_layers`' numpy path.
     """
-    if original.format not in _BYTE_FORMATS or original.module is not None:
-        return False
-    if any(info.name not in original.spans for info in original.infos):
+    if not _from_bytes(original) or any(info.name not in original.spans for info in original.infos):
         return False
     return all(_readable(c, original.info_by_name, original.spans, out_infos, out_infos) for c in changes)
 
@@ -106,13 +116,11 @@ def prove_layers(
         for c in changes
         if c.weight in compared and keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, converted.spans)
     }
-    if original.format in _BYTE_FORMATS and original.module is None:  # kernels that move bytes: against numpy's
-        compared = {**compared, **{
-            c.weight: _moved_difference(c, infos, original.spans, converted.spans)
-            for c in changes
-            if not keeps_bytes(c) and _readable(c, infos, original.spans, out_infos, converted.spans)
-        }}  # fmt: skip
-        by_bytes |= {c.weight for c in changes if not keeps_bytes(c) and c.weight in compared}
+    moved = moved_in_numpy(changes, original, out_infos, converted.spans)  # compared here, with numpy's rearrangement
+    compared = {**compared, **{
+        c.weight: _moved_difference(c, infos, original.spans, converted.spans) for c in changes if c.weight in moved
+    }}  # fmt: skip
+    by_bytes |= moved
     rest = [c for c in changes if c.weight not in by_bytes]
     checked: list[LayerCheck] = []
     if rest:  # else torch is not needed, and not imported
