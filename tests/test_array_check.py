@@ -372,3 +372,25 @@ def test_spans_compared_in_pieces_on_two_threads_give_the_first_difference(tmp_p
         }
     )
     assert found == {"two": 130, "last": 999, "same": None, "shorter": 90, "empty": None}
+
+
+def test_a_permuted_kernel_from_a_torch_save_zip_needs_no_torch_either(tmp_path, save_pt):
+    """The README's promise for both byte formats: a `torch.save` zip's hwc head converts and verifies without torch."""
+    generator = torch.Generator().manual_seed(13)
+    state = {
+        "fc.weight": torch.randn(12, 5 * 2 * 3, generator=generator),
+        "fc.bias": torch.randn(12, generator=generator),
+    }
+    checkpoint = save_pt(state, "h.pt")
+    out = tmp_path / "h.conv.safetensors"
+    done = _run_without_torch("convert", checkpoint, "--input-shape", "5x2x3", "--flatten-order", "hwc", "-o", out,
+                              "--json")  # fmt: skip
+    assert done.returncode == 0 and "TORCH False" in done.stderr, done.stderr
+    [layer] = json.loads(done.stdout)["layers"]
+    assert layer["ok"] and layer["exact"] and "numpy" in layer["proves"]
+    from safetensors.torch import load_file
+
+    expected = state["fc.weight"].reshape(12, 2, 3, 5).permute(0, 3, 1, 2)
+    assert torch.equal(load_file(out)["fc.weight"], expected)
+    verified = _run_without_torch("verify", checkpoint, out)
+    assert verified.returncode == 0 and "TORCH False" in verified.stderr, verified.stderr
